@@ -1,0 +1,122 @@
+"""Run a Mask R-CNN on batches of tiles and return box-local instance masks.
+
+torchvision's own post-processing pastes every mask into a full-tile float image (hundreds of
+tile-sized arrays for dense nuclei); here each mask is resized only inside its own box.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+from models.builders import build_model
+from models.card import ModelCard, load_card
+from models.weights import load_weights
+
+
+@dataclass(frozen=True)
+class MaskCrop:
+    """A binary mask covering rows ``row:row+h`` and columns ``col:col+w`` of its tile."""
+
+    row: int
+    col: int
+    mask: np.ndarray
+
+
+@dataclass
+class TileInstances:
+    """Detections in one tile, in tile pixel coordinates; ``labels`` index ``card.classes``."""
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    masks: list[MaskCrop]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, CPU otherwise; ``SEAMLINE_DEVICE`` overrides."""
+    name = os.environ.get("SEAMLINE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Segmenter:
+    """A model loaded once, ready to segment uint8 tiles of shape (batch, height, width, channels)."""
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.card: ModelCard = load_card(self.model_dir)
+        self.device = torch.device(device) if device is not None else default_device()
+        model = build_model(self.card)
+        load_weights(model, self.model_dir / self.card.weights, f"{self.card.architecture} with {len(self.card.classes)} classes")
+        self.model = model.eval().to(self.device)
+        self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def __call__(self, tiles: np.ndarray) -> list[TileInstances]:
+        if tiles.ndim != 4 or tiles.dtype != np.uint8:
+            raise ValueError(f"expected uint8 tiles shaped (batch, h, w, c), got {tiles.dtype} {tiles.shape}")
+        if len(tiles) == 0:
+            return []
+        height, width = tiles.shape[1:3]
+        with self._lock:
+            batch = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
+            images = list(batch.permute(0, 3, 1, 2).float().div_(255))
+            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                image_list, _ = self.model.transform(images)
+                features = self.model.backbone(image_list.tensors)
+                proposals, _ = self.model.rpn(image_list, features)
+                detections, _ = self.model.roi_heads(features, proposals, image_list.image_sizes)
+            return [self._to_instances(d, height, width) for d in detections]
+
+    def _to_instances(self, det: dict[str, torch.Tensor], height: int, width: int) -> TileInstances:
+        boxes = det["boxes"].float()
+        crops = paste_masks_in_boxes(det["masks"].float(), boxes, height, width, self.card.mask_threshold)
+        keep = [i for i, c in enumerate(crops) if c.mask.any()]
+        return TileInstances(
+            boxes=boxes[keep].cpu().numpy(),
+            labels=(det["labels"][keep] - 1).cpu().numpy().astype(np.int16),
+            scores=det["scores"][keep].float().cpu().numpy(),
+            masks=[crops[i] for i in keep],
+        )
+
+
+def paste_masks_in_boxes(
+    masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float
+) -> list[MaskCrop]:
+    """Resize each (1, M, M) mask probability map into its box and threshold it, box-locally.
+
+    Follows torchvision's ``paste_masks_in_image`` (one pixel of padding, same interpolation) but
+    never allocates a full-tile image per instance.
+    """
+    if len(masks) == 0:
+        return []
+    masks, scale = expand_masks(masks, padding=1)
+    boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
+    crops = []
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, width), min(y1 + 1, height)
+        if cx1 <= cx0 or cy1 <= cy0:
+            crops.append(MaskCrop(0, 0, np.zeros((0, 0), bool)))
+            continue
+        window = resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold
+        crops.append(MaskCrop(cy0, cx0, window.cpu().numpy()))
+    return crops
+
+
+@lru_cache(maxsize=4)
+def cached_segmenter(model_dir: str, device: str | None = None) -> Segmenter:
+    """One ``Segmenter`` per model and process: Dask workers load a model once and reuse it."""
+    return Segmenter(model_dir, device)

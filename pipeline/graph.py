@@ -1,0 +1,76 @@
+"""The Dask graph of one image: ``read`` and ``segment`` per tile batch, then ``merge``, ``write``.
+
+Task keys start with the stage name, so the dashboard's task stream and progress read
+``read``, ``segment``, ``merge`` and ``write``. The model travels as a directory path; each worker
+loads it once (``models.inference.cached_segmenter``) and reuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+from dask.base import tokenize
+from dask.delayed import Delayed, delayed
+
+from pipeline.grid import TileGrid
+from pipeline.sources import RasterSource
+from pipeline.stages import merge_image, read_batch, segment_batch
+from pipeline.writers import write_outputs
+
+
+@dataclass(frozen=True)
+class Tiling:
+    tile_size: int
+    overlap: int
+    batch_size: int = 4
+    match_iou: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size {self.batch_size} must be at least 1")
+        if not 0 < self.match_iou <= 1:
+            raise ValueError(f"match IoU {self.match_iou} must be in (0, 1]")
+
+
+@dataclass
+class ImageGraph:
+    """Delayed handles of one image: ``batches`` (for progress) and ``result`` (the summary)."""
+
+    source: RasterSource
+    batches: list[Delayed]
+    merged: Delayed
+    result: Delayed
+
+
+def _write(result, source: RasterSource, class_names: list[str], out_dir: str) -> dict:
+    extra = {
+        "tiles": result.tiles,
+        "tiles_skipped": result.tiles_skipped,
+        "seam_candidates": result.seam_candidates,
+    }
+    return write_outputs(result.detections, source, class_names, Path(out_dir), extra)
+
+
+def image_graph(
+    source: RasterSource,
+    model_dir: str,
+    class_names: list[str],
+    out_dir: str | Path,
+    tiling: Tiling,
+    gpu: bool = False,
+) -> ImageGraph:
+    """Build (not run) the graph that segments ``source`` and writes its outputs to ``out_dir``."""
+    grid = TileGrid(source.height, source.width, tiling.tile_size, tiling.overlap)
+    tiles = grid.tiles
+    token = tokenize(source, model_dir, tiling, str(out_dir))
+    batches = []
+    for b, start in enumerate(range(0, len(tiles), tiling.batch_size)):
+        chunk = tiles[start : start + tiling.batch_size]
+        pixels = delayed(read_batch, pure=True)(source, chunk, tiling.tile_size, dask_key_name=(f"read-{token}", b))
+        with dask.annotate(resources={"GPU": 1} if gpu else {}):
+            batches.append(delayed(segment_batch, pure=True)(pixels, model_dir, dask_key_name=(f"segment-{token}", b)))
+    merged = delayed(merge_image, pure=True)(batches, tiles, tiling.match_iou, dask_key_name=f"merge-{token}")
+    result = delayed(_write, pure=True)(merged, source, class_names, str(out_dir), dask_key_name=f"write-{token}")
+    return ImageGraph(source=source, batches=batches, merged=merged, result=result)

@@ -1,0 +1,58 @@
+"""Per-tile stage: model output → polygons in image pixels, split into final and seam candidates."""
+
+from __future__ import annotations
+
+import numpy as np
+import shapely
+
+from models.inference import TileInstances
+from pipeline.detections import Detections
+from pipeline.grid import Tile
+from pipeline.polygons import mask_to_polygon
+
+
+def tile_detections(instances: TileInstances, tile: Tile) -> Detections:
+    """Polygons of one tile's instances in whole-image pixels, flagged ``cut`` and ``owned``.
+
+    Masks are clipped to the part of the window inside the image (a padded tile at the border
+    cannot produce pixels outside it).
+    """
+    height, width = tile.rows.length, tile.cols.length
+    left, top, right, bottom = tile.interior
+    geometries, keep, cut = [], [], []
+    for i, crop in enumerate(instances.masks):
+        mask = crop.mask[: max(height - crop.row, 0), : max(width - crop.col, 0)]
+        polygon = mask_to_polygon(mask, tile.rows.start + crop.row, tile.cols.start + crop.col)
+        if polygon is None:
+            continue
+        h, w = mask.shape
+        touches = (
+            (left and crop.col == 0 and mask[:, 0].any())
+            or (top and crop.row == 0 and mask[0].any())
+            or (right and crop.col + w == width and mask[:, -1].any())
+            or (bottom and crop.row + h == height and mask[-1].any())
+        )
+        geometries.append(polygon)
+        keep.append(i)
+        cut.append(bool(touches))
+    keep_index = np.asarray(keep, dtype=np.intp)
+    geometry = np.asarray(geometries + [None], dtype=object)[:-1]
+    bounds = shapely.bounds(geometry).reshape(-1, 4)
+    cx, cy = (bounds[:, 0] + bounds[:, 2]) / 2, (bounds[:, 1] + bounds[:, 3]) / 2
+    x0, y0, x1, y1 = tile.core_bounds
+    return Detections(
+        geometry=geometry,
+        label=instances.labels[keep_index].astype(np.int16),
+        score=instances.scores[keep_index].astype(np.float32),
+        tile=np.full(len(keep), tile.index, np.int32),
+        cut=np.asarray(cut, bool),
+        owned=(cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1),
+    )
+
+
+def split_seam_candidates(detections: Detections, tile: Tile) -> tuple[Detections, Detections]:
+    """(final, candidates): an instance inside the window part no other tile reads is final."""
+    x0, y0, x1, y1 = tile.exclusive_bounds
+    b = detections.bounds
+    inside = (b[:, 0] >= x0) & (b[:, 1] >= y0) & (b[:, 2] <= x1) & (b[:, 3] <= y1) & ~detections.cut
+    return detections.take(np.flatnonzero(inside)), detections.take(np.flatnonzero(~inside))

@@ -1,0 +1,149 @@
+"""Raster sources over rasterio: window reads (never the whole image) scaled to uint8 RGB.
+
+Scaling rule, documented for users: 8-bit data is used as is. Any other data type (16-bit,
+float, …) is mapped linearly from a per-band value range to 0–255 and clipped; the range is
+either given by the user or taken once per image as the 0.5th–99.5th percentiles of valid
+pixels in a decimated overview (never per tile, which would put seams in the colours).
+One-band images are repeated to three channels; with four or more bands the first three are
+used unless ``bands`` says otherwise. Nodata, NaN and alpha/mask-band pixels are invalid: they
+are set to 0 and tiles without valid pixels are not sent to the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from pipeline.grid import Span
+
+OVERVIEW_SIZE = 1024
+
+
+class SourceError(ValueError):
+    """An image that cannot be read as asked; the message names the file and the cause."""
+
+
+@dataclass(frozen=True)
+class RasterSource:
+    """What a worker needs to read windows of one raster: small and picklable."""
+
+    path: str
+    height: int
+    width: int
+    bands: tuple[int, ...]
+    dtype: str
+    value_range: tuple[tuple[float, float], ...] | None
+    transform: Affine
+    crs_wkt: str | None
+
+    @property
+    def image_id(self) -> str:
+        return Path(self.path).stem
+
+
+def _overview_range(dataset, bands: tuple[int, ...]) -> tuple[tuple[float, float], ...]:
+    scale = max(dataset.height, dataset.width) / OVERVIEW_SIZE
+    shape = (max(1, int(dataset.height / max(scale, 1))), max(1, int(dataset.width / max(scale, 1))))
+    data = dataset.read(list(bands), out_shape=(len(bands), *shape), masked=True).astype(np.float64)
+    ranges = []
+    for band in data:
+        values = band.compressed()
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return tuple((0.0, 1.0) for _ in bands)
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        ranges.append((float(lo), float(hi) if hi > lo else float(lo) + 1.0))
+    return tuple(ranges)
+
+
+def open_raster(
+    path: str | Path,
+    bands: tuple[int, ...] | None = None,
+    value_range: tuple[float, float] | None = None,
+    channels: int = 3,
+) -> RasterSource:
+    """Open, validate and describe a raster; errors name the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path}: file not found")
+    if path.is_file() and path.stat().st_size == 0:
+        raise SourceError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as dataset:
+                return _describe(dataset, path, bands, value_range, channels)
+    except RasterioIOError as err:
+        raise SourceError(f"{path}: not a readable raster ({err})") from err
+
+
+def _describe(dataset, path: Path, bands, value_range, channels: int) -> RasterSource:
+    if dataset.width == 0 or dataset.height == 0:
+        raise SourceError(f"{path}: image has no pixels ({dataset.width}×{dataset.height})")
+    colour = [i for i in range(1, dataset.count + 1) if dataset.colorinterp[i - 1].name != "alpha"]
+    if bands is None:
+        if len(colour) == 1:
+            bands = (colour[0],) * channels
+        elif len(colour) >= channels:
+            bands = tuple(colour[:channels])
+        else:
+            raise SourceError(
+                f"{path}: {len(colour)} colour bands, the model needs {channels} (or 1, repeated); choose with --bands"
+            )
+    bands = tuple(int(b) for b in bands)
+    if len(bands) == 1:
+        bands = bands * channels
+    if len(bands) != channels or any(b < 1 or b > dataset.count for b in bands):
+        raise SourceError(f"{path}: bands {bands} invalid: the image has {dataset.count}, the model needs {channels}")
+    dtype = dataset.dtypes[bands[0] - 1]
+    if dtype == "uint8" and value_range is None:
+        ranges = None
+    elif value_range is not None:
+        lo, hi = map(float, value_range)
+        if not hi > lo:
+            raise SourceError(f"{path}: value range {value_range} is empty")
+        ranges = ((lo, hi),) * len(bands)
+    else:
+        ranges = _overview_range(dataset, bands)
+        warnings.warn(f"{path}: {dtype} data scaled to 8 bits from per-band ranges {ranges}", stacklevel=3)
+    return RasterSource(
+        path=str(path.resolve()),
+        height=dataset.height,
+        width=dataset.width,
+        bands=bands,
+        dtype=dtype,
+        value_range=ranges,
+        transform=dataset.transform,
+        crs_wkt=dataset.crs.to_wkt() if dataset.crs else None,
+    )
+
+
+def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 pixels (h, w, channels), valid mask (h, w)) for one window of the image."""
+    window = Window(cols.start, rows.start, cols.length, rows.length)
+    unique = sorted(set(source.bands))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(source.path) as dataset:
+                data = dataset.read(unique, window=window)
+                valid = dataset.dataset_mask(window=window) > 0
+    except RasterioIOError as err:
+        raise SourceError(f"{source.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} ({err})") from err
+    data = data[[unique.index(b) for b in source.bands]]
+    if source.value_range is not None:
+        data = data.astype(np.float32)
+        valid &= np.isfinite(data).all(0)
+        lo = np.array([r[0] for r in source.value_range], np.float32)[:, None, None]
+        hi = np.array([r[1] for r in source.value_range], np.float32)[:, None, None]
+        data = np.clip(np.nan_to_num((data - lo) / (hi - lo) * 255, nan=0.0), 0, 255).round()
+    pixels = np.ascontiguousarray(data.transpose(1, 2, 0), dtype=np.uint8)
+    pixels[~valid] = 0
+    return pixels, valid

@@ -1,0 +1,85 @@
+"""The stages of one image, as plain functions: read → segment → merge (→ write, in writers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.inference import cached_segmenter
+from pipeline.detections import Detections
+from pipeline.grid import Tile
+from pipeline.merge import assign_order, merge_seams
+from pipeline.segment import split_seam_candidates, tile_detections
+from pipeline.sources import RasterSource, read_window
+
+
+@dataclass
+class TileBatch:
+    """Pixels of several tiles, each padded with zeros to ``tile_size``², and their validity."""
+
+    tiles: list[Tile]
+    pixels: np.ndarray
+    has_data: np.ndarray
+
+
+@dataclass
+class BatchResult:
+    """What a segment task sends back: polygons only, never masks or pixels."""
+
+    final: Detections
+    candidates: Detections
+    tiles_segmented: int
+    tiles_skipped: int
+
+
+@dataclass
+class ImageResult:
+    detections: Detections
+    tiles: int
+    tiles_skipped: int
+    seam_candidates: int
+    stats: dict = field(default_factory=dict)
+
+
+def read_batch(source: RasterSource, tiles: list[Tile], tile_size: int) -> TileBatch:
+    """Read the windows of ``tiles``; a tile with no valid pixel is flagged, not dropped."""
+    channels = len(source.bands)
+    pixels = np.zeros((len(tiles), tile_size, tile_size, channels), np.uint8)
+    has_data = np.zeros(len(tiles), bool)
+    for i, tile in enumerate(tiles):
+        data, valid = read_window(source, tile.rows, tile.cols)
+        pixels[i, : data.shape[0], : data.shape[1]] = data
+        has_data[i] = valid.any()
+    return TileBatch(tiles=tiles, pixels=pixels, has_data=has_data)
+
+
+def segment_batch(batch: TileBatch, model_dir: str, device: str | None = None) -> BatchResult:
+    """Run the model (loaded once per process) on the tiles with data; polygonise; split."""
+    segmenter = cached_segmenter(model_dir, device)
+    run = np.flatnonzero(batch.has_data)
+    finals, candidates = [], []
+    for k, instances in zip(run, segmenter(batch.pixels[run])):
+        tile = batch.tiles[k]
+        final, candidate = split_seam_candidates(tile_detections(instances, tile), tile)
+        finals.append(final)
+        candidates.append(candidate)
+    return BatchResult(
+        final=Detections.concat(finals),
+        candidates=Detections.concat(candidates),
+        tiles_segmented=len(run),
+        tiles_skipped=len(batch.tiles) - len(run),
+    )
+
+
+def merge_image(results: list[BatchResult], tiles: list[Tile], min_iou: float = 0.5) -> ImageResult:
+    """All instances of one image, merged across seams and in their stable order."""
+    candidates = Detections.concat([r.candidates for r in results])
+    merged = merge_seams(candidates, {t.index: t for t in tiles}, min_iou)
+    detections = assign_order(Detections.concat([r.final for r in results] + [merged]))
+    return ImageResult(
+        detections=detections,
+        tiles=len(tiles),
+        tiles_skipped=sum(r.tiles_skipped for r in results),
+        seam_candidates=len(candidates),
+    )

@@ -1,0 +1,1 @@
+"""Seamline workflows: many images, a cluster, progress and the command line."""

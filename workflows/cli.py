@@ -1,0 +1,92 @@
+"""The ``seamline`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from models.card import ModelCardError, load_card
+from models.registry import resolve_model_dir, shipped_models
+from pipeline.graph import Tiling
+from workflows.cluster import connect, has_gpu_workers
+from workflows.run import run_images
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Seamline: every object in images too big for one model call.")
+console = Console()
+
+
+@app.callback()
+def _main() -> None:
+    """Seamline: every object in images too big for one model call."""
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    images: Annotated[list[Path], typer.Argument(help="GeoTIFFs (or any raster GDAL reads) to segment.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory; one folder per image.")] = Path("seamline-out"),
+    model: Annotated[Optional[str], typer.Option(help=f"Model directory or shipped model name ({', '.join(shipped_models())}).")] = None,
+    tile_size: Annotated[Optional[int], typer.Option(help="Tile (window) size in pixels; default from the model card.")] = None,
+    overlap: Annotated[Optional[int], typer.Option(help="Minimum overlap between tiles; default from the model card.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Tiles per model call (one Dask task per batch).")] = 4,
+    scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address, e.g. tcp://host:8786; default: a local cluster.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes of the local cluster.")] = 1,
+    threads: Annotated[int, typer.Option(help="Threads per local worker.")] = 2,
+    bands: Annotated[Optional[str], typer.Option(help="1-based bands to read, e.g. '3,2,1' or '1'.")] = None,
+    value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit data; default: 0.5-99.5th percentiles per band.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Segment IMAGES tile by tile, merge across seams, write GeoPackage + counts per image."""
+    try:
+        model_dir = resolve_model_dir(model)
+        card = load_card(model_dir)
+        tiling = Tiling(
+            tile_size=tile_size or card.tile_size,
+            overlap=card.overlap if overlap is None else overlap,
+            batch_size=batch_size,
+        )
+        if tiling.tile_size % 32 or not 64 <= tiling.tile_size <= 4096:
+            raise ValueError(f"tile size {tiling.tile_size} must be a multiple of 32 between 64 and 4096")
+        if not 0 <= tiling.overlap < tiling.tile_size // 2:
+            raise ValueError(f"overlap {tiling.overlap} must be in [0, tile size / 2)")
+        band_list = tuple(int(b) for b in bands.split(",")) if bands else None
+        range_pair = tuple(float(v) for v in value_range.split(",")) if value_range else None
+        if range_pair is not None and len(range_pair) != 2:
+            raise ValueError(f"--value-range needs LO,HI, got {value_range}")
+    except (ModelCardError, ValueError) as err:
+        _fail(str(err))
+    with connect(scheduler, workers=workers, threads_per_worker=threads) as client:
+        console.print(f"dashboard: {client.dashboard_link}")
+        report = run_images(
+            client, list(images), model_dir, card, out, tiling,
+            bands=band_list, value_range=range_pair, gpu=has_gpu_workers(client), show_progress=progress,
+        )
+    table = Table(title=f"Seamline — model {card.name}")
+    table.add_column("image")
+    for name in card.classes:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("outputs")
+    for image, summary in report.done.items():
+        counts = summary["counts"]
+        table.add_row(Path(image).name, *(str(counts[c]) for c in card.classes), str(summary["instances"]),
+                      str(Path(summary["outputs"]["geopackage"]).parent))
+    console.print(table)
+    for image, error in report.failed.items():
+        console.print(f"[red]failed:[/red] {error}")
+    (out / "run.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"done": report.done, "failed": report.failed}, indent=2))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def main() -> None:
+    app()

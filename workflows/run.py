@@ -1,0 +1,82 @@
+"""Run Seamline over a list of images on a Dask cluster, with progress and per-image isolation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distributed import Client, as_completed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from models.card import ModelCard
+from pipeline.graph import ImageGraph, Tiling, image_graph
+from pipeline.sources import SourceError, open_raster
+
+
+@dataclass
+class RunReport:
+    """What happened to each image: its summary when done, its error when not."""
+
+    done: dict[str, dict] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def output_dir(out_root: Path, image: Path, taken: set[str]) -> Path:
+    """``out_root/<image stem>``, disambiguated when two inputs share a stem."""
+    name, n = image.stem, 1
+    while name in taken:
+        n += 1
+        name = f"{image.stem}-{n}"
+    taken.add(name)
+    return out_root / name
+
+
+def run_images(
+    client: Client,
+    images: list[Path],
+    model_dir: Path,
+    card: ModelCard,
+    out_root: Path,
+    tiling: Tiling,
+    bands: tuple[int, ...] | None = None,
+    value_range: tuple[float, float] | None = None,
+    gpu: bool = False,
+    show_progress: bool = True,
+) -> RunReport:
+    report = RunReport()
+    graphs: dict[str, ImageGraph] = {}
+    taken: set[str] = set()
+    for image in images:
+        try:
+            source = open_raster(image, bands=bands, value_range=value_range, channels=card.input.channels)
+            graphs[str(image)] = image_graph(
+                source, str(model_dir), card.classes, output_dir(out_root, image, taken), tiling, gpu=gpu
+            )
+        except (SourceError, ValueError) as err:
+            report.failed[str(image)] = str(err)
+    batch_futures = client.compute([b for g in graphs.values() for b in g.batches], optimize_graph=False)
+    result_futures = client.compute([g.result for g in graphs.values()], optimize_graph=False)
+    image_of = {f.key: name for f, name in zip(result_futures, graphs)}
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        disable=not show_progress,
+    )
+    with progress:
+        tiles_task = progress.add_task("tile batches", total=len(batch_futures))
+        images_task = progress.add_task("images", total=len(result_futures))
+        for future in as_completed(batch_futures + result_futures):
+            if future.key in image_of:
+                name = image_of[future.key]
+                if future.status == "finished":
+                    report.done[name] = future.result()
+                else:
+                    report.failed[name] = f"{name}: {type(future.exception()).__name__}: {future.exception()}"
+                progress.advance(images_task)
+            else:
+                progress.advance(tiles_task)
+            future.release()
+    return report
