@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.grid import TileGrid, TileGridError, axis_windows
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    height=st.integers(1, 3000),
+    width=st.integers(1, 3000),
+    tile=st.sampled_from([64, 128, 256, 512]),
+    overlap_fraction=st.floats(0, 0.49),
+)
+def test_cores_partition_the_image_and_windows_keep_their_size(height, width, tile, overlap_fraction):
+    overlap = int(tile * overlap_fraction)
+    grid = TileGrid(height, width, tile, overlap)
+    cover = np.zeros((height, width), np.int32)
+    for t in grid.tiles:
+        assert t.rows.length == min(tile, height) and t.cols.length == min(tile, width)
+        assert t.rows.start <= t.core_rows.start < t.core_rows.stop <= t.rows.stop
+        assert t.cols.start <= t.core_cols.start < t.core_cols.stop <= t.cols.stop
+        cover[t.core_rows.start : t.core_rows.stop, t.core_cols.start : t.core_cols.stop] += 1
+    assert (cover == 1).all()
+    assert len(grid.tiles) == len(grid)
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(65, 5000), tile=st.sampled_from([64, 128, 512]), overlap=st.integers(0, 31))
+def test_neighbours_overlap_at_least_as_asked(size, tile, overlap):
+    windows = axis_windows(size, tile, overlap)
+    assert windows[0].start == 0 and windows[-1].stop == size
+    for a, b in zip(windows, windows[1:]):
+        assert a.stop - b.start >= overlap
+        assert b.start > a.start
+
+
+def test_shared_edges_and_exclusive_zone():
+    grid = TileGrid(1000, 1200, 512, 64)
+    tiles = {(t.row, t.col): t for t in grid.tiles}
+    first, last = tiles[(0, 0)], tiles[max(tiles)]
+    assert first.interior == (False, False, True, True)
+    assert last.interior == (True, True, False, False)
+    right = tiles[(0, 1)]
+    assert first.shared[2] == first.cols.stop - right.cols.start
+    x0, y0, x1, y1 = first.exclusive_bounds
+    assert (x0, y0) == (0, 0) and x1 == right.cols.start
+
+
+@pytest.mark.parametrize("args", [(0, 10, 512, 64), (100, 100, 512, 300), (100, 100, 64, -1), (100, 100, 0, 0)])
+def test_absurd_parameters_are_refused(args):
+    with pytest.raises(TileGridError):
+        TileGrid(*args)
