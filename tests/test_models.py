@@ -1,0 +1,115 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models.builders import build_model
+from models.card import ModelCard, ModelCardError, load_card, save_card
+from models.inference import Segmenter, paste_masks_in_boxes
+from models.registry import resolve_model_dir
+from models.weights import ModelWeightsError, load_weights, save_weights
+
+
+def small_card(**changes) -> ModelCard:
+    fields = dict(name="t", architecture="maskrcnn_compact", classes=["a", "b"], tile_size=128, overlap=16)
+    fields.update(changes)
+    return ModelCard(**fields)
+
+
+@pytest.mark.parametrize(
+    "architecture",
+    ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_mobilenet_v3_large_fpn", "maskrcnn_compact"],
+)
+def test_every_architecture_builds_and_segments_at_native_size(architecture):
+    card = small_card(architecture=architecture, score_threshold=0.0, max_detections=5)
+    model = build_model(card).eval()
+    with torch.inference_mode():
+        out = model([torch.rand(3, 96, 160)])[0]
+    assert out["masks"].shape[-2:] == (96, 160)  # never resized
+    assert len(out["scores"]) <= 5
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+
+
+def test_card_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(ModelCardError, match="no model card"):
+        load_card(tmp_path)
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({"name": "x", "architecture": "vgg", "classes": ["a"]}))
+    with pytest.raises(ModelCardError, match=r"model.yaml: architecture"):
+        load_card(tmp_path)
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({"name": "x", "architecture": "maskrcnn_compact", "classes": ["a"], "colour": 1}))
+    with pytest.raises(ModelCardError, match="colour"):
+        load_card(tmp_path)
+    with pytest.raises(ValueError, match="overlap"):
+        small_card(overlap=64)
+
+
+def test_weights_round_trip_and_mismatches_are_explained(tmp_path):
+    card = small_card()
+    model = build_model(card)
+    save_weights(model, tmp_path / "w.safetensors")
+    clone = build_model(card)
+    load_weights(clone, tmp_path / "w.safetensors", "compact")
+    for (name, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
+        assert torch.equal(a, b), name
+    three_classes = build_model(small_card(classes=["a", "b", "c"]))
+    with pytest.raises(ModelWeightsError, match="shape mismatch.*cls_score"):
+        load_weights(three_classes, tmp_path / "w.safetensors", "compact with 3 classes")
+    other = build_model(small_card(architecture="maskrcnn_mobilenet_v3_large_fpn"))
+    with pytest.raises(ModelWeightsError, match="missing keys"):
+        load_weights(other, tmp_path / "w.safetensors", "mobilenet")
+    with pytest.raises(ModelWeightsError, match="not found"):
+        load_weights(model, tmp_path / "absent.safetensors", "compact")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ModelWeightsError, match="not a readable safetensors"):
+        load_weights(model, tmp_path / "bad.safetensors", "compact")
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_pickled_checkpoints_needing_code_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": Payload()}, handle)
+    model = build_model(small_card())
+    with pytest.raises(ModelWeightsError, match="refused"):
+        load_weights(model, path, "compact")
+    torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "ok.pt")
+    load_weights(build_model(small_card()), tmp_path / "ok.pt", "compact")
+
+
+def test_box_local_paste_matches_torchvision():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(6, 1, 28, 28, generator=gen)
+    boxes = torch.tensor([[3.2, 4.7, 40.1, 33.0], [0, 0, 10, 10], [50, 60, 127.9, 95.5], [-5, 100, 20, 140], [120, 120, 130, 130], [30, 30, 31, 31]])
+    full = paste_masks_in_image(masks, boxes, (128, 128), padding=1)[:, 0] > 0.5
+    crops = paste_masks_in_boxes(masks, boxes, 128, 128, 0.5)
+    for expected, crop in zip(full, crops):
+        pasted = np.zeros((128, 128), bool)
+        h, w = crop.mask.shape
+        pasted[crop.row : crop.row + h, crop.col : crop.col + w] = crop.mask
+        assert np.array_equal(pasted, expected.numpy())
+
+
+def test_shipped_model_detects_synthetic_objects():
+    from models.synthetic import make_scene
+    from models.train_synthetic import mask_f1
+
+    segmenter = Segmenter(resolve_model_dir(), device="cpu")
+    assert segmenter.card.name == "synthetic-shapes"
+    scene = make_scene(123, 512, 512)
+    found = segmenter(scene.image[None])[0]
+    assert abs(len(found) - scene.count) <= max(3, scene.count // 5)
+    assert mask_f1(segmenter, range(3), 512) >= 0.8
+
+
+def test_card_round_trips_through_yaml(tmp_path):
+    card = small_card(resolution=0.5, resolution_unit="m")
+    save_card(card, tmp_path)
+    assert load_card(tmp_path) == card

@@ -1,0 +1,186 @@
+"""End to end on generated GeoTIFFs with known objects, with the shipped model."""
+
+from pathlib import Path
+
+import dask
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import pytest
+import rasterio
+import shapely
+
+from models.card import load_card
+from models.inference import Segmenter
+from models.registry import resolve_model_dir
+from models.synthetic import make_scene
+from pipeline.graph import Tiling, image_graph
+from pipeline.grid import Span, Tile
+from pipeline.segment import tile_detections
+from pipeline.sources import open_raster
+from pipeline.stages import BatchResult, merge_image
+from pipeline.segment import split_seam_candidates
+from pipeline.grid import TileGrid
+from pipeline.synthetic_raster import write_geotiff
+from pipeline.writers import to_source_crs, write_outputs
+from tests.helpers import label_polygons, match_f1, perfect_tile_instances, seam_errors
+
+MODEL = resolve_model_dir()
+CARD = load_card(MODEL)
+
+
+def run_pipeline(path, out, tile_size=512, overlap=64, batch_size=4, scheduler="sync", **source_kwargs):
+    source = open_raster(path, **source_kwargs)
+    graph = image_graph(source, str(MODEL), CARD.classes, out, Tiling(tile_size, overlap, batch_size))
+    (summary,) = dask.compute(graph.result, scheduler=scheduler)
+    return summary, gpd.read_file(out / "instances.gpkg", layer="instances")
+
+
+def pixel_geometry(frame, path):
+    with rasterio.open(path) as dataset:
+        inverse = ~dataset.transform
+    a, b, c, d, e, f = inverse[:6]
+    matrix = np.array([[a, d], [b, e]])
+    return shapely.transform(frame.geometry.values, lambda xy: xy @ matrix + np.array([c, f]))
+
+
+@pytest.fixture(scope="module")
+def seam_scene(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seams")
+    scene = make_scene(2024, 1400, 1300, density=1.4, size_range=(10, 150))
+    path = write_geotiff(scene.image, root / "scene.tif")
+    summary, frame = run_pipeline(path, root / "out")
+    return scene, path, summary, frame
+
+
+def test_every_object_found_once_across_seams(seam_scene):
+    scene, path, summary, frame = seam_scene
+    truth = np.array(list(label_polygons(scene.labels).values()))
+    grid = TileGrid(1400, 1300, 512, 64)
+    seams = shapely.union_all([shapely.box(*t.bounds).exterior for t in grid.tiles])
+    straddling = shapely.intersects(truth, seams).sum()
+    larger_than_overlap = (shapely.bounds(truth)[:, 2:] - shapely.bounds(truth)[:, :2]).max(1) > 64
+    assert straddling >= 15 and (larger_than_overlap & shapely.intersects(truth, seams)).sum() >= 3
+    predicted = pixel_geometry(frame, path)
+    assert seam_errors(predicted, truth) == (0, 0)
+    assert match_f1(predicted, truth) >= 0.85
+    assert summary["seam_candidates"] > 0
+
+
+def test_tiled_output_agrees_with_whole_image_inference(seam_scene):
+    scene, path, _, frame = seam_scene
+    height, width = scene.labels.shape
+    whole_tile = Tile(0, 0, 0, Span(0, height), Span(0, width), Span(0, height), Span(0, width), (0, 0, 0, 0))
+    instances = Segmenter(MODEL, device="cpu")(scene.image[None])[0]
+    whole = tile_detections(instances, whole_tile).geometry
+    assert match_f1(pixel_geometry(frame, path), whole) >= 0.97
+
+
+def test_polygons_land_on_their_objects_in_the_source_crs(seam_scene):
+    scene, path, _, frame = seam_scene
+    with rasterio.open(path) as dataset:
+        assert frame.crs == dataset.crs
+        pixel = abs(dataset.transform.a)
+        bounds = dataset.bounds
+    truth = np.array(list(label_polygons(scene.labels).values()))
+    source = open_raster(path)
+    truth_crs = to_source_crs(truth, source)
+    tree = shapely.STRtree(truth_crs)
+    found, true = tree.query(frame.geometry.values, predicate="intersects")
+    iou = shapely.area(shapely.intersection(frame.geometry.values[found], truth_crs[true])) / shapely.area(
+        shapely.union(frame.geometry.values[found], truth_crs[true])
+    )
+    good = iou >= 0.5
+    offsets = shapely.distance(shapely.centroid(frame.geometry.values[found[good]]), shapely.centroid(truth_crs[true[good]]))
+    assert np.median(offsets) <= pixel
+    assert frame.total_bounds[0] >= bounds.left and frame.total_bounds[2] <= bounds.right
+    assert frame.total_bounds[1] >= bounds.bottom and frame.total_bounds[3] <= bounds.top
+
+
+def test_perfect_detections_written_exactly_in_crs(tmp_path):
+    scene = make_scene(5, 700, 900, density=1.5)
+    path = write_geotiff(scene.image, tmp_path / "exact.tif")
+    source = open_raster(path)
+    grid = TileGrid(700, 900, 256, 32)
+    results = []
+    for tile in grid.tiles:
+        dets = tile_detections(perfect_tile_instances(scene.labels, scene.classes, tile), tile)
+        results.append(BatchResult(*split_seam_candidates(dets, tile), 1, 0))
+    merged = merge_image(results, grid.tiles)
+    write_outputs(merged.detections, source, CARD.classes, tmp_path / "out")
+    frame = gpd.read_file(tmp_path / "out" / "instances.gpkg", layer="instances")
+    truth = to_source_crs(np.array(list(label_polygons(scene.labels).values())), source)
+    with rasterio.open(path) as dataset:
+        cell = abs(dataset.transform.a * dataset.transform.e)
+    assert len(frame) == len(truth)
+    tree = shapely.STRtree(frame.geometry.values)
+    for polygon in truth:
+        (k,) = tree.query(polygon.representative_point(), predicate="intersects")
+        assert shapely.symmetric_difference(frame.geometry.values[k], polygon).area < 1e-6 * cell
+    assert np.allclose(frame["area"], frame["area_px"] * cell)
+
+
+def test_counts_equal_polygons_per_class(seam_scene):
+    scene, path, summary, frame = seam_scene
+    out = Path(summary["outputs"]["geopackage"]).parent
+    per_class = frame.groupby("class").size()
+    csv = pd.read_csv(out / "counts.csv").set_index("class")["count"]
+    layer = pyogrio.read_dataframe(out / "instances.gpkg", layer="counts").set_index("class")["count"]
+    for name in CARD.classes:
+        assert csv[name] == layer[name] == per_class.get(name, 0) == summary["counts"][name]
+    assert csv.sum() == len(frame) == summary["instances"]
+    assert list(frame["instance_id"]) == list(range(1, len(frame) + 1))
+    assert set(frame["image_id"]) == {"scene"}
+    assert (frame["score"] >= CARD.score_threshold).all()
+
+
+def test_same_instances_whatever_the_batch_size_or_task_order(seam_scene, tmp_path):
+    scene, path, _, reference = seam_scene
+    _, batched_1 = run_pipeline(path, tmp_path / "b1", batch_size=1, scheduler="threads")
+    _, batched_3 = run_pipeline(path, tmp_path / "b3", batch_size=3, scheduler="threads")
+    for other in (batched_1, batched_3):
+        assert list(other["instance_id"]) == list(reference["instance_id"])
+        assert list(other["class"]) == list(reference["class"])
+        assert shapely.equals_exact(other.geometry.values, reference.geometry.values, tolerance=0).all()
+
+
+def test_image_smaller_than_a_tile_and_nodata_tiles(tmp_path):
+    scene = make_scene(11, 200, 300)
+    image = scene.image.copy()
+    path = write_geotiff(image, tmp_path / "small.tif")
+    summary, frame = run_pipeline(path, tmp_path / "small")
+    assert summary["tiles"] == 1
+    with rasterio.open(path) as dataset:
+        assert shapely.box(*dataset.bounds).buffer(1e-6).contains(frame.geometry.values).all()
+    blank = write_geotiff(np.zeros((700, 700, 3), np.uint8), tmp_path / "blank.tif", nodata=0)
+    summary, frame = run_pipeline(blank, tmp_path / "blank", tile_size=256, overlap=32)
+    assert summary["tiles_skipped"] == summary["tiles"] == 9 and len(frame) == 0
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "geotiff-rasterio-rgb-byte/RGB.byte.tif",
+        "aerial-deepforest-samples/OSBS_029.tif",
+        "aerial-deepforest-samples/australia.tif",
+        "aerial-deepforest-samples/test_tiled.tif",
+    ],
+)
+def test_real_geotiffs_round_trip_crs_and_bounds(shared_data, tmp_path, relative):
+    path = shared_data / relative
+    summary, frame = run_pipeline(path, tmp_path / "out", tile_size=256, overlap=32)
+    info = pyogrio.read_info(tmp_path / "out" / "instances.gpkg", layer="instances")
+    with rasterio.open(path) as dataset:
+        assert frame.crs == dataset.crs
+        assert info["geometry_type"] == "Polygon"
+        assert shapely.box(*dataset.bounds).buffer(1e-6).contains(frame.geometry.values).all()
+        if dataset.nodata is not None and len(frame):
+            valid = dataset.dataset_mask() > 0
+            rows, cols = rasterio.transform.rowcol(
+                dataset.transform, shapely.get_x(frame.geometry.centroid), shapely.get_y(frame.geometry.centroid)
+            )
+            assert valid[np.asarray(rows), np.asarray(cols)].mean() >= 0.9
+    assert summary["tiles"] >= 4
+    if relative.endswith("RGB.byte.tif"):
+        assert summary["tiles_skipped"] >= 1  # the rotated scene's corners are all nodata

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline.grid import Span
+from pipeline.sources import SourceError, open_raster, read_window
+from pipeline.synthetic_raster import write_geotiff
+
+FULL = (Span(0, 64), Span(0, 80))
+
+
+def test_missing_empty_truncated_and_non_image_files_are_named(tmp_path):
+    with pytest.raises(SourceError, match=r"absent\.tif: file not found"):
+        open_raster(tmp_path / "absent.tif")
+    (tmp_path / "empty.tif").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"empty\.tif: empty file"):
+        open_raster(tmp_path / "empty.tif")
+    (tmp_path / "notes.tif").write_text("these are not pixels")
+    with pytest.raises(SourceError, match=r"notes\.tif: not a readable raster"):
+        open_raster(tmp_path / "notes.tif")
+    good = write_geotiff(np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8), tmp_path / "cut.tif")
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match=r"cut\.tif"):
+        source = open_raster(good)
+        read_window(source, Span(0, 600), Span(0, 600))
+
+
+def test_band_rules(tmp_path):
+    rng = np.random.default_rng(1)
+    grey = write_geotiff(rng.integers(0, 255, (64, 80, 1), dtype=np.uint8), tmp_path / "grey.tif")
+    source = open_raster(grey)
+    assert source.bands == (1, 1, 1)
+    pixels, valid = read_window(source, *FULL)
+    assert pixels.shape == (64, 80, 3) and (pixels[..., 0] == pixels[..., 2]).all() and valid.all()
+    two = write_geotiff(rng.integers(0, 255, (64, 80, 2), dtype=np.uint8), tmp_path / "two.tif")
+    with pytest.raises(SourceError, match=r"two\.tif: 2 colour bands"):
+        open_raster(two)
+    five = write_geotiff(rng.integers(0, 255, (64, 80, 5), dtype=np.uint8), tmp_path / "five.tif")
+    assert open_raster(five).bands == (1, 2, 3)
+    assert open_raster(five, bands=(5, 4, 3)).bands == (5, 4, 3)
+    with pytest.raises(SourceError, match="bands"):
+        open_raster(five, bands=(6, 1, 2))
+
+
+def test_sixteen_bit_is_scaled_once_per_image_with_a_warning(tmp_path):
+    rng = np.random.default_rng(2)
+    data = rng.integers(1000, 5000, (200, 300, 3), dtype=np.uint16)
+    path = write_geotiff(data, tmp_path / "u16.tif")
+    with pytest.warns(UserWarning, match="uint16 data scaled"):
+        source = open_raster(path)
+    lo, hi = source.value_range[0]
+    assert 1000 <= lo < 1100 and 4900 < hi <= 5000
+    left, _ = read_window(source, Span(0, 200), Span(0, 150))
+    right, _ = read_window(source, Span(0, 200), Span(150, 300))
+    expected = np.clip((data[..., 0].astype(np.float64) - lo) / (hi - lo) * 255, 0, 255).round()
+    assert np.abs(np.hstack([left, right])[..., 0] - expected).max() <= 1
+    fixed = open_raster(path, value_range=(0, 10000))
+    assert fixed.value_range == ((0.0, 10000.0),) * 3
+
+
+def test_float_nan_and_nodata_pixels_are_invalid(tmp_path):
+    data = np.full((64, 80, 3), 0.5, np.float32)
+    data[:10] = np.nan
+    data[-5:] = -9999
+    path = write_geotiff(data, tmp_path / "f32.tif", nodata=-9999)
+    with pytest.warns(UserWarning):
+        source = open_raster(path)
+    pixels, valid = read_window(source, *FULL)
+    assert not valid[:10].any() and not valid[-5:].any() and valid[10:-5].all()
+    assert (pixels[~valid] == 0).all()
+
+
+def test_all_nodata_image_reads_as_invalid(tmp_path):
+    path = write_geotiff(np.zeros((64, 80, 3), np.uint8), tmp_path / "blank.tif", nodata=0)
+    pixels, valid = read_window(open_raster(path), *FULL)
+    assert not valid.any()
+
+
+def test_real_geotiffs_keep_crs_transform_and_nodata(shared_data):
+    path = shared_data / "geotiff-rasterio-rgb-byte" / "RGB.byte.tif"
+    source = open_raster(path)
+    with rasterio.open(path) as dataset:
+        assert source.crs_wkt == dataset.crs.to_wkt()
+        assert source.transform == dataset.transform
+        assert (source.height, source.width) == (dataset.height, dataset.width)
+        corner = dataset.read(1, window=((0, 50), (0, 50)))
+    pixels, valid = read_window(source, Span(0, 50), Span(0, 50))
+    assert not valid[0, 0] and (pixels[~valid] == 0).all()
+    assert np.array_equal(pixels[..., 0][valid], corner[valid])
