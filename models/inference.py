@@ -62,12 +62,16 @@ class Segmenter:
         self.model = model.eval().to(self.device)
         self._lock = threading.Lock()
 
-    @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> list[TileInstances]:
+        """Instances of each tile. CUDA runs the batch in one forward pass (autocast); the CPU
+        runs tiles one by one: batching gained nothing measurable there (BENCHMARKS.md)."""
         if tiles.ndim != 4 or tiles.dtype != np.uint8:
             raise ValueError(f"expected uint8 tiles shaped (batch, h, w, c), got {tiles.dtype} {tiles.shape}")
-        if len(tiles) == 0:
-            return []
+        step = len(tiles) if self.device.type == "cuda" else 1
+        return [found for start in range(0, len(tiles), step) for found in self._forward(tiles[start : start + step])]
+
+    @torch.inference_mode()
+    def _forward(self, tiles: np.ndarray) -> list[TileInstances]:
         height, width = tiles.shape[1:3]
         with self._lock:
             batch = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
