@@ -7,20 +7,16 @@ objects cut by the tile edge are part of the training signal, as they are at inf
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from models.builders import build_model
-from models.card import InputSpec, ModelCard, save_card
+from models.card import InputSpec, ModelCard
 from models.inference import Segmenter
 from models.synthetic import CLASSES, make_scene
-from models.weights import save_weights
+from models.training import train, training_target
 
 MARGIN = 96
 EVAL_SEED_OFFSET = 10_000_000
@@ -42,22 +38,6 @@ def demo_card(tile_size: int = 512) -> ModelCard:
         description="Ellipses, rectangles and triangles (10-150 px) on textured backgrounds; "
         "trained by models/train_synthetic.py on generated scenes only.",
     )
-
-
-def training_target(labels: np.ndarray, classes: np.ndarray, min_area: int = 12) -> dict[str, torch.Tensor]:
-    """Boxes, labels and masks of the instances present in a crop of a label image."""
-    ids, areas = np.unique(labels[labels > 0], return_counts=True)
-    ids = ids[areas >= min_area]
-    masks = labels[None] == ids[:, None, None]
-    boxes = []
-    for mask in masks:
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
-    return {
-        "boxes": torch.tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
-        "labels": torch.tensor(classes[ids - 1].astype(np.int64) + 1),
-        "masks": torch.from_numpy(masks.astype(np.uint8)),
-    }
 
 
 class SyntheticCrops(IterableDataset):
@@ -113,46 +93,13 @@ def mask_f1(segmenter: Segmenter, seeds: range, size: int, iou: float = 0.5) -> 
     return 2 * tp / max(2 * tp + fp + fn, 1)
 
 
-def train(out: Path, minutes: float, batch_size: int, workers: int, lr: float, device: str) -> None:
+def train_demo(out: Path, minutes: float, batch_size: int, workers: int, lr: float, device: str) -> float:
+    """Train the demo model into ``out``; returns its F1 on held-out scenes."""
     card = demo_card()
-    model = build_model(card).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    loader = DataLoader(
-        SyntheticCrops(card.tile_size), batch_size=batch_size, num_workers=workers, collate_fn=lambda b: tuple(zip(*b))
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    budget, start, warmup = minutes * 60, time.time(), 300
-    log = []
-    for step, (images, targets) in enumerate(loader, 1):
-        progress = (time.time() - start) / budget
-        if progress >= 1:
-            break
-        for group in optimiser.param_groups:
-            group["lr"] = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
-        images = [i.to(device, non_blocking=True) for i in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optimiser.step()
-        if step % 20 == 0:
-            row = {"step": step, "seconds": round(time.time() - start, 1), "loss": round(float(loss), 4)}
-            row.update({k: round(float(v), 4) for k, v in losses.items()})
-            log.append(row)
-            print(row, flush=True)
-    model.eval()
-    save_weights(model.cpu(), out / card.weights)
-    save_card(card, out)
-    with open(out / "training_log.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(log[0]))
-        writer.writeheader()
-        writer.writerows(log)
-    segmenter = Segmenter(out, device=device)
-    print(f"steps={step} minutes={(time.time() - start) / 60:.1f} f1@0.5={mask_f1(segmenter, range(16), 512):.3f}")
+    train(card, SyntheticCrops(card.tile_size), out, minutes, batch_size, lr, device, workers)
+    f1 = mask_f1(Segmenter(out, device=device), range(16), card.tile_size)
+    print(f"f1@0.5={f1:.3f} on 16 held-out scenes")
+    return f1
 
 
 def main() -> None:
@@ -165,7 +112,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
-    train(args.out, args.minutes, args.batch_size, args.workers, args.lr, args.device)
+    train_demo(args.out, args.minutes, args.batch_size, args.workers, args.lr, args.device)
 
 
 if __name__ == "__main__":
