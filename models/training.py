@@ -133,14 +133,20 @@ def train(
     max_steps: int | None = None,
     log_every: int = 20,
     progress: bool = True,
+    init: Path | None = None,
 ) -> list[dict]:
     """Train for ``minutes`` (cosine schedule over that budget) or ``max_steps``; write the model directory.
 
     Writes ``model.yaml``, weights (safetensors), ``checkpoint.pt`` (tensors only, for ``resume``),
     ``training_log.csv`` and ``loss.png`` when matplotlib is installed. Returns the loss log.
+    ``init`` fine-tunes from another model directory: every tensor whose name and shape fit is
+    copied (class-specific heads are re-initialised when the classes differ).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(card).to(device).train()
+    model = build_model(card)
+    if init is not None:
+        _initialise_from(model, init)
+    model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     checkpoint, step, spent = out_dir / "checkpoint.pt", 0, 0.0
@@ -188,6 +194,18 @@ def train(
     save_card(card, out_dir)
     _write_log(out_dir, log)
     return log
+
+
+def _initialise_from(model: torch.nn.Module, model_dir: Path) -> None:
+    from models.card import load_card
+    from models.weights import read_state_dict
+
+    source = read_state_dict(Path(model_dir) / load_card(model_dir).weights)
+    own = model.state_dict()
+    fitting = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise ValueError(f"{model_dir}: no weights fit this architecture")
+    model.load_state_dict(fitting, strict=False)
 
 
 def _read_log(path: Path) -> list[dict]:

@@ -12,9 +12,12 @@ from rich.table import Table
 
 from models.card import ModelCardError, load_card
 from models.registry import resolve_model_dir, shipped_models
+from pipeline.annotations import AnnotationError, dataset_stats
 from pipeline.graph import Tiling
+from pipeline.sources import SourceError
 from pipeline.writers import atomic_path
 from workflows.cluster import connect, has_gpu_workers
+from workflows.datasets import DatasetFormat, load_dataset, split
 from workflows.run import run_images
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Seamline: every object in images too big for one model call.")
@@ -89,6 +92,94 @@ def demo(
     tiling = Tiling(card.tile_size, card.overlap, batch_size=4)
     report = _run_and_report([scene_path], model_dir, card, out, tiling, None, workers, 2, None, None, True)
     raise typer.Exit(0 if report.ok else 1)
+
+
+dataset_app = typer.Typer(help="Annotated datasets: statistics before training.")
+app.add_typer(dataset_app, name="dataset")
+
+FormatOption = Annotated[DatasetFormat, typer.Option("--format", "-f", help="Annotation format.")]
+ImagesOption = Annotated[Path, typer.Option(help="Image file or folder (for coco: the folder the JSON's file names are in).")]
+AnnotationsOption = Annotated[Optional[Path], typer.Option(help="Folder of annotations named like the images, or the COCO JSON.")]
+ClassOption = Annotated[str, typer.Option(help="Class name for formats without classes.")]
+ClassFieldOption = Annotated[Optional[str], typer.Option(help="vector: attribute holding the class.")]
+
+
+def _load(fmt, images, annotations, class_name, class_field):
+    try:
+        return load_dataset(fmt, images, annotations, class_name, class_field)
+    except (AnnotationError, SourceError) as err:
+        _fail(str(err))
+
+
+@dataset_app.command("stats")
+def dataset_stats_command(
+    fmt: FormatOption, images: ImagesOption, annotations: AnnotationsOption = None,
+    class_name: ClassOption = "object", class_field: ClassFieldOption = None,
+) -> None:
+    """Images, instances per class, object sizes and class balance of an annotated dataset."""
+    stats = dataset_stats(_load(fmt, images, annotations, class_name, class_field))
+    console.print_json(json.dumps(stats, default=float))
+
+
+@app.command()
+def train(
+    fmt: FormatOption, images: ImagesOption, out: Annotated[Path, typer.Option(help="Model directory to write.")],
+    annotations: AnnotationsOption = None, class_name: ClassOption = "object", class_field: ClassFieldOption = None,
+    architecture: Annotated[str, typer.Option(help="maskrcnn_compact, maskrcnn_resnet50_fpn[_v2], maskrcnn_mobilenet_v3_large_fpn.")] = "maskrcnn_compact",
+    init: Annotated[Optional[str], typer.Option(help="Fine-tune from this model (directory or shipped name) instead of from scratch.")] = None,
+    tile_size: Annotated[int, typer.Option(help="Training crop = inference tile size.")] = 512,
+    minutes: Annotated[float, typer.Option(help="Training time budget (cosine schedule over it).")] = 30.0,
+    batch_size: int = 4, lr: float = 0.02, workers: int = 2,
+    val_every: Annotated[int, typer.Option(help="Hold out every N-th image by sorted name for validation (0: none).")] = 5,
+    stain: Annotated[bool, typer.Option(help="H&E stain jitter.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when present.")] = None,
+) -> None:
+    """Train (or fine-tune) a Mask R-CNN on annotated images; writes a model directory."""
+    import torch
+
+    from models.card import ModelCard
+    from models.training import RandomCrops, Sample, train as train_model
+
+    samples = _load(fmt, images, annotations, class_name, class_field)
+    training, held_out = split(samples, val_every)
+    class_names = samples[0].class_names
+    base = load_card(resolve_model_dir(init)) if init else None
+    card = ModelCard(
+        name=out.name, architecture=base.architecture if base else architecture, classes=class_names,
+        tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
+        resolution_unit="um" if fmt == DatasetFormat.imagescope and samples[0].resolution else None,
+        max_detections=500,
+    )
+    crops = RandomCrops([Sample(s.name, s.image, s.labels, s.classes) for s in training], tile_size, stain=stain)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train_model(card, crops, out, minutes, batch_size, lr, device, workers, resume,
+                init=resolve_model_dir(init) if init else None)
+    (out / "split.json").write_text(json.dumps({"train": [s.name for s in training], "validation": [s.name for s in held_out]}, indent=2))
+    console.print(f"model written to {out}; validation images: {', '.join(s.name for s in held_out) or 'none'}")
+
+
+@app.command()
+def evaluate(
+    fmt: FormatOption, images: ImagesOption, out: Annotated[Path, typer.Option(help="Report directory.")],
+    annotations: AnnotationsOption = None, model: Annotated[Optional[str], typer.Option(help="Model directory or shipped name.")] = None,
+    class_name: ClassOption = "object", class_field: ClassFieldOption = None,
+    only: Annotated[Optional[str], typer.Option(help="Comma-separated image names to score (e.g. a model's validation split).")] = None,
+    tile_size: Optional[int] = None, overlap: Optional[int] = None,
+) -> None:
+    """Run the full pipeline on whole annotated images and score it (mAP, F1, PQ, AJI, counts)."""
+    from workflows.evaluate import evaluate as run_evaluation
+
+    samples = _load(fmt, images, annotations, class_name, class_field)
+    if only:
+        wanted = set(only.split(","))
+        samples = [s for s in samples if s.name in wanted]
+    model_dir = resolve_model_dir(model)
+    card = load_card(model_dir)
+    tiling = Tiling(tile_size or card.tile_size, card.overlap if overlap is None else overlap, batch_size=4)
+    report = run_evaluation(samples, model_dir, card, out, tiling)
+    console.print(f"F1@0.5 {report['summary']['f1']:.3f}  PQ {report['summary']['pq']:.3f}  AJI {report['summary']['aji']:.3f}  "
+                  f"mask mAP {report['coco']['mask_map']:.3f}  → {out / 'report.md'}")
 
 
 def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, threads, bands, value_range, progress):

@@ -1,0 +1,75 @@
+"""Annotated datasets on disk → lists of ``AnnotatedImage``: pairing files, formats, splits."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pipeline import annotations
+from pipeline.annotations import AnnotatedImage, AnnotationError
+
+IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt"}
+
+
+class DatasetFormat(str, Enum):
+    imagescope = "imagescope"  # Aperio ImageScope XML per image (MoNuSeg, QuPath/ImageScope exports)
+    label_images = "label-images"  # an instance label image per image (BBBC039, DSB2018, Cellpose)
+    binary_masks = "binary-masks"  # a binary mask per image; instances = connected components
+    coco = "coco"  # one COCO instances JSON (V7, CVAT, Labelbox exports)
+    vector = "vector"  # a GeoTIFF per image + polygons (GeoPackage/GeoJSON/shapefile) in any CRS
+
+
+def _images(images: Path) -> list[Path]:
+    if images.is_file():
+        return [images]
+    found = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise AnnotationError(f"{images}: no images found")
+    return found
+
+
+def _partner(image: Path, annotations_dir: Path, suffixes: tuple[str, ...]) -> Path:
+    for suffix in suffixes:
+        candidate = annotations_dir / f"{image.stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise AnnotationError(f"{image}: no annotation named {image.stem}{{{','.join(suffixes)}}} in {annotations_dir}")
+
+
+def load_dataset(
+    fmt: DatasetFormat,
+    images: Path,
+    annotations_path: Path | None,
+    class_name: str = "object",
+    class_field: str | None = None,
+) -> list[AnnotatedImage]:
+    """Read every annotated image of a dataset; errors name the file and the problem."""
+    if fmt == DatasetFormat.coco:
+        if annotations_path is None:
+            raise AnnotationError("coco needs --annotations INSTANCES.json")
+        return annotations.read_coco(annotations_path, images)
+    if annotations_path is None:
+        raise AnnotationError(f"{fmt.value} needs --annotations (a folder of files named like the images)")
+    samples = []
+    for image in _images(images):
+        if fmt == DatasetFormat.imagescope:
+            samples.append(annotations.read_imagescope_xml(image, _partner(image, annotations_path, (".xml",)), class_name))
+        elif fmt == DatasetFormat.label_images:
+            mask = _partner(image, annotations_path, (".png", ".tif", ".tiff"))
+            samples.append(annotations.read_label_image(image, mask, class_name))
+        elif fmt == DatasetFormat.binary_masks:
+            mask = _partner(image, annotations_path, (".png", ".tif", ".tiff"))
+            samples.append(annotations.read_binary_mask(image, mask, class_name))
+        else:
+            vector = _partner(image, annotations_path, (".gpkg", ".geojson", ".json", ".shp"))
+            samples.append(annotations.read_vector(image, vector, class_field=class_field, class_name=class_name))
+    return samples
+
+
+def split(samples: list[AnnotatedImage], every: int) -> tuple[list[AnnotatedImage], list[AnnotatedImage]]:
+    """(train, validation): every ``every``-th image by sorted name (the 5th, 10th, …) is held out."""
+    ordered = sorted(samples, key=lambda s: s.name)
+    if every <= 0:
+        return ordered, []
+    held = [s for i, s in enumerate(ordered) if i % every == every - 1]
+    return [s for i, s in enumerate(ordered) if i % every != every - 1], held
