@@ -134,12 +134,15 @@ def train(
     stain: Annotated[bool, typer.Option(help="H&E stain jitter.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when present.")] = None,
+    anchors: Annotated[str, typer.Option(help="Five anchor sizes in pixels, one per FPN level.")] = "16,32,64,128,256",
+    max_detections: Annotated[int, typer.Option(help="Detections per tile (dense nuclei need hundreds).")] = 500,
+    pack_only: Annotated[bool, typer.Option(help="Only write OUT/train-pack.npz and OUT/model.yaml, for `python -m models.training` on a machine with torch alone (e.g. a GPU box).")] = False,
 ) -> None:
     """Train (or fine-tune) a Mask R-CNN on annotated images; writes a model directory."""
     import torch
 
-    from models.card import ModelCard
-    from models.training import RandomCrops, Sample, train as train_model
+    from models.card import ModelCard, save_card
+    from models.training import RandomCrops, Sample, save_pack, train as train_model
 
     samples = _load(fmt, images, annotations, class_name, class_field)
     training, held_out = split(samples, val_every)
@@ -149,13 +152,20 @@ def train(
         name=out.name, architecture=base.architecture if base else architecture, classes=class_names,
         tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
         resolution_unit="um" if fmt == DatasetFormat.imagescope and samples[0].resolution else None,
-        max_detections=500,
+        max_detections=max_detections, anchor_sizes=[int(a) for a in anchors.split(",")],
     )
-    crops = RandomCrops([Sample(s.name, s.image, s.labels, s.classes) for s in training], tile_size, stain=stain)
+    pack = [Sample(s.name, s.image, s.labels, s.classes) for s in training]
+    (out / "split.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "split.json").write_text(json.dumps({"train": [s.name for s in training], "validation": [s.name for s in held_out]}, indent=2))
+    if pack_only:
+        save_card(card, out)
+        save_pack(out / "train-pack.npz", pack, class_names, card.resolution)
+        console.print(f"wrote {out / 'train-pack.npz'} and {out / 'model.yaml'}")
+        return
+    crops = RandomCrops(pack, tile_size, stain=stain)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train_model(card, crops, out, minutes, batch_size, lr, device, workers, resume,
                 init=resolve_model_dir(init) if init else None)
-    (out / "split.json").write_text(json.dumps({"train": [s.name for s in training], "validation": [s.name for s in held_out]}, indent=2))
     console.print(f"model written to {out}; validation images: {', '.join(s.name for s in held_out) or 'none'}")
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import dask
+from affine import Affine
 import numpy as np
 import pyogrio
 import shapely
@@ -35,18 +36,13 @@ def predicted_labels(gpkg: Path, height: int, width: int) -> tuple[np.ndarray, d
 
 def segment_samples(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, work: Path, tiling: Tiling) -> list[Path]:
     """Run the pipeline on each sample's pixels (written as 8-bit images, so scaling is identical)."""
+    work.mkdir(parents=True, exist_ok=True)
     graphs = []
     for sample in samples:
-        image_path = write_geotiff(sample.image, work / f"{sample.name}.tif", crs=None, transform=rasterio_identity())
+        image_path = write_geotiff(sample.image, work / f"{sample.name}.tif", crs=None, transform=Affine.identity())
         graphs.append(image_graph(open_raster(image_path), str(model_dir), card.classes, work / sample.name, tiling))
     dask.compute([g.result for g in graphs], scheduler="sync")
     return [work / s.name / "instances.gpkg" for s in samples]
-
-
-def rasterio_identity():
-    from affine import Affine
-
-    return Affine.identity()
 
 
 def precision_recall_curve(per_image: list[tuple[np.ndarray, np.ndarray, dict]], total_true: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +73,7 @@ def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, ou
         per_image.append(result)
         coco_inputs.append({"pred": pred, "pred_scores": scores, "pred_classes": classes, "true": sample.labels, "true_classes": true_classes})
         curves.append((pred, sample.labels, scores))
-        total_true += int(sample.labels.max() > 0 and len(np.unique(sample.labels)) - 1)
+        total_true += len(np.unique(sample.labels[sample.labels > 0]))
     report = {
         "model": card.name,
         "images": [s.name for s in samples],
