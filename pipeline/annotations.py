@@ -122,9 +122,10 @@ def read_label_image(image_path: Path, mask_path: Path, class_name: str = "nucle
 
 
 def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "object", min_area: int = 10) -> AnnotatedImage:
-    """Binary masks: instances are 8-connected components of at least ``min_area`` pixels."""
+    """Binary masks: instances are 4-connected components of at least ``min_area`` pixels
+    (4-connectivity keeps objects that touch only at a corner apart)."""
     image = read_image(Path(image_path))
-    components, _ = ndimage.label(_read_band(Path(mask_path)) > 0, structure=np.ones((3, 3)))
+    components, _ = ndimage.label(_read_band(Path(mask_path)) > 0)
     areas = np.bincount(components.ravel())
     small = np.flatnonzero(areas < min_area)
     components[np.isin(components, small[small > 0])] = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def write_outputs(
     frame = instances_frame(detections, source, class_names)
     counts = counts_frame(detections, source, class_names)
     gpkg = out_dir / "instances.gpkg"
-    with atomic_path(gpkg) as tmp:
+    with atomic_path(gpkg) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="'crs' was not provided")  # pixel space, documented
         pyogrio.write_dataframe(
             frame, tmp, layer=INSTANCES_LAYER, driver="GPKG", geometry_type="Polygon", SPATIAL_INDEX="YES"
         )

@@ -72,20 +72,33 @@ def run(
     raise typer.Exit(0 if report.ok else 1)
 
 
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_DEMO_IMAGE = SHARED_DATA / "nuclei-monuseg2018" / "images" / "TCGA-A6-6782-01A-01-BS1.tif"
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo scene and its outputs go.")] = Path("demo-out"),
-    size: Annotated[int, typer.Option(help="Side of the generated scene in pixels.")] = 3000,
+    size: Annotated[int, typer.Option(help="Side of the generated scene in pixels (synthetic demo).")] = 3000,
     workers: Annotated[int, typer.Option(help="Worker processes of the local cluster.")] = 1,
+    synthetic: Annotated[bool, typer.Option(help="Use the generated scene even when real data is present.")] = False,
 ) -> None:
-    """Generate a synthetic GeoTIFF scene and segment it with the shipped demo model."""
+    """Segment a real H&E tile with nuclei-he when ../shared/data is present (a validation image,
+    never trained on); otherwise generate a synthetic GeoTIFF scene for the demo model."""
     from pipeline.synthetic_raster import write_scene
 
     if not 64 <= size <= 50_000:
         _fail(f"--size {size} must be between 64 and 50000")
+    out.mkdir(parents=True, exist_ok=True)
+    if REAL_DEMO_IMAGE.is_file() and not synthetic:
+        model_dir = resolve_model_dir("nuclei-he")
+        card = load_card(model_dir)
+        console.print(f"real image {REAL_DEMO_IMAGE} (MoNuSeg H&E, held out from training), model nuclei-he")
+        tiling = Tiling(card.tile_size, card.overlap, batch_size=4)
+        report = _run_and_report([REAL_DEMO_IMAGE], model_dir, card, out, tiling, None, workers, 2, None, None, True)
+        raise typer.Exit(0 if report.ok else 1)
     model_dir = resolve_model_dir()
     card = load_card(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
     scene_path = out / "synthetic-scene.tif"
     scene = write_scene(scene_path, seed=42, height=size, width=size)
     console.print(f"generated {scene_path} ({size}×{size} px, {scene.count} objects)")

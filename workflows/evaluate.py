@@ -61,14 +61,21 @@ def precision_recall_curve(per_image: list[tuple[np.ndarray, np.ndarray, dict]],
 
 
 def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, out: Path, tiling: Tiling) -> dict:
-    """Per-image and dataset metrics; writes ``report.json``, ``report.md`` and ``pr_curve.png``."""
+    """Per-image and dataset metrics; writes ``report.json``, ``report.md`` and ``pr_curve.png``.
+
+    When the dataset's classes are not the model's, instances are scored class-agnostically.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    agnostic = bool(samples) and samples[0].class_names != card.classes
+    class_names = ["instance"] if agnostic else card.classes
     gpkgs = segment_samples(samples, model_dir, card, out / "predictions", tiling)
     per_image, coco_inputs, curves, total_true = [], [], [], 0
     for sample, gpkg in zip(samples, gpkgs):
         pred, scores, classes = predicted_labels(gpkg, *sample.labels.shape)
         true_classes = {i + 1: int(c) for i, c in enumerate(sample.classes)}
-        result = metrics.evaluate_image(pred, sample.labels, scores, classes, true_classes, card.classes)
+        if agnostic:
+            classes, true_classes = {k: 0 for k in classes}, {k: 0 for k in true_classes}
+        result = metrics.evaluate_image(pred, sample.labels, scores, classes, true_classes, class_names)
         result["image"] = sample.name
         per_image.append(result)
         coco_inputs.append({"pred": pred, "pred_scores": scores, "pred_classes": classes, "true": sample.labels, "true_classes": true_classes})
@@ -76,6 +83,7 @@ def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, ou
         total_true += len(np.unique(sample.labels[sample.labels > 0]))
     report = {
         "model": card.name,
+        "class_agnostic": agnostic,
         "images": [s.name for s in samples],
         "tiling": {"tile_size": tiling.tile_size, "overlap": tiling.overlap},
         "summary": metrics.summarise(per_image),

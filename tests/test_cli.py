@@ -1,0 +1,49 @@
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from models.synthetic import make_scene
+from pipeline.synthetic_raster import write_geotiff
+from workflows.cli import app
+
+runner = CliRunner()
+
+
+def dataset(tmp_path, n=2):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for seed in range(n):
+        scene = make_scene(500 + seed, 600, 700)
+        write_geotiff(scene.image, tmp_path / "images" / f"scene{seed}.tif", crs=None)
+        write_geotiff(scene.labels[..., None].astype(np.uint16), tmp_path / "labels" / f"scene{seed}.tif", crs=None)
+    return tmp_path / "images", tmp_path / "labels"
+
+
+def test_dataset_stats_and_evaluate_through_the_cli(tmp_path):
+    images, labels = dataset(tmp_path)
+    result = runner.invoke(app, ["dataset", "stats", "-f", "label-images", "--images", str(images), "--annotations", str(labels)])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    assert stats["images"] == 2 and stats["instances"] > 20
+
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["evaluate", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
+                                 "--out", str(out), "--tile-size", "256", "--overlap", "32"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["class_agnostic"]  # the dataset's one class is not among the model's
+    assert report["summary"]["f1"] > 0.85 and report["coco"]["mask_ap50"] > 0.8
+    assert (out / "report.md").read_text().startswith("# Evaluation") and (out / "pr_curve.png").stat().st_size > 0
+
+
+def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
+    def output(result):
+        return " ".join(result.output.split())  # rich wraps long lines
+
+    result = runner.invoke(app, ["run", str(tmp_path / "absent.tif"), "--tile-size", "100"])
+    assert result.exit_code == 2 and "multiple of 32" in output(result)
+    result = runner.invoke(app, ["run", str(tmp_path / "absent.tif"), "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "not a model directory" in output(result)
+    result = runner.invoke(app, ["dataset", "stats", "-f", "imagescope", "--images", str(tmp_path)])
+    assert result.exit_code == 2 and "--annotations" in output(result)
