@@ -162,6 +162,7 @@ def train(
     amp = torch.device(device).type == "cuda"
     from rich.progress import Progress
 
+    row = None
     with Progress(disable=not progress) as bar:
         task = bar.add_task("training", total=max_steps or budget)
         for images, targets in loader:
@@ -182,10 +183,12 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             optimiser.step()
             bar.update(task, completed=step if max_steps else elapsed)
+            row = {"step": step, "seconds": round(time.time() - start, 1), "loss": round(loss.item(), 4)}
+            row.update({k: round(v.item(), 4) for k, v in losses.items()})
             if step % log_every == 0:
-                row = {"step": step, "seconds": round(time.time() - start, 1), "loss": round(loss.item(), 4)}
-                row.update({k: round(v.item(), 4) for k, v in losses.items()})
                 log.append(row)
+    if row is not None and (not log or log[-1]["step"] != step):
+        log.append(row)  # the last step is always logged
     model.eval().cpu()
     state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": torch.tensor(step),
              "seconds": torch.tensor(time.time() - start)}

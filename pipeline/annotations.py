@@ -2,6 +2,16 @@
 
 Images are read through ``pipeline.sources`` so training and evaluation see exactly the pixels
 inference sees (same band and 16-bit scaling rules). Every error names the file and the problem.
+
+Rules shared by the readers:
+
+- Polygons are in pixel coordinates with (0, 0) the top-left corner of the top-left pixel (or in
+  map coordinates for GeoTIFFs); a pixel belongs to a polygon when its centre lies inside. Invalid
+  polygons are repaired (``make_valid``), clipped to the image, and dropped when no area is left.
+- Overlapping objects: larger ones are drawn first so smaller ones stay visible on top.
+- Objects left without pixels are dropped and ids renumbered 1..n (``classes[i]`` is id ``i + 1``).
+- ``resolution``: µm/px from ImageScope's ``MicronsPerPixel``; for georeferenced images the pixel
+  size in metres (geodesic at the image centre for lon/lat rasters); otherwise None.
 """
 
 from __future__ import annotations
@@ -9,19 +19,29 @@ from __future__ import annotations
 import json
 import warnings
 import xml.etree.ElementTree as ET
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
+import pyproj
 import rasterio
 import shapely
+from affine import Affine
+from pycocotools import mask as mask_utils
 from rasterio import features
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.transform import xy
 from scipy import ndimage
+from shapely import affinity
 
 from pipeline.grid import Span
-from pipeline.sources import open_raster, read_window
+from pipeline.sources import RasterSource, SourceError, open_raster, read_window
+
+EIGHT_CONNECTED = np.ones((3, 3), bool)
 
 
 class AnnotationError(ValueError):
@@ -40,185 +60,319 @@ class AnnotatedImage:
     resolution: float | None = None
 
 
-def read_image(path: Path) -> np.ndarray:
-    """All pixels of an image as uint8 (h, w, 3), by the pipeline's own rules."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        source = open_raster(path)
-    return read_window(source, Span(0, source.height), Span(0, source.width))[0]
+# ---------------------------------------------------------------- files
 
 
-def _read_band(path: Path, band: int = 1) -> np.ndarray:
+def _require_file(path: Path) -> Path:
+    """``path`` if it is a non-empty file."""
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
+    if path.stat().st_size == 0:
+        raise AnnotationError(f"{path}: empty annotation file (0 bytes)")
+    return path
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, RasterSource]:
+    """All pixels as uint8 (h, w, 3) by the pipeline's own rules, and the source describing them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*scaled to 8 bits")
+            source = open_raster(path)
+        pixels, _ = read_window(source, Span(0, source.height), Span(0, source.width))
+    except SourceError as err:
+        raise AnnotationError(str(err)) from err
+    return pixels, source
+
+
+def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Colour bands of a mask image (alpha left out, nodata ignored) as (bands, h, w)."""
+    _require_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as dataset:
-                return dataset.read(band)
+                bands = [i + 1 for i, c in enumerate(dataset.colorinterp) if c != ColorInterp.alpha] or [1]
+                data = dataset.read(bands, masked=False)
     except RasterioIOError as err:
         raise AnnotationError(f"{path}: not a readable mask image ({err})") from err
+    if data.shape[1:] != shape:
+        raise AnnotationError(f"{path}: mask is {data.shape[2]}×{data.shape[1]} px, its image is {shape[1]}×{shape[0]}")
+    return data
 
 
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Consecutive ids 1..n in order of first appearance value."""
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    lookup = np.zeros(int(labels.max()) + 1 if labels.size else 1, np.int32)
-    lookup[ids] = np.arange(1, len(ids) + 1)
-    return lookup[labels]
+def _pixel_size(source: RasterSource) -> float | None:
+    """Pixel size in metres of a georeferenced raster (side of a square of equal area), else None."""
+    if source.crs_wkt is None:
+        return None
+    crs, t = pyproj.CRS.from_wkt(source.crs_wkt), source.transform
+    if not crs.is_geographic:
+        return float(np.sqrt(abs(t.determinant)) * crs.axis_info[0].unit_conversion_factor)
+    col, row = source.width // 2, source.height // 2
+    xs, ys = xy(t, [row, row, row + 1], [col, col + 1, col], offset="ul")
+    geod = crs.get_geod()
+    dx = geod.line_length(xs[:2], ys[:2])
+    dy = geod.line_length(xs[::2], ys[::2])
+    return float(np.sqrt(dx * dy))
 
 
-def _sample(name, image, labels, class_names, resolution=None, path=None) -> AnnotatedImage:
-    if image.shape[:2] != labels.shape:
-        raise AnnotationError(f"{path or name}: annotations are {labels.shape[1]}×{labels.shape[0]}, image is {image.shape[1]}×{image.shape[0]}")
-    labels = _relabel(labels.astype(np.int64)).astype(np.int32)
-    return AnnotatedImage(name, image, labels, np.zeros(int(labels.max()), np.int16), class_names, resolution)
+# ---------------------------------------------------------------- instances
 
 
-def rasterise(polygons: list, shape: tuple[int, int], transform=None) -> np.ndarray:
-    """Instance ids 1..n for ``polygons`` in order; larger ones drawn first so smaller stay visible."""
-    order = np.argsort(-shapely.area(np.asarray(polygons, dtype=object)), kind="stable") if polygons else []
-    shapes = [(polygons[i], int(i) + 1) for i in order]
-    if not shapes:
+def _sample(name: str, image: np.ndarray, labels: np.ndarray, class_names: list[str], resolution: float | None,
+            classes=None) -> AnnotatedImage:
+    """Drop ids without pixels and renumber 1..n; ``classes[k]`` belongs to input id ``k + 1``."""
+    ids, index = np.unique(labels, return_inverse=True)
+    index = index.reshape(labels.shape)
+    if ids[0] == 0:
+        ids = ids[1:]
+    else:
+        index += 1
+    classes = np.zeros(len(ids), np.int16) if classes is None else np.asarray(classes, np.int16)[ids - 1]
+    return AnnotatedImage(name, image, index.astype(np.int32), classes, list(class_names), resolution)
+
+
+def _polygonal(geometry):
+    """The polygon parts of a geometry (lines and points left by repair or clipping dropped)."""
+    if geometry.geom_type in ("Polygon", "MultiPolygon"):
+        return geometry
+    return shapely.union_all([p for p in shapely.get_parts(geometry) if p.geom_type in ("Polygon", "MultiPolygon")])
+
+
+def _rasterise(geometries, shape: tuple[int, int], transform: Affine = Affine.identity()) -> np.ndarray:
+    """Id ``k + 1`` for ``geometries[k]``, repaired and clipped to the image; larger drawn first."""
+    frame = affinity.affine_transform(shapely.box(0, 0, shape[1], shape[0]), transform.to_shapely())
+    clipped = shapely.intersection(shapely.make_valid(np.asarray(geometries, dtype=object)), frame)
+    clipped = [_polygonal(g) for g in clipped]
+    areas = shapely.area(clipped) if clipped else np.zeros(0)
+    order = [int(k) for k in np.argsort(-areas, kind="stable") if areas[k] > 0]
+    if not order:
         return np.zeros(shape, np.int32)
-    kwargs = {"transform": transform} if transform is not None else {}
-    return features.rasterize(shapes, out_shape=shape, dtype="int32", **kwargs)
+    shapes = [(clipped[k], k + 1) for k in order]
+    return features.rasterize(shapes, out_shape=shape, transform=transform, fill=0, dtype="int32")
+
+
+def _colour_index(data: np.ndarray) -> np.ndarray:
+    """Per pixel, an index 1..k of its value across all bands; 0 where every band is 0."""
+    _, index = np.unique(data.reshape(len(data), -1).T, axis=0, return_inverse=True)
+    index = index.reshape(data.shape[1:]) + 1
+    index[(data == 0).all(0)] = 0
+    return index
+
+
+def _split_colours(colours: np.ndarray) -> np.ndarray:
+    """4-connected components of each colour: a colour may be reused by objects that do not touch."""
+    labels = np.zeros(colours.shape, np.int64)
+    count = 0
+    for colour, box in enumerate(ndimage.find_objects(colours), start=1):
+        if box is None:
+            continue
+        parts, n = ndimage.label(colours[box] == colour)
+        labels[box][parts > 0] = parts[parts > 0] + count
+        count += n
+    return labels
+
+
+# ---------------------------------------------------------------- readers
 
 
 def read_imagescope_xml(image_path: Path, xml_path: Path, class_name: str = "nucleus") -> AnnotatedImage:
-    """Aperio ImageScope XML (one ``Region`` per object, vertices in pixels); slivers skipped."""
-    image = read_image(Path(image_path))
+    """Aperio ImageScope XML (MoNuSeg): one ``Region`` per object, ``Vertex`` X/Y in pixels.
+
+    Regions with fewer than 3 vertices or no area inside the image are skipped.
+    """
+    image, _ = _read_image(Path(image_path))
+    polygons, microns = _imagescope_polygons(Path(xml_path))
+    labels = _rasterise(polygons, image.shape[:2])
+    return _sample(Path(image_path).stem, image, labels, [class_name], microns)
+
+
+def _imagescope_polygons(path: Path) -> tuple[list, float | None]:
+    """(polygons of the regions with >= 3 vertices, ``MicronsPerPixel`` or None)."""
+    _require_file(path)
     try:
-        root = ET.parse(xml_path).getroot()
-    except (ET.ParseError, OSError) as err:
-        raise AnnotationError(f"{xml_path}: not readable ImageScope XML ({err})") from err
-    frame = shapely.box(0, 0, image.shape[1], image.shape[0])
-    polygons = []
-    for region in root.iter("Region"):
-        points = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
-        if len(points) < 3:
-            continue
-        polygon = shapely.make_valid(shapely.Polygon(points)).intersection(frame)
-        if polygon.area > 0:
-            polygons.append(polygon)
-    mpp = root.get("MicronsPerPixel")
-    labels = rasterise(polygons, image.shape[:2])
-    return _sample(Path(image_path).stem, image, labels, [class_name], float(mpp) if mpp else None, xml_path)
+        root = ET.parse(path).getroot()
+        rings = [[(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")] for region in root.iter("Region")]
+        microns = root.get("MicronsPerPixel")
+        microns = float(microns) if microns else None
+    except ET.ParseError as err:
+        raise AnnotationError(f"{path}: not well-formed ImageScope XML ({err})") from err
+    except (TypeError, ValueError) as err:
+        raise AnnotationError(f"{path}: a Vertex X/Y or MicronsPerPixel is not a number ({err})") from err
+    return [shapely.Polygon(ring) for ring in rings if len(ring) >= 3], microns
 
 
 def read_label_image(image_path: Path, mask_path: Path, class_name: str = "nucleus") -> AnnotatedImage:
-    """Instance label images; each value may hold several objects (BBBC039 reuses values for
-    non-touching nuclei), so instances are the 4-connected components of each value."""
-    image = read_image(Path(image_path))
-    values = _read_band(Path(mask_path)).astype(np.int64)
-    labels = np.zeros(values.shape, np.int64)
-    offset = 0
-    for value in np.unique(values[values > 0]):
-        components, count = ndimage.label(values == value)
-        labels[components > 0] = components[components > 0] + offset
-        offset += count
-    return _sample(Path(image_path).stem, image, labels, [class_name], path=mask_path)
+    """Instance label images. One band (DSB2018, Cellpose): each value is one instance.
+
+    Several colour bands (BBBC039 RGBA PNG): a colour is reused for objects that do not touch, so
+    instances are the 4-connected components of each colour.
+    """
+    image, source = _read_image(Path(image_path))
+    data = _read_mask(Path(mask_path), image.shape[:2])
+    if not np.issubdtype(data.dtype, np.integer):
+        raise AnnotationError(f"{mask_path}: label images need integer values, found {data.dtype}")
+    colours = _colour_index(data)
+    labels = _split_colours(colours) if len(data) > 1 else colours
+    return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_size(source))
 
 
 def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "object", min_area: int = 10) -> AnnotatedImage:
-    """Binary masks: instances are 4-connected components of at least ``min_area`` pixels
-    (4-connectivity keeps objects that touch only at a corner apart)."""
-    image = read_image(Path(image_path))
-    components, _ = ndimage.label(_read_band(Path(mask_path)) > 0)
-    areas = np.bincount(components.ravel())
-    small = np.flatnonzero(areas < min_area)
-    components[np.isin(components, small[small > 0])] = 0
-    return _sample(Path(image_path).stem, image, components, [class_name], path=mask_path)
+    """Binary masks (any band > 0 is foreground): instances are the 8-connected components with at
+    least ``min_area`` pixels. Touching objects merge: for SpaceNet this under-counts buildings."""
+    image, source = _read_image(Path(image_path))
+    foreground = (_read_mask(Path(mask_path), image.shape[:2]) > 0).any(0)
+    labels, _ = ndimage.label(foreground, structure=EIGHT_CONNECTED)
+    small = np.bincount(labels.ravel()) < min_area
+    small[0] = False
+    labels[small[labels]] = 0
+    return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_size(source))
 
 
 def read_coco(json_path: Path, image_dir: Path) -> list[AnnotatedImage]:
-    """COCO instances (polygons or RLE); crowd regions skipped; classes in category-id order."""
-    from pycocotools import mask as mask_utils
+    """COCO instances (polygons, RLE or uncompressed RLE); crowd regions skipped.
 
+    ``class_names`` are the categories in id order. Images are ``image_dir / file_name``.
+    """
+    json_path = Path(json_path)
+    images, per_image, class_of, names = _load_coco(json_path)
+    return [_coco_sample(entry, per_image[entry["id"]], class_of, names, Path(image_dir), json_path) for entry in images]
+
+
+def _load_coco(path: Path) -> tuple[list[dict], dict, dict, list[str]]:
+    """(image entries, non-crowd annotations per image id, class index per category id, class names)."""
+    _require_file(path)
     try:
-        coco = json.loads(Path(json_path).read_text())
-        images, annotations, categories = coco["images"], coco["annotations"], coco["categories"]
-    except (OSError, ValueError, KeyError) as err:
-        raise AnnotationError(f"{json_path}: not a COCO instances file ({err})") from err
-    categories = sorted(categories, key=lambda c: c["id"])
-    class_of = {c["id"]: i for i, c in enumerate(categories)}
-    names = [c["name"] for c in categories]
-    samples = []
-    for entry in images:
-        image = read_image(Path(image_dir) / entry["file_name"])
-        height, width = image.shape[:2]
-        labels = np.zeros((height, width), np.int32)
-        classes = []
-        mine = [a for a in annotations if a["image_id"] == entry["id"] and not a.get("iscrowd", 0)]
-        for a in sorted(mine, key=lambda a: -a.get("area", 0)):
-            segmentation = a["segmentation"]
-            if isinstance(segmentation, list):
-                rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-            elif isinstance(segmentation.get("counts"), list):
-                rle = mask_utils.frPyObjects(segmentation, height, width)
-            else:
-                rle = segmentation
-            mask = mask_utils.decode(rle).astype(bool)
-            if mask.any():
-                classes.append(class_of[a["category_id"]])
-                labels[mask] = len(classes)
-        present = np.unique(labels[labels > 0])
-        sample = _sample(Path(entry["file_name"]).stem, image, labels, names, path=json_path)
-        sample.classes = np.asarray(classes, np.int16)[present - 1]
-        samples.append(sample)
-    return samples
+        coco = json.loads(path.read_text())
+        images, categories = coco["images"], sorted(coco["categories"], key=lambda c: c["id"])
+        if not all("id" in e and "file_name" in e for e in images):
+            raise KeyError("every image needs 'id' and 'file_name'")
+        names = [str(c["name"]) for c in categories]
+        per_image = defaultdict(list)
+        for annotation in coco["annotations"]:
+            if not annotation.get("iscrowd", 0):
+                per_image[annotation["image_id"]].append(annotation)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AnnotationError(f"{path}: not a COCO instances file ({err!r})") from err
+    return images, per_image, {c["id"]: k for k, c in enumerate(categories)}, names
 
 
-def read_vector(raster_path: Path, vector_path: Path, class_field: str | None = None, class_name: str = "object") -> AnnotatedImage:
-    """A GeoTIFF and polygons in any CRS (reprojected to the raster's), rasterised on its grid."""
-    image = read_image(Path(raster_path))
+def _coco_sample(entry: dict, annotations: list[dict], class_of: dict, names: list[str], image_dir: Path,
+                 json_path: Path) -> AnnotatedImage:
+    """One COCO image entry and its annotations, painted on the image's own size."""
+    image, source = _read_image(image_dir / entry["file_name"])
+    height, width = image.shape[:2]
+    if (entry.get("height", height), entry.get("width", width)) != (height, width):
+        raise AnnotationError(f"{json_path}: image {entry['file_name']} is listed as {entry.get('width')}×{entry.get('height')} px but is {width}×{height}")
     try:
-        frame = gpd.read_file(vector_path)
+        classes = [class_of[a["category_id"]] for a in annotations]
+        rles = [_coco_rle(a["segmentation"], height, width) for a in annotations]
+    except KeyError as err:
+        raise AnnotationError(f"{json_path}: an annotation of {entry['file_name']} has no or an unknown {err}") from err
+    except (ValueError, TypeError) as err:
+        raise AnnotationError(f"{json_path}: a segmentation of {entry['file_name']} is malformed ({err})") from err
+    labels = _paint_rles(rles, (height, width))
+    return _sample(Path(entry["file_name"]).stem, image, labels, names, _pixel_size(source), classes)
+
+
+def _coco_rle(segmentation, height: int, width: int) -> dict | None:
+    """Compressed RLE of a COCO segmentation; None for polygons with no ring of >= 3 points."""
+    if isinstance(segmentation, list):
+        rings = [ring for ring in segmentation if len(ring) >= 6]  # 4 numbers would be read as a box
+        return mask_utils.merge(mask_utils.frPyObjects(rings, height, width)) if rings else None
+    if list(segmentation["size"]) != [height, width]:
+        raise ValueError(f"RLE size {segmentation['size']} differs from the image's {[height, width]}")
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return {"size": segmentation["size"], "counts": segmentation["counts"]}
+
+
+def _paint_rles(rles: list[dict | None], shape: tuple[int, int]) -> np.ndarray:
+    """Id ``k + 1`` where ``rles[k]`` is set; larger masks painted first so smaller stay visible."""
+    labels = np.zeros(shape, np.int32)
+    areas = [float(mask_utils.area(r)) if r is not None else 0.0 for r in rles]
+    for k in np.argsort(-np.asarray(areas), kind="stable"):
+        if areas[k] > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools vs numpy 2
+                labels[mask_utils.decode(rles[k]) > 0] = k + 1
+    return labels
+
+
+def read_vector(raster_path: Path, vector_path: Path, class_field: str | None = None,
+                class_name: str = "object") -> AnnotatedImage:
+    """A GeoTIFF and polygons (GeoPackage, GeoJSON, shapefile, …) in any CRS, reprojected to the
+    raster's and rasterised on its grid. Classes: sorted distinct values of ``class_field``, else
+    ``class_name``. Polygons without a CRS are taken to be in the raster's."""
+    image, source = _read_image(Path(raster_path))
+    frame = _read_polygons(Path(vector_path), source)
+    if class_field is None:
+        names, classes = [class_name], np.zeros(len(frame), np.int16)
+    else:
+        names, classes = _classes_from_field(frame, class_field, Path(vector_path))
+    labels = _rasterise(frame.geometry.values, image.shape[:2], source.transform)
+    return _sample(Path(raster_path).stem, image, labels, names, _pixel_size(source), classes)
+
+
+def _read_polygons(path: Path, source: RasterSource) -> gpd.GeoDataFrame:
+    """Non-empty features of a vector file, in the raster's CRS."""
+    _require_file(path)
+    try:
+        frame = gpd.read_file(path)
     except Exception as err:  # pyogrio raises DataSourceError and others
-        raise AnnotationError(f"{vector_path}: not a readable vector file ({err})") from err
-    with rasterio.open(raster_path) as dataset:
-        crs, transform = dataset.crs, dataset.transform
-        resolution = abs(transform.a)
-    if frame.crs is not None and crs is not None:
-        frame = frame.to_crs(crs)
-    frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty].reset_index(drop=True)
-    if class_field is not None and class_field not in frame:
-        raise AnnotationError(f"{vector_path}: no attribute '{class_field}' (has {', '.join(frame.columns)})")
-    names = sorted(map(str, frame[class_field].unique())) if class_field else [class_name]
-    labels = rasterise(list(frame.geometry.values), image.shape[:2], transform)
-    present = np.unique(labels[labels > 0])
-    sample = _sample(Path(raster_path).stem, image, labels, names, resolution, vector_path)
-    if class_field:
-        sample.classes = np.array([names.index(str(v)) for v in frame[class_field].values], np.int16)[present - 1]
-    return sample
+        raise AnnotationError(f"{path}: not a readable vector file ({err})") from err
+    if frame.crs is not None and source.crs_wkt is None:
+        raise AnnotationError(f"{path}: polygons are in {frame.crs.to_string()} but {source.path} has no CRS to place them")
+    if frame.crs is not None:
+        frame = frame.to_crs(source.crs_wkt)
+    return frame[frame.geometry.notna() & ~frame.geometry.is_empty].reset_index(drop=True)
+
+
+def _classes_from_field(frame: gpd.GeoDataFrame, field: str, path: Path) -> tuple[list[str], np.ndarray]:
+    """(sorted distinct values as names, class index per feature)."""
+    if field not in frame:
+        raise AnnotationError(f"{path}: no attribute '{field}' (has {', '.join(map(str, frame.columns))})")
+    values = frame[field]
+    if values.isna().any():
+        raise AnnotationError(f"{path}: {int(values.isna().sum())} features have no '{field}'")
+    categories = sorted(values.unique())
+    return [str(c) for c in categories], pd.Categorical(values, categories=categories).codes.astype(np.int16)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _percentiles(values: np.ndarray) -> dict[str, float]:
+    if not len(values):
+        return {}
+    return {k: float(np.percentile(values, q)) for k, q in (("min", 0), ("p5", 5), ("median", 50), ("p95", 95), ("max", 100))}
 
 
 def dataset_stats(samples: list[AnnotatedImage]) -> dict:
-    """What to check before training: counts per class, balance, object sizes, density."""
-    names = samples[0].class_names if samples else []
-    per_class = np.zeros(len(names), np.int64)
-    areas, megapixels, empty = [], 0.0, []
+    """What to check before training: counts per class, balance, object sizes, density.
+
+    ``imbalanced`` when, with two or more classes, the largest has over 10× the instances of the
+    smallest (a class without instances counts as 0). Sizes are in pixels; the equivalent
+    diameter is that of a disc of the same area.
+    """
+    names = list(dict.fromkeys(n for s in samples for n in s.class_names))
+    per_class = Counter({n: 0 for n in names})
+    areas, pixels = [], 0
     for s in samples:
-        per_class += np.bincount(s.classes.astype(np.int64), minlength=len(names))
+        per_class.update(s.class_names[c] for c in s.classes)
         counts = np.bincount(s.labels.ravel())[1:]
         areas.append(counts[counts > 0])
-        megapixels += s.labels.size / 1e6
-        if s.labels.max() == 0:
-            empty.append(s.name)
-    areas = np.concatenate(areas) if areas else np.zeros(0)
-    diameters = 2 * np.sqrt(areas / np.pi)
-    quantiles = lambda v: {k: float(np.percentile(v, q)) for k, q in [("min", 0), ("p5", 5), ("median", 50), ("p95", 95), ("max", 100)]} if len(v) else {}
-    total = int(per_class.sum())
-    nonzero = per_class[per_class > 0]
+        pixels += s.labels.size
+    areas = np.concatenate(areas) if areas else np.zeros(0, np.int64)
+    total = int(areas.size)
+    counts = [per_class[n] for n in names]
     return {
         "images": len(samples),
         "instances": total,
-        "per_class": dict(zip(names, per_class.tolist())),
-        "class_fraction": {n: (c / total if total else 0.0) for n, c in zip(names, per_class.tolist())},
-        "imbalanced": bool(len(nonzero) > 1 and nonzero.max() > 10 * nonzero.min()) or len(nonzero) < len(names),
-        "equivalent_diameter_px": quantiles(diameters),
-        "area_px": quantiles(areas),
-        "instances_per_megapixel": total / megapixels if megapixels else 0.0,
-        "images_without_instances": empty,
+        "per_class": dict(per_class),
+        "class_fraction": {n: per_class[n] / total if total else 0.0 for n in names},
+        "imbalanced": len(names) > 1 and max(counts) > 10 * min(counts),
+        "equivalent_diameter_px": _percentiles(2 * np.sqrt(areas / np.pi)),
+        "area_px": _percentiles(areas),
+        "instances_per_megapixel": total / (pixels / 1e6) if pixels else 0.0,
+        "images_without_instances": [s.name for s in samples if not s.labels.any()],
     }

@@ -1,100 +1,318 @@
 import json
+import re
 
+import geopandas as gpd
 import numpy as np
 import pytest
-import rasterio
 import shapely
+from affine import Affine
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.annotations import (
-    AnnotationError, dataset_stats, read_binary_mask, read_coco, read_imagescope_xml, read_label_image, read_vector,
+    AnnotatedImage, AnnotationError, dataset_stats, read_binary_mask, read_coco, read_imagescope_xml, read_label_image,
+    read_vector,
 )
 from pipeline.synthetic_raster import write_geotiff
 
+H, W = 40, 50
 
-def image_file(tmp_path, h=40, w=50, name="img.tif"):
+
+def image_file(tmp_path, name="img.tif", h=H, w=W):
     return write_geotiff(np.full((h, w, 3), 120, np.uint8), tmp_path / name, crs=None)
 
 
-def test_imagescope_xml(tmp_path):
-    image = image_file(tmp_path)
-    xml = tmp_path / "img.xml"
-    xml.write_text(
-        '<Annotations MicronsPerPixel="0.25"><Annotation><Regions>'
-        '<Region Id="1"><Vertices><Vertex X="10" Y="10"/><Vertex X="20" Y="10"/><Vertex X="20" Y="20"/><Vertex X="10" Y="20"/></Vertices></Region>'
-        '<Region Id="2"><Vertices><Vertex X="1" Y="1"/><Vertex X="5" Y="5"/></Vertices></Region>'
-        '<Region Id="3"><Vertices><Vertex X="40" Y="30"/><Vertex X="60" Y="30"/><Vertex X="60" Y="45"/><Vertex X="40" Y="45"/></Vertices></Region>'
-        "</Regions></Annotation></Annotations>"
+def areas(sample):
+    return sorted(np.bincount(sample.labels.ravel())[1:].tolist())
+
+
+def assert_well_formed(sample):
+    n = int(sample.labels.max())
+    assert sample.labels.dtype == np.int32 and sample.classes.dtype == np.int16 and len(sample.classes) == n
+    assert set(np.unique(sample.labels)) - {0} == set(range(1, n + 1))  # ids 1..n, none empty
+    assert sample.image.dtype == np.uint8 and sample.image.shape == (*sample.labels.shape, 3)
+
+
+def region(*points):
+    return "<Region><Vertices>" + "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in points) + "</Vertices></Region>"
+
+
+def imagescope(path, *regions, mpp="0.25"):
+    path.write_text(f'<Annotations MicronsPerPixel="{mpp}"><Annotation><Regions>{"".join(regions)}</Regions></Annotation></Annotations>')
+    return path
+
+
+# ---------------------------------------------------------------- ImageScope XML
+
+
+def test_imagescope_xml_slivers_overlaps_and_frame(tmp_path):
+    xml = imagescope(
+        tmp_path / "img.xml",
+        region((10, 10), (20, 10), (20, 20), (10, 20)),  # 10×10 square: exactly rows/cols 10..19
+        region((1, 1), (5, 5)),  # 2 vertices: skipped
+        region((30, 10), (36, 10), (36, 16), (30, 16)),  # small square inside the next one, listed first
+        region((25, 5), (45, 5), (45, 25), (25, 25)),  # 20×20, drawn first so the small one stays visible
+        region((40, 30), (60, 30), (60, 45), (40, 45)),  # leaves the frame: clipped to 10×10
+        region((60, 50), (70, 50), (70, 60)),  # entirely outside: dropped
+        region((2, 30), (2.4, 30), (2.4, 30.4)),  # covers no pixel centre: dropped, ids stay consecutive
     )
-    sample = read_imagescope_xml(image, xml)
-    assert sample.labels.max() == 2 and sample.resolution == 0.25
-    areas = sorted(np.bincount(sample.labels.ravel())[1:].tolist())
-    assert areas == [100, 100]  # the 10×10 square, and the other clipped to 10 × 10 inside the frame
+    sample = read_imagescope_xml(image_file(tmp_path), xml)
+    assert_well_formed(sample)
+    assert sample.labels.max() == 4 and sample.resolution == 0.25 and sample.class_names == ["nucleus"]
+    assert areas(sample) == [36, 100, 100, 400 - 36]
+    square = sample.labels[10, 10]
+    assert (sample.labels[10:20, 10:20] == square).all() and (sample.labels == square).sum() == 100
+    assert (sample.labels[10:16, 30:36] != sample.labels[5, 25]).all()  # small one on top of the large one
+
+
+def test_imagescope_self_intersecting_region_is_repaired(tmp_path):
+    bow_tie = region((0, 0), (20, 20), (20, 0), (0, 20))  # two triangles meeting at (10, 10)
+    sample = read_imagescope_xml(image_file(tmp_path), imagescope(tmp_path / "a.xml", bow_tie, mpp=""))
+    assert sample.labels.max() == 1 and 150 <= areas(sample)[0] <= 210 and sample.resolution is None
+
+
+def test_imagescope_errors_name_the_file(tmp_path):
+    image = image_file(tmp_path)
+    (tmp_path / "broken.xml").write_text("<Annotations>")
     with pytest.raises(AnnotationError, match="broken.xml"):
-        (tmp_path / "broken.xml").write_text("<Annotations>")
         read_imagescope_xml(image, tmp_path / "broken.xml")
+    with pytest.raises(AnnotationError, match="absent.xml.*not found"):
+        read_imagescope_xml(image, tmp_path / "absent.xml")
+    with pytest.raises(AnnotationError, match="nan.xml.*not a number"):
+        read_imagescope_xml(image, imagescope(tmp_path / "nan.xml", '<Region><Vertices><Vertex X="a" Y="1"/></Vertices></Region>'))
+    with pytest.raises(AnnotationError, match="missing.tif"):
+        read_imagescope_xml(tmp_path / "missing.tif", imagescope(tmp_path / "ok.xml"))
+
+
+# ---------------------------------------------------------------- COCO
+
+
+def rle_of(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+def uncompressed_rle_of(mask):
+    flat = mask.ravel(order="F").astype(np.int8)
+    runs = np.diff(np.r_[0, np.flatnonzero(np.diff(flat)) + 1, flat.size])
+    return {"size": list(mask.shape), "counts": (np.r_[0, runs] if flat[0] else runs).tolist()}
+
+
+def coco_file(tmp_path, annotations, images=None):
+    image_file(tmp_path, "a.tif")
+    image_file(tmp_path, "b.tif")
+    coco = {
+        "images": images or [{"id": 1, "file_name": "a.tif", "height": H, "width": W}, {"id": 2, "file_name": "b.tif"}],
+        "categories": [{"id": 3, "name": "tree"}, {"id": 1, "name": "house"}],
+        "annotations": [{"id": i + 1, "image_id": 1, "iscrowd": 0, **a} for i, a in enumerate(annotations)],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    return tmp_path / "coco.json"
 
 
 def test_coco_polygons_rle_and_crowd(tmp_path):
-    image_file(tmp_path, name="a.tif")
-    rle_mask = np.zeros((40, 50), np.uint8, order="F")
-    rle_mask[30:35, 5:15] = 1
-    rle = mask_utils.encode(rle_mask)
-    rle["counts"] = rle["counts"].decode()
-    coco = {
-        "images": [{"id": 1, "file_name": "a.tif", "height": 40, "width": 50}],
-        "categories": [{"id": 3, "name": "tree"}, {"id": 1, "name": "house"}],
-        "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 3, "segmentation": [[10, 10, 20, 10, 20, 20, 10, 20]], "area": 100, "iscrowd": 0},
-            {"id": 2, "image_id": 1, "category_id": 1, "segmentation": rle, "area": 50, "iscrowd": 0},
-            {"id": 3, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 5, 0, 5, 5]], "area": 12, "iscrowd": 1},
-        ],
-    }
-    (tmp_path / "coco.json").write_text(json.dumps(coco))
-    (sample,) = read_coco(tmp_path / "coco.json", tmp_path)
-    assert sample.class_names == ["house", "tree"]
-    assert sample.labels.max() == 2
-    by_class = {sample.class_names[c]: int((sample.labels == i + 1).sum()) for i, c in enumerate(sample.classes)}
-    assert by_class["house"] == 50 and 100 <= by_class["tree"] <= 121
+    house = np.zeros((H, W), bool)
+    house[30:35, 5:15] = True  # 50 px
+    shed = np.zeros((H, W), bool)
+    shed[12:15, 12:16] = True  # 12 px inside the tree polygon: stays visible on top
+    path = coco_file(tmp_path, [
+        {"category_id": 3, "segmentation": [[10, 10, 20, 10, 20, 20, 10, 20]]},  # 100 px
+        {"category_id": 1, "segmentation": rle_of(house)},
+        {"category_id": 1, "segmentation": uncompressed_rle_of(shed)},
+        {"category_id": 1, "segmentation": [[0, 0, 5, 0, 5, 5]], "iscrowd": 1},
+        {"category_id": 3, "segmentation": [[40, 2, 45, 8]]},  # 2 points: no area (not a box)
+    ])
+    a, b = read_coco(path, tmp_path)
+    assert_well_formed(a)
+    assert a.name == "a" and a.class_names == ["house", "tree"]
+    assert a.labels.max() == 3 and not b.labels.any() and len(b.classes) == 0
+    pixels = {(a.class_names[c], int((a.labels == i + 1).sum())) for i, c in enumerate(a.classes)}
+    assert pixels == {("tree", 100 - 12), ("house", 50), ("house", 12)}
+    assert (a.labels[30:35, 5:15] == a.labels[30, 5]).all()
+
+
+def test_coco_errors(tmp_path):
+    with pytest.raises(AnnotationError, match="coco.json.*unknown"):
+        read_coco(coco_file(tmp_path, [{"category_id": 7, "segmentation": [[1, 1, 9, 1, 9, 9]]}]), tmp_path)
+    wrong_size = [{"id": 1, "file_name": "a.tif", "height": 30, "width": W}]
+    with pytest.raises(AnnotationError, match="a.tif.*listed as"):
+        read_coco(coco_file(tmp_path, [], images=wrong_size), tmp_path)
+    with pytest.raises(AnnotationError, match="missing.tif"):
+        read_coco(coco_file(tmp_path, [], images=[{"id": 1, "file_name": "missing.tif"}]), tmp_path)
+    (tmp_path / "bad.json").write_text('{"images": []}')
+    with pytest.raises(AnnotationError, match="bad.json.*not a COCO"):
+        read_coco(tmp_path / "bad.json", tmp_path)
+
+
+# ---------------------------------------------------------------- vector
 
 
 def test_vector_in_another_crs_lands_on_the_raster_grid(tmp_path):
-    import geopandas as gpd
-    from affine import Affine
-
     transform = Affine(0.5, 0, 430000, 0, -0.5, 5420000)
     raster = write_geotiff(np.zeros((100, 100, 3), np.uint8), tmp_path / "r.tif", crs="EPSG:32631", transform=transform)
-    square = shapely.box(430010, 5419970, 430020, 5419980)  # columns 20–40, rows 40–60
-    gpd.GeoDataFrame({"kind": ["hut"]}, geometry=[square], crs="EPSG:32631").to_crs("EPSG:4326").to_file(tmp_path / "v.geojson")
-    sample = read_vector(raster, tmp_path / "v.geojson", class_field="kind")
-    rows, cols = np.nonzero(sample.labels)
-    assert abs(rows.min() - 40) <= 1 and abs(rows.max() - 59) <= 1 and abs(cols.min() - 20) <= 1 and abs(cols.max() - 39) <= 1
-    assert sample.class_names == ["hut"] and sample.resolution == 0.5
+    hut = shapely.box(430010, 5419970, 430020, 5419980)  # columns 20..39, rows 40..59
+    barn = shapely.box(430045, 5419995, 430060, 5420010)  # half outside the raster: columns 90..99, rows 0..9
+    frame = gpd.GeoDataFrame({"kind": ["hut", "barn"]}, geometry=[hut, barn], crs="EPSG:32631")
+    frame.to_crs("EPSG:4326").to_file(tmp_path / "v.geojson")
+    frame.to_crs("EPSG:3857").to_file(tmp_path / "v.gpkg")
+    for vector in ("v.geojson", "v.gpkg"):
+        sample = read_vector(raster, tmp_path / vector, class_field="kind")
+        assert_well_formed(sample)
+        assert sample.class_names == ["barn", "hut"] and sample.resolution == 0.5
+        for i, c in enumerate(sample.classes):
+            rows, cols = np.nonzero(sample.labels == i + 1)
+            expected = {"hut": (40, 59, 20, 39), "barn": (0, 9, 90, 99)}[sample.class_names[c]]
+            assert np.allclose((rows.min(), rows.max(), cols.min(), cols.max()), expected, atol=1)
+
+
+def test_vector_errors(tmp_path):
+    raster = write_geotiff(np.zeros((20, 20, 3), np.uint8), tmp_path / "r.tif", crs="EPSG:32631")
+    gpd.GeoDataFrame({"kind": ["a"]}, geometry=[shapely.box(0, 0, 1, 1)], crs="EPSG:32631").to_file(tmp_path / "v.gpkg")
+    with pytest.raises(AnnotationError, match="v.gpkg.*no attribute 'class'"):
+        read_vector(raster, tmp_path / "v.gpkg", class_field="class")
+    with pytest.raises(AnnotationError, match="no CRS"):
+        read_vector(image_file(tmp_path), tmp_path / "v.gpkg")
+    (tmp_path / "junk.geojson").write_text("{not json")
+    with pytest.raises(AnnotationError, match="junk.geojson"):
+        read_vector(raster, tmp_path / "junk.geojson")
+
+
+# ---------------------------------------------------------------- masks
 
 
 def test_binary_mask_components(tmp_path):
     image = image_file(tmp_path)
-    mask = np.zeros((40, 50, 1), np.uint8)
+    mask = np.zeros((H, W, 1), np.uint8)
     mask[2:10, 2:10] = 255
     mask[20:30, 20:25] = 255
+    mask[30:35, 25:30] = 255  # touches the previous blob only at a corner: 8-connected, merged
     mask[35:37, 40:42] = 255  # 4 px: dropped
     sample = read_binary_mask(image, write_geotiff(mask, tmp_path / "m.tif", crs=None), min_area=10)
-    assert sample.labels.max() == 2
-    with pytest.raises(AnnotationError, match="absent.png"):
+    assert_well_formed(sample)
+    assert areas(sample) == [64, 75] and sample.resolution is None
+    assert read_binary_mask(image, tmp_path / "m.tif", min_area=1).labels.max() == 3
+    with pytest.raises(AnnotationError, match="absent.png.*not found"):
         read_binary_mask(image, tmp_path / "absent.png")
+    with pytest.raises(AnnotationError, match="small.tif.*20×10 px"):
+        read_binary_mask(image, write_geotiff(mask[:10, :20], tmp_path / "small.tif", crs=None))
+
+
+def test_label_image_values_are_instances(tmp_path):
+    labels = np.zeros((H, W, 1), np.uint16)
+    labels[0:5, 0:5] = 300
+    labels[5:10, 5:10] = 300  # diagonal piece of the same instance: stays one instance
+    labels[20:30, 20:30] = 7
+    labels[20:30, 30:35] = 9  # touches 7: a separate instance
+    sample = read_label_image(image_file(tmp_path), write_geotiff(labels, tmp_path / "l.tif", crs=None), "cell")
+    assert_well_formed(sample)
+    assert areas(sample) == [50, 50, 100] and sample.class_names == ["cell"]
+    assert sample.labels[0, 0] == sample.labels[9, 9]
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(AnnotationError, match="corrupt.png"):
+        read_label_image(image_file(tmp_path), tmp_path / "corrupt.png")
+    with pytest.raises(AnnotationError, match="f.tif.*integer"):
+        read_label_image(image_file(tmp_path), write_geotiff(labels.astype(np.float32), tmp_path / "f.tif", crs=None))
+
+
+def test_colour_coded_mask_reuses_colours(tmp_path):
+    """BBBC039 PNGs: RGBA, the value in red is reused by nuclei that do not touch."""
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[2:8, 2:8, 0] = 1
+    rgba[20:26, 30:36, 0] = 1  # same colour, elsewhere: another nucleus
+    rgba[20:26, 36:40, 0] = 2  # touches the previous one: different colour
+    rgba[30:33, 2:6, :3] = (1, 0, 5)  # a colour differing only in blue
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "m.png")
+    sample = read_label_image(image_file(tmp_path), tmp_path / "m.png")
+    assert_well_formed(sample)
+    assert sample.labels.max() == 4 and areas(sample) == [12, 24, 36, 36]
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def sample_with(areas_px, classes, class_names, name="s", shape=(100, 100)):
+    labels = np.zeros(shape, np.int32)
+    flat = labels.reshape(-1)
+    start = 0
+    for i, area in enumerate(areas_px):
+        flat[start : start + area] = i + 1
+        start += area + 1
+    return AnnotatedImage(name, np.zeros((*shape, 3), np.uint8), labels, np.asarray(classes, np.int16), class_names)
+
+
+def test_dataset_stats():
+    names = ["big", "rare"]
+    samples = [
+        sample_with([100] * 11, [0] * 11, names, "a"),
+        sample_with([4], [1], names, "b"),
+        sample_with([], [], names, "empty"),
+    ]
+    stats = dataset_stats(samples)
+    assert stats["images"] == 3 and stats["instances"] == 12
+    assert stats["per_class"] == {"big": 11, "rare": 1} and stats["imbalanced"]
+    assert stats["class_fraction"]["rare"] == pytest.approx(1 / 12)
+    assert stats["area_px"]["min"] == 4 and stats["area_px"]["max"] == 100 and stats["area_px"]["median"] == 100
+    assert stats["equivalent_diameter_px"]["median"] == pytest.approx(2 * np.sqrt(100 / np.pi))
+    assert stats["instances_per_megapixel"] == pytest.approx(12 / 0.03)
+    assert stats["images_without_instances"] == ["empty"]
+    assert not dataset_stats(samples[:1] + [sample_with([4] * 2, [1, 1], names)])["imbalanced"]
+
+
+# ---------------------------------------------------------------- real data
+
+
+def provenance_count(folder, name, column):
+    """A number from the PROVENANCE.md table row of ``name``, by column header."""
+    header = None
+    for line in (folder / "PROVENANCE.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if column in cells:
+            header = cells
+        elif header and cells[0] == name:
+            return int(cells[header.index(column)])
+    raise LookupError(f"{name} not in {folder / 'PROVENANCE.md'}")
 
 
 def test_real_datasets(shared_data):
     monuseg = shared_data / "nuclei-monuseg2018"
-    he = read_imagescope_xml(monuseg / "images/TCGA-50-5931-01Z-00-DX1.tif", monuseg / "annotations/TCGA-50-5931-01Z-00-DX1.xml")
-    assert he.labels.max() == 444 and he.resolution == pytest.approx(0.2468)  # 445 regions, one degenerate
+    tile = "TCGA-50-5931-01Z-00-DX1"
+    he = read_imagescope_xml(monuseg / f"images/{tile}.tif", monuseg / f"annotations/{tile}.xml")
+    valid = provenance_count(monuseg, tile, "nuclei") - provenance_count(monuseg, tile, "degenerate")  # 445 - 1 (Region 180 has 2 vertices)
+    assert_well_formed(he)
+    assert valid - 3 <= he.labels.max() <= valid and he.resolution == pytest.approx(0.2468)
+
     bbbc = shared_data / "nuclei-bbbc039"
-    name = "IXMtest_A02_s1_w1051DAA7C-7042-435F-99F0-1E847D9B42CB"
-    fluo = read_label_image(bbbc / f"images/{name}.tif", bbbc / f"masks/{name}.png")
-    assert fluo.labels.max() == 110 and fluo.image.dtype == np.uint8 and fluo.image.shape == (520, 696, 3)
+    fluo = []
+    for name in ("IXMtest_A02_s1_w1051DAA7C-7042-435F-99F0-1E847D9B42CB", "IXMtest_J07_s9_w16921AB3C-1E9C-41C5-ADDA-7DE5CBF9CCBB",
+                 "IXMtest_P23_s7_w13B627CB9-6C57-4049-AAD7-6468A051DD24"):
+        sample = read_label_image(bbbc / f"images/{name}.tif", bbbc / f"masks/{name}.png")
+        assert_well_formed(sample)
+        assert sample.labels.max() == provenance_count(bbbc, name, "nuclei") and sample.image.shape == (520, 696, 3)
+        assert sample.image.max() > 200  # 12-bit data stretched per image
+        fluo.append(sample)
+
+    dsb = shared_data / "nuclei-stardist-dsb2018-sample"
+    kaggle = read_label_image(dsb / "img2d.tif", dsb / "mask2d.tif")
+    assert kaggle.labels.max() == 125  # label 129 has a diagonal-only 2 px piece: still one instance
+
     rio = shared_data / "aerial-spacenet-rio-buildings"
-    buildings = read_binary_mask(rio / "images/3band_013022223130_Public_img50.tif", rio / "masks/3band_013022223130_Public_img50.tif")
-    assert buildings.labels.max() > 0
-    stats = dataset_stats([he, fluo])
-    assert stats["instances"] == 554 and stats["images"] == 2 and stats["images_without_instances"] == []
+    chip = "3band_013022223130_Public_img50.tif"
+    buildings = read_binary_mask(rio / f"images/{chip}", rio / f"masks/{chip}")
+    assert 0 < buildings.labels.max() <= 11  # PROVENANCE: 11 4-connected components; 8-connected can only merge
+    assert 0.4 < buildings.resolution < 0.55  # lon/lat chip, ~0.5 m pixels
+    blank = "3band_013022223130_Public_img58.tif"
+    nodata = read_binary_mask(rio / f"images/{blank}", rio / f"masks/{blank}")
+
+    forest = shared_data / "aerial-deepforest-samples"
+    trees = read_coco(forest / "coco_sample_file.json", forest)
+    assert [s.labels.max() for s in trees] == [1, 5] and trees[0].class_names == ["tree"]
+    crown = read_vector(forest / "australia.tif", forest / "australia.shp", class_name="tree")
+    assert crown.labels.max() == 1 and (crown.labels > 0).sum() == pytest.approx(40.2457 / 0.018**2, rel=0.05)
+
+    samples = [he, *fluo, kaggle, buildings, nodata, *trees, crown]
+    stats = dataset_stats(samples)
+    total = sum(int(s.labels.max()) for s in samples)
+    assert stats["images"] == len(samples) and stats["instances"] == total == sum(stats["per_class"].values())
+    assert stats["images_without_instances"] == [nodata.name]
     assert 5 < stats["equivalent_diameter_px"]["median"] < 60

@@ -47,3 +47,19 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
     assert result.exit_code == 2 and "not a model directory" in output(result)
     result = runner.invoke(app, ["dataset", "stats", "-f", "imagescope", "--images", str(tmp_path)])
     assert result.exit_code == 2 and "--annotations" in output(result)
+
+
+def test_train_command_writes_a_loadable_model_and_its_split(tmp_path):
+    from models.inference import Segmenter
+
+    images, labels = dataset(tmp_path, n=3)
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
+                                 "--out", str(out), "--tile-size", "128", "--minutes", "0.15", "--batch-size", "2",
+                                 "--workers", "0", "--val-every", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    split = json.loads((out / "split.json").read_text())
+    assert split == {"train": ["scene0", "scene1"], "validation": ["scene2"]}
+    segmenter = Segmenter(out, device="cpu")
+    assert segmenter.card.classes == ["object"] and segmenter.card.tile_size == 128
+    assert (out / "training_log.csv").is_file() and (out / "checkpoint.pt").is_file()

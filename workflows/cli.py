@@ -164,7 +164,7 @@ def train(
     card = ModelCard(
         name=out.name, architecture=base.architecture if base else architecture, classes=class_names,
         tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
-        resolution_unit="um" if fmt == DatasetFormat.imagescope and samples[0].resolution else None,
+        resolution_unit=("um" if fmt == DatasetFormat.imagescope else "m") if samples[0].resolution else None,
         max_detections=max_detections, anchor_sizes=[int(a) for a in anchors.split(",")],
     )
     pack = [Sample(s.name, s.image, s.labels, s.classes) for s in training]
