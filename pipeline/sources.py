@@ -47,6 +47,19 @@ class RasterSource:
     def image_id(self) -> str:
         return Path(self.path).stem
 
+    @property
+    def mpp(self) -> float | None:
+        """Microns per pixel: georeferenced rasters measure in CRS units instead."""
+        return None
+
+    @property
+    def pixel_scale(self) -> float:
+        """Image pixels per processed pixel (slides may be processed at a coarser level)."""
+        return 1.0
+
+    def read(self, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
+        return read_window(self, rows, cols)
+
 
 def _overview_range(dataset, bands: tuple[int, ...]) -> tuple[tuple[float, float], ...]:
     scale = max(dataset.height, dataset.width) / OVERVIEW_SIZE
@@ -147,3 +160,19 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
     pixels = np.ascontiguousarray(data.transpose(1, 2, 0), dtype=np.uint8)
     pixels[~valid] = 0
     return pixels, valid
+
+
+def open_image(
+    path: str | Path,
+    bands: tuple[int, ...] | None = None,
+    value_range: tuple[float, float] | None = None,
+    channels: int = 3,
+    target_mpp: float | None = None,
+    mpp: float | None = None,
+):
+    """A slide source for vendor slide formats (OpenSlide), a raster source for the rest."""
+    from pipeline.slides import is_slide, open_slide
+
+    if Path(path).is_file() and is_slide(path):
+        return open_slide(path, target_mpp=target_mpp, mpp=mpp)
+    return open_raster(path, bands=bands, value_range=value_range, channels=channels)

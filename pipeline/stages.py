@@ -11,7 +11,7 @@ from pipeline.detections import Detections
 from pipeline.grid import Tile
 from pipeline.merge import assign_order, merge_seams
 from pipeline.segment import split_seam_candidates, tile_detections
-from pipeline.sources import RasterSource, read_window
+from pipeline.sources import RasterSource
 
 
 @dataclass
@@ -48,7 +48,7 @@ def read_batch(source: RasterSource, tiles: list[Tile], tile_size: int) -> TileB
     pixels = np.zeros((len(tiles), tile_size, tile_size, channels), np.uint8)
     has_data = np.zeros(len(tiles), bool)
     for i, tile in enumerate(tiles):
-        data, valid = read_window(source, tile.rows, tile.cols)
+        data, valid = source.read(tile.rows, tile.cols)
         pixels[i, : data.shape[0], : data.shape[1]] = data
         has_data[i] = valid.any()
     return TileBatch(tiles=tiles, pixels=pixels, has_data=has_data)

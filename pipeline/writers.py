@@ -56,11 +56,33 @@ def instances_frame(detections: Detections, source: RasterSource, class_names: l
             "class": np.asarray(class_names, dtype=object)[detections.label] if len(detections) else [],
             "score": detections.score.astype(np.float64).round(5),
             "area": shapely.area(geometry),
-            "area_px": shapely.area(detections.geometry),
+            "area_px": shapely.area(detections.geometry) * source.pixel_scale**2,
+            **({"area_um2": shapely.area(detections.geometry) * (source.pixel_scale * source.mpp) ** 2} if source.mpp else {}),
             "tile_id": detections.tile.astype(np.int32),
         },
         geometry=gpd.GeoSeries(geometry, crs=source.crs_wkt),
     )
+
+
+def qupath_features(frame: gpd.GeoDataFrame, mpp: float) -> dict:
+    """A GeoJSON FeatureCollection QuPath imports as detections (level-0 pixel coordinates)."""
+    features = []
+    for row, geometry in zip(frame.itertuples(index=False), frame.geometry.values):
+        features.append({
+            "type": "Feature",
+            "id": f"{row.image_id}-{row.instance_id}",
+            "geometry": shapely.geometry.mapping(geometry),
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": row[frame.columns.get_loc("class")]},
+                "measurements": {
+                    "Area µm^2": float(row.area_um2),
+                    "Perimeter µm": float(geometry.length * mpp),
+                    "Score": float(row.score),
+                },
+            },
+        })
+    return {"type": "FeatureCollection", "features": features}
 
 
 def counts_frame(detections: Detections, source: RasterSource, class_names: list[str]) -> pd.DataFrame:
@@ -85,13 +107,18 @@ def write_outputs(
         pyogrio.write_dataframe(counts, tmp, layer=COUNTS_LAYER, driver="GPKG", append=False)
     with atomic_path(out_dir / "counts.csv") as tmp:
         counts.to_csv(tmp, index=False)
+    outputs = {"geopackage": str(gpkg), "counts_csv": str(out_dir / "counts.csv")}
+    if source.mpp:
+        with atomic_path(out_dir / "qupath.geojson") as tmp:
+            tmp.write_text(json.dumps(qupath_features(frame, source.mpp)))
+        outputs["qupath_geojson"] = str(out_dir / "qupath.geojson")
     summary = {
         "image": source.path,
         "image_id": source.image_id,
         "crs": source.crs_wkt,
         "instances": int(len(detections)),
         "counts": dict(zip(counts["class"], counts["count"].tolist())),
-        "outputs": {"geopackage": str(gpkg), "counts_csv": str(out_dir / "counts.csv")},
+        "outputs": outputs,
         **(extra or {}),
     }
     with atomic_path(out_dir / "counts.json") as tmp:

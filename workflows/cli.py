@@ -48,6 +48,7 @@ def run(
     bands: Annotated[Optional[str], typer.Option(help="1-based bands to read, e.g. '3,2,1' or '1'.")] = None,
     value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit data; default: 0.5-99.5th percentiles per band.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    mpp: Annotated[Optional[float], typer.Option(help="Slides: level-0 microns per pixel, when the file lacks it or is wrong.")] = None,
 ) -> None:
     """Segment IMAGES tile by tile, merge across seams, write GeoPackage + counts per image."""
     try:
@@ -68,7 +69,9 @@ def run(
             raise ValueError(f"--value-range needs LO,HI, got {value_range}")
     except (ModelCardError, ValueError) as err:
         _fail(str(err))
-    report = _run_and_report(list(images), model_dir, card, out, tiling, scheduler, workers, threads, band_list, range_pair, progress)
+    if mpp is not None and mpp <= 0:
+        _fail(f"--mpp {mpp} must be positive")
+    report = _run_and_report(list(images), model_dir, card, out, tiling, scheduler, workers, threads, band_list, range_pair, progress, mpp)
     raise typer.Exit(0 if report.ok else 1)
 
 
@@ -205,13 +208,13 @@ def evaluate(
                   f"mask mAP {report['coco']['mask_map']:.3f}  → {out / 'report.md'}")
 
 
-def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, threads, bands, value_range, progress):
+def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, threads, bands, value_range, progress, mpp=None):
     """Run on a cluster, print counts per image and failures, and write ``OUT/run.json``."""
     with connect(scheduler, workers=workers, threads_per_worker=threads) as client:
         console.print(f"dashboard: {client.dashboard_link}")
         report = run_images(
             client, list(images), model_dir, card, out, tiling,
-            bands=bands, value_range=value_range, gpu=has_gpu_workers(client), show_progress=progress,
+            bands=bands, value_range=value_range, gpu=has_gpu_workers(client), show_progress=progress, mpp=mpp,
         )
     table = Table(title=f"Seamline — model {card.name}")
     table.add_column("image")

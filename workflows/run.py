@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from models.card import ModelCard
 from pipeline.graph import ImageGraph, Tiling, image_graph
-from pipeline.sources import SourceError, open_raster
+from pipeline.sources import SourceError, open_image
 
 
 @dataclass
@@ -46,13 +46,15 @@ def run_images(
     value_range: tuple[float, float] | None = None,
     gpu: bool = False,
     show_progress: bool = True,
+    mpp: float | None = None,
 ) -> RunReport:
     report = RunReport()
     graphs: dict[str, ImageGraph] = {}
     taken: set[str] = set()
     for image in images:
         try:
-            source = open_raster(image, bands=bands, value_range=value_range, channels=card.input.channels)
+            target = card.resolution if card.resolution_unit == "um" else None
+            source = open_image(image, bands, value_range, card.input.channels, target_mpp=target, mpp=mpp)
             graphs[str(image)] = image_graph(
                 source, str(model_dir), card.classes, output_dir(out_root, image, taken), tiling, gpu=gpu
             )
