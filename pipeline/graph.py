@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask
+import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
 from pipeline.grid import TileGrid
 from pipeline.sources import RasterSource
 from pipeline.stages import merge_image, read_batch, segment_batch
+from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask
 from pipeline.writers import write_outputs
 
 
@@ -26,6 +28,7 @@ class Tiling:
     overlap: int
     batch_size: int = 4
     match_iou: float = 0.5
+    tissue_mask: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -44,13 +47,32 @@ class ImageGraph:
     result: Delayed
 
 
-def _write(result, source: RasterSource, class_names: list[str], out_dir: str) -> dict:
+def _write(result, source: RasterSource, class_names: list[str], out_dir: str, background: dict) -> dict:
     extra = {
         "tiles": result.tiles,
-        "tiles_skipped": result.tiles_skipped,
+        "tiles_skipped": result.tiles_skipped + background["tiles_background"],
         "seam_candidates": result.seam_candidates,
+        **background,
     }
+    if background.get("tissue_mm2"):
+        area = background["tissue_mm2"]
+        extra["instances_per_mm2"] = len(result.detections) / area
+        counts = np.bincount(result.detections.label.astype(np.int64), minlength=len(class_names))
+        extra["per_mm2"] = {name: float(n) / area for name, n in zip(class_names, counts)}
     return write_outputs(result.detections, source, class_names, Path(out_dir), extra)
+
+
+def foreground_tiles(source, tiles: list) -> tuple[list, dict | None]:
+    """Slides: only tiles over tissue (thumbnail mask); other sources: every tile."""
+    if not hasattr(source, "thumbnail"):
+        return tiles, None
+    thumbnail, valid, scale = source.thumbnail()
+    mask = tissue_mask(thumbnail, valid)
+    keep = tiles_with_tissue(tiles, mask, scale)
+    info = {"tissue_fraction": float(mask.mean())}
+    if source.mpp:
+        info["tissue_mm2"] = tissue_area_mm2(mask, scale * source.pixel_scale * source.mpp)
+    return [t for t, k in zip(tiles, keep) if k], info
 
 
 def image_graph(
@@ -65,12 +87,16 @@ def image_graph(
     grid = TileGrid(source.height, source.width, tiling.tile_size, tiling.overlap)
     tiles = grid.tiles
     token = tokenize(source, model_dir, tiling, str(out_dir))
+    foreground, tissue = foreground_tiles(source, tiles) if tiling.tissue_mask else (tiles, None)
     batches = []
-    for b, start in enumerate(range(0, len(tiles), tiling.batch_size)):
-        chunk = tiles[start : start + tiling.batch_size]
+    for b, start in enumerate(range(0, len(foreground), tiling.batch_size)):
+        chunk = foreground[start : start + tiling.batch_size]
         pixels = delayed(read_batch, pure=True)(source, chunk, tiling.tile_size, dask_key_name=(f"read-{token}", b))
         with dask.annotate(resources={"GPU": 1} if gpu else {}):
             batches.append(delayed(segment_batch, pure=True)(pixels, model_dir, dask_key_name=(f"segment-{token}", b)))
     merged = delayed(merge_image, pure=True)(batches, tiles, tiling.match_iou, dask_key_name=f"merge-{token}")
-    result = delayed(_write, pure=True)(merged, source, class_names, str(out_dir), dask_key_name=f"write-{token}")
+    background = {"tiles_background": len(tiles) - len(foreground), **(tissue or {})}
+    result = delayed(_write, pure=True)(
+        merged, source, class_names, str(out_dir), background, dask_key_name=f"write-{token}"
+    )
     return ImageGraph(source=source, batches=batches, merged=merged, result=result)

@@ -62,6 +62,12 @@ class SlideSource:
     def pixel_scale(self) -> float:
         return self.downsample
 
+    def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
+        """(RGB thumbnail, valid mask, processed pixels per thumbnail pixel), read once."""
+        with openslide.OpenSlide(self.path) as slide:
+            rgba = np.asarray(slide.get_thumbnail((max_size, max_size)).convert("RGBA"))
+        return rgba[..., :3], rgba[..., 3] > 0, self.width / rgba.shape[1]
+
     def read(self, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 RGB (h, w, 3), valid mask) of a window given in level pixels."""
         try:

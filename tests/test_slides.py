@@ -41,6 +41,9 @@ def test_real_svs_slide_end_to_end_in_level0_pixels_with_qupath_export(shared_da
     (summary,) = dask.compute(graph.result, scheduler="sync")
     frame = gpd.read_file(tmp_path / "out" / "instances.gpkg", layer="instances")
     assert summary["instances"] == len(frame) > 200
+    assert summary["tiles_background"] >= 5 and summary["tiles_skipped"] >= summary["tiles_background"]
+    assert 0.15 < summary["tissue_fraction"] < 0.7
+    assert summary["instances_per_mm2"] == pytest.approx(len(frame) / summary["tissue_mm2"])
     xmin, ymin, xmax, ymax = frame.total_bounds
     assert xmin >= 0 and ymin >= 0 and xmax <= 2220 and ymax <= 2967
     assert np.allclose(frame["area_um2"], frame["area_px"] * 0.499**2, rtol=1e-3)
@@ -56,3 +59,22 @@ def test_unreadable_slide_is_named(tmp_path):
     bad.write_bytes(b"II*\x00" + b"\x00" * 100)
     with pytest.raises(SourceError, match="broken.svs"):
         open_image(bad)
+
+
+def test_tissue_mask_finds_stained_regions_on_glass():
+    from pipeline.grid import TileGrid
+    from pipeline.tissue import otsu_threshold, tiles_with_tissue, tissue_mask
+
+    thumbnail = np.full((100, 120, 3), 240, np.uint8)
+    rng = np.random.default_rng(0)
+    thumbnail += rng.integers(0, 8, thumbnail.shape, dtype=np.uint8)
+    thumbnail[20:60, 30:70] = (200, 120, 170)  # pink tissue
+    mask = tissue_mask(thumbnail, margin=0)
+    assert mask[25:55, 35:65].all() and not mask[80:, :].any() and not mask[:, 90:].any()
+    assert 0 < otsu_threshold(np.r_[np.full(50, 0.1), np.full(50, 0.6)]) < 0.6
+    tiles = TileGrid(1000, 1200, 256, 32).tiles  # processed pixels = 10 × thumbnail pixels
+    keep = tiles_with_tissue(tiles, mask, scale=10.0)
+    assert 0 < keep.sum() < len(tiles)
+    for tile, kept in zip(tiles, keep):
+        overlaps = tile.rows.start < 600 and tile.rows.stop > 200 and tile.cols.start < 700 and tile.cols.stop > 300
+        assert kept == overlaps
