@@ -46,6 +46,7 @@ class SlideSource:
     level: int
     downsample: float
     mpp: float | None
+    level0_size: tuple[int, int] = (0, 0)
     bands: tuple[int, ...] = (1, 2, 3)
     crs_wkt: str | None = None
 
@@ -55,12 +56,14 @@ class SlideSource:
 
     @property
     def transform(self) -> Affine:
-        """Level pixels → level-0 pixels."""
-        return Affine.scale(self.downsample)
+        """Level pixels → level-0 pixels (per-axis ratio of the level sizes, so edges match)."""
+        width0, height0 = self.level0_size
+        return Affine.scale(width0 / self.width, height0 / self.height)
 
     @property
     def pixel_scale(self) -> float:
-        return self.downsample
+        """Level-0 pixels per level pixel along a side (geometric mean of the two axes)."""
+        return float(np.sqrt(abs(self.transform.determinant)))
 
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
         """(RGB thumbnail, valid mask, processed pixels per thumbnail pixel), read once."""
@@ -97,6 +100,7 @@ def open_slide(path: str | Path, target_mpp: float | None = None, mpp: float | N
             downsamples = list(slide.level_downsamples)
             level = choose_level([level0 * d for d in downsamples] if level0 else downsamples, target_mpp)
             width, height = slide.level_dimensions[level]
+            level0_size = slide.level_dimensions[0]
     except openslide.OpenSlideError as err:
         raise SourceError(f"{path}: not a readable slide ({err})") from err
-    return SlideSource(str(path.resolve()), height, width, level, float(downsamples[level]), level0)
+    return SlideSource(str(path.resolve()), height, width, level, float(downsamples[level]), level0, level0_size)
