@@ -30,6 +30,11 @@ class InputSpec(BaseModel):
     channels: int = Field(3, ge=1, le=16)
     mean: list[float] = [0.5, 0.5, 0.5]
     std: list[float] = [0.25, 0.25, 0.25]
+    slide_normalisation: bool = Field(
+        False, description="map each slide's tissue colour statistics (from its thumbnail) to the reference ones"
+    )
+    reference_mean: list[float] | None = Field(None, description="training images' per-channel mean, 0-255")
+    reference_std: list[float] | None = Field(None, description="training images' per-channel std, 0-255")
 
     @model_validator(mode="after")
     def _lengths_match(self) -> "InputSpec":
@@ -37,6 +42,12 @@ class InputSpec(BaseModel):
             raise ValueError(f"mean and std need {self.channels} values each (one per channel)")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        if self.slide_normalisation and (self.reference_mean is None or self.reference_std is None):
+            raise ValueError("slide_normalisation needs reference_mean and reference_std")
+        for name in ("reference_mean", "reference_std"):
+            values = getattr(self, name)
+            if values is not None and (len(values) != self.channels or not all(0 <= v <= 255 for v in values)):
+                raise ValueError(f"{name} needs {self.channels} values in 0-255")
         return self
 
 

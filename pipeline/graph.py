@@ -16,7 +16,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
 from pipeline.grid import TileGrid
-from pipeline.sources import RasterSource
+from pipeline.sources import RasterSource, valid_overview
 from pipeline.stages import merge_image, read_batch, segment_batch
 from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask
 from pipeline.writers import write_outputs
@@ -63,9 +63,12 @@ def _write(result, source: RasterSource, class_names: list[str], out_dir: str, b
 
 
 def foreground_tiles(source, tiles: list) -> tuple[list, dict | None]:
-    """Slides: only tiles over tissue (thumbnail mask); other sources: every tile."""
+    """Only tiles over tissue (slides: Otsu on the thumbnail) or data (rasters: nodata / alpha
+    mask of an overview); the others are never read at full resolution."""
     if not hasattr(source, "thumbnail"):
-        return tiles, None
+        mask, scale = valid_overview(source)
+        keep = tiles_with_tissue(tiles, mask, scale)
+        return [t for t, k in zip(tiles, keep) if k], {"data_fraction": float(mask.mean())}
     thumbnail, valid, scale = source.thumbnail()
     mask = tissue_mask(thumbnail, valid)
     keep = tiles_with_tissue(tiles, mask, scale)

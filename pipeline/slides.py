@@ -1,30 +1,61 @@
-"""Whole-slide images through OpenSlide (SVS, NDPI, MRXS, SCN, …), read at the model's resolution.
+"""Whole-slide images, read at the model's resolution: OpenSlide for vendor formats (SVS, NDPI,
+MRXS, SCN, …), tifffile for OME-TIFF and other pyramidal TIFFs (SubIFD pyramids included).
 
 The pyramid level is the coarsest one whose pixel size is no coarser than the model card's
-resolution (20 % tolerance); tiles are cut and segmented at that level and polygons are mapped
-back to level-0 pixels by the level's downsample, so outputs are always in level-0 pixel space.
+resolution (20 % tolerance); when that level's pixels still differ from the model's by more than
+5 %, windows are resampled (bilinear) so the model sees its native scale. Tiles are cut in these
+*processed* pixels and the source's ``transform`` maps them back to level-0 pixels, so outputs are
+always in level-0 pixel space. With slide-level normalisation, one colour mapping computed from
+the thumbnail's tissue is applied to every tile (never per tile, which would put seams in colour).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import openslide
+import tifffile
+import zarr
 from affine import Affine
+from PIL import Image
 
 from pipeline.grid import Span
 from pipeline.sources import SourceError
 
 TOLERANCE = 1.2
+RESAMPLE_TOLERANCE = 0.05
+TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".ome"}
+GEOTIFF_TAGS = {33550, 33922, 34264, 34735}
+UM_PER_UNIT = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
 def is_slide(path: str | Path) -> bool:
-    """Whether OpenSlide recognises a vendor slide format (plain TIFFs go through rasterio)."""
+    """Whether OpenSlide recognises a vendor slide format (plain TIFFs are not slides)."""
+    return _openslide_format(path) is not None
+
+
+def _openslide_format(path: str | Path) -> str | None:
     try:
-        return openslide.OpenSlide.detect_format(str(path)) not in (None, "generic-tiff")
+        found = openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError:
+        return None
+    return None if found in (None, "generic-tiff") else found
+
+
+def is_pyramidal_tiff(path: str | Path) -> bool:
+    """An OME-TIFF, or a TIFF with a pyramid (SubIFDs or reduced pages) and no georeferencing."""
+    if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome:
+                return True
+            page = tif.pages.first
+            return len(tif.series[0].levels) > 1 and not GEOTIFF_TAGS & set(page.tags.keys())
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return False
 
 
@@ -36,9 +67,18 @@ def choose_level(level_mpp: list[float], target_mpp: float | None) -> int:
     return max(fitting) if fitting else 0
 
 
+def resample_factor(level_mpp: float | None, target_mpp: float | None) -> float:
+    """Level pixels per processed pixel: 1 unless the level is > 5 % off the model's resolution."""
+    if level_mpp is None or target_mpp is None:
+        return 1.0
+    factor = target_mpp / level_mpp
+    return 1.0 if abs(factor - 1) <= RESAMPLE_TOLERANCE else factor
+
+
 @dataclass(frozen=True)
 class SlideSource:
-    """A slide read at pyramid ``level``; ``height``/``width`` are that level's size."""
+    """A slide read at pyramid ``level``, resampled by ``factor`` level pixels per processed pixel;
+    ``height``/``width`` are the processed size, ``mpp`` the level-0 microns per pixel."""
 
     path: str
     height: int
@@ -47,6 +87,10 @@ class SlideSource:
     downsample: float
     mpp: float | None
     level0_size: tuple[int, int] = (0, 0)
+    level_size: tuple[int, int] = (0, 0)
+    factor: float = 1.0
+    backend: str = "openslide"
+    colour: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     bands: tuple[int, ...] = (1, 2, 3)
     crs_wkt: str | None = None
 
@@ -56,51 +100,170 @@ class SlideSource:
 
     @property
     def transform(self) -> Affine:
-        """Level pixels → level-0 pixels (per-axis ratio of the level sizes, so edges match)."""
+        """Processed pixels → level-0 pixels (per-axis ratio of the sizes, so edges match)."""
         width0, height0 = self.level0_size
         return Affine.scale(width0 / self.width, height0 / self.height)
 
     @property
     def pixel_scale(self) -> float:
-        """Level-0 pixels per level pixel along a side (geometric mean of the two axes)."""
+        """Level-0 pixels per processed pixel along a side (geometric mean of the two axes)."""
         return float(np.sqrt(abs(self.transform.determinant)))
 
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
         """(RGB thumbnail, valid mask, processed pixels per thumbnail pixel), read once."""
-        with openslide.OpenSlide(self.path) as slide:
-            rgba = np.asarray(slide.get_thumbnail((max_size, max_size)).convert("RGBA"))
+        rgba = _THUMBNAILS[self.backend](self.path, max_size)
         return rgba[..., :3], rgba[..., 3] > 0, self.width / rgba.shape[1]
 
     def read(self, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 RGB (h, w, 3), valid mask) of a window given in level pixels."""
+        """(uint8 RGB (h, w, 3), valid mask) of a window given in processed pixels."""
+        x0, y0 = cols.start * self.factor, rows.start * self.factor
+        x1, y1 = min(cols.stop * self.factor, self.level_size[0]), min(rows.stop * self.factor, self.level_size[1])
+        left, top = int(np.floor(x0)), int(np.floor(y0))
+        right, bottom = max(int(np.ceil(x1)), left + 1), max(int(np.ceil(y1)), top + 1)
         try:
-            with openslide.OpenSlide(self.path) as slide:
-                region = slide.read_region(
-                    (round(cols.start * self.downsample), round(rows.start * self.downsample)),
-                    self.level, (cols.length, rows.length),
-                )
-        except openslide.OpenSlideError as err:
+            rgba = _REGIONS[self.backend](self.path, self.level, self.downsample, left, top, right - left, bottom - top)
+        except (openslide.OpenSlideError, tifffile.TiffFileError, OSError, ValueError, KeyError) as err:
             raise SourceError(f"{self.path}: read failed at level {self.level}, rows {rows.start}:{rows.stop} ({err})") from err
-        rgba = np.asarray(region)
-        valid = rgba[..., 3] > 0
+        if self.factor != 1.0:
+            box = (x0 - left, y0 - top, x1 - left, y1 - top)
+            size = (max(1, round((x1 - x0) / self.factor)), max(1, round((y1 - y0) / self.factor)))
+            size = (min(size[0], cols.length), min(size[1], rows.length))
+            resized = Image.fromarray(rgba).resize(size, Image.Resampling.BILINEAR, box=box)
+            rgba = np.zeros((rows.length, cols.length, 4), np.uint8)
+            rgba[: size[1], : size[0]] = np.asarray(resized)
+        valid = rgba[..., 3] > 127
         pixels = np.ascontiguousarray(rgba[..., :3])
+        if self.colour is not None:
+            gain, offset = (np.asarray(v, np.float32) for v in self.colour)
+            pixels = np.clip(pixels * gain + offset, 0, 255).round().astype(np.uint8)
         pixels[~valid] = 0
         return pixels, valid
 
+    def with_colour_normalisation(self, reference_mean: list[float], reference_std: list[float]) -> "SlideSource":
+        """This source with one colour mapping, from the thumbnail's tissue to the reference
+        statistics (per-channel mean and standard deviation, 0–255), applied to every tile."""
+        from pipeline.tissue import tissue_mask
+
+        thumbnail, valid, _ = self.thumbnail()
+        mask = tissue_mask(thumbnail, valid, margin=0)
+        pixels = thumbnail[mask if mask.sum() >= 100 else valid].astype(np.float64)
+        if len(pixels) == 0:
+            return self
+        mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1.0)
+        gain = np.asarray(reference_std) / std
+        offset = np.asarray(reference_mean) - mean * gain
+        return replace(self, colour=(tuple(map(float, gain)), tuple(map(float, offset))))
+
+
+def _openslide_region(path: str, level: int, downsample: float, left: int, top: int, width: int, height: int) -> np.ndarray:
+    with openslide.OpenSlide(path) as slide:
+        region = slide.read_region((round(left * downsample), round(top * downsample)), level, (width, height))
+    return np.asarray(region)
+
+
+def _openslide_thumbnail(path: str, max_size: int) -> np.ndarray:
+    with openslide.OpenSlide(path) as slide:
+        return np.asarray(slide.get_thumbnail((max_size, max_size)).convert("RGBA"))
+
+
+def _tiff_level(tif: tifffile.TiffFile, level: int):
+    """(zarr array of one pyramid level, its axes string)."""
+    series = tif.series[0]
+    return zarr.open(series.aszarr(level=level), mode="r"), series.levels[level].axes
+
+
+def _as_rgba(data: np.ndarray, axes: str) -> np.ndarray:
+    """Any tifffile axes order (YXS, CYX, TCZYX, …) → (h, w, 4) uint8 RGBA (alpha from a 4th band)."""
+    keep = [a for a in axes if a in "YXCS"]
+    index = tuple(slice(None) if a in keep else 0 for a in axes)
+    data = np.asarray(data[index])
+    order = [keep.index("Y"), keep.index("X")] + [i for i, a in enumerate(keep) if a in "CS"]
+    data = data.transpose(order).reshape(data.shape[order[0]], data.shape[order[1]], -1)
+    if data.dtype != np.uint8:
+        raise ValueError(f"{data.dtype} pixels; slides must be 8-bit RGB")
+    if data.shape[2] == 1:
+        data = np.repeat(data, 3, axis=2)
+    alpha = data[..., 3] if data.shape[2] >= 4 else np.full(data.shape[:2], 255, np.uint8)
+    return np.dstack([data[..., :3], alpha])
+
+
+def _tiff_region(path: str, level: int, downsample: float, left: int, top: int, width: int, height: int) -> np.ndarray:
+    with tifffile.TiffFile(path) as tif:
+        array, axes = _tiff_level(tif, level)
+        index = tuple(
+            slice(top, top + height) if a == "Y" else slice(left, left + width) if a == "X" else slice(None) for a in axes
+        )
+        data = _as_rgba(array[index], axes)
+    out = np.zeros((height, width, 4), np.uint8)
+    out[: data.shape[0], : data.shape[1]] = data
+    return out
+
+
+def _tiff_thumbnail(path: str, max_size: int) -> np.ndarray:
+    """The smallest pyramid level at least ``max_size`` / 2 on its long side, decimated to fit."""
+    with tifffile.TiffFile(path) as tif:
+        levels = tif.series[0].levels
+        sides = [max(lv.shape[lv.axes.index("Y")], lv.shape[lv.axes.index("X")]) for lv in levels]
+        big_enough = [k for k, side in enumerate(sides) if side >= max_size // 2] or [0]
+        level = max(big_enough)
+        array, axes = _tiff_level(tif, level)
+        step = max(1, int(np.ceil(sides[level] / max_size)))
+        index = tuple(slice(None, None, step) if a in "YX" else slice(None) for a in axes)
+        return _as_rgba(array[index], axes)
+
+
+_REGIONS = {"openslide": _openslide_region, "tifffile": _tiff_region}
+_THUMBNAILS = {"openslide": _openslide_thumbnail, "tifffile": _tiff_thumbnail}
+
+
+def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
+    """Level-0 microns per pixel from OME PhysicalSizeX, else the TIFF resolution tags."""
+    if tif.is_ome:
+        pixels = ElementTree.fromstring(tif.ome_metadata).find(".//{*}Pixels")
+        if pixels is not None and pixels.get("PhysicalSizeX"):
+            return float(pixels.get("PhysicalSizeX")) * UM_PER_UNIT.get(pixels.get("PhysicalSizeXUnit", "µm"), 1.0)
+    tags = tif.pages.first.tags
+    if "XResolution" in tags and "ResolutionUnit" in tags:
+        numerator, denominator = tags["XResolution"].value
+        per_unit = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value))
+        if per_unit and numerator > 0 and denominator > 0 and numerator / denominator > 1:
+            return per_unit * denominator / numerator
+    return None
+
+
+def _describe_openslide(path: Path) -> tuple[float | None, list[tuple[int, int]]]:
+    with openslide.OpenSlide(str(path)) as slide:
+        found = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        return (float(found) if found else None), list(slide.level_dimensions)
+
+
+def _describe_tiff(path: Path) -> tuple[float | None, list[tuple[int, int]]]:
+    with tifffile.TiffFile(path) as tif:
+        levels = tif.series[0].levels
+        sizes = [(lv.shape[lv.axes.index("X")], lv.shape[lv.axes.index("Y")]) for lv in levels]
+        samples = [lv.shape[lv.axes.index(a)] for lv in levels[:1] for a in lv.axes if a in "CS"]
+        if levels[0].dtype != np.uint8 or (samples and samples[0] not in (1, 3, 4)):
+            raise SourceError(f"{path}: {levels[0].dtype} with {samples or [1]} samples; slides must be 8-bit RGB(A)")
+        return _tiff_mpp(tif), sizes
+
 
 def open_slide(path: str | Path, target_mpp: float | None = None, mpp: float | None = None) -> SlideSource:
-    """Open a slide; ``mpp`` overrides (or supplies) its level-0 microns per pixel."""
+    """Open a slide (OpenSlide or pyramidal TIFF); ``mpp`` overrides (or supplies) its level-0
+    microns per pixel. The level and resampling follow ``target_mpp`` (the model's resolution)."""
     path = Path(path)
+    backend = "openslide" if is_slide(path) else "tifffile"
     try:
-        with openslide.OpenSlide(str(path)) as slide:
-            found = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-            level0 = mpp if mpp is not None else (float(found) if found else None)
-            if level0 is None and target_mpp is not None:
-                raise SourceError(f"{path}: no resolution metadata (microns per pixel); pass --mpp")
-            downsamples = list(slide.level_downsamples)
-            level = choose_level([level0 * d for d in downsamples] if level0 else downsamples, target_mpp)
-            width, height = slide.level_dimensions[level]
-            level0_size = slide.level_dimensions[0]
-    except openslide.OpenSlideError as err:
+        found, sizes = _describe_openslide(path) if backend == "openslide" else _describe_tiff(path)
+    except (openslide.OpenSlideError, tifffile.TiffFileError, OSError, ValueError, IndexError) as err:
         raise SourceError(f"{path}: not a readable slide ({err})") from err
-    return SlideSource(str(path.resolve()), height, width, level, float(downsamples[level]), level0, level0_size)
+    level0 = mpp if mpp is not None else found
+    if level0 is None and target_mpp is not None:
+        raise SourceError(f"{path}: no resolution metadata (microns per pixel); pass --mpp")
+    downsamples = [sizes[0][0] / w for w, _ in sizes]
+    level = choose_level([level0 * d for d in downsamples] if level0 else downsamples, target_mpp)
+    factor = resample_factor(level0 * downsamples[level] if level0 else None, target_mpp)
+    width, height = sizes[level]
+    return SlideSource(
+        str(path.resolve()), max(1, round(height / factor)), max(1, round(width / factor)), level,
+        float(downsamples[level]), level0, sizes[0], (width, height), factor, backend,
+    )

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -42,6 +43,7 @@ class RasterSource:
     value_range: tuple[tuple[float, float], ...] | None
     transform: Affine
     crs_wkt: str | None
+    factor: float = 1.0
 
     @property
     def image_id(self) -> str:
@@ -54,8 +56,8 @@ class RasterSource:
 
     @property
     def pixel_scale(self) -> float:
-        """Image pixels per processed pixel (slides may be processed at a coarser level)."""
-        return 1.0
+        """Image pixels per processed pixel (> 1 when resampled to a coarser model resolution)."""
+        return self.factor
 
     def read(self, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
         return read_window(self, rows, cols)
@@ -81,8 +83,11 @@ def open_raster(
     bands: tuple[int, ...] | None = None,
     value_range: tuple[float, float] | None = None,
     channels: int = 3,
+    target_m: float | None = None,
 ) -> RasterSource:
-    """Open, validate and describe a raster; errors name the file and the problem."""
+    """Open, validate and describe a raster; errors name the file and the problem. With
+    ``target_m`` (the model's metres per pixel) a projected raster whose pixels differ from it by
+    more than 5 % is resampled on read, and its ``transform`` describes the processed grid."""
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: file not found")
@@ -92,12 +97,20 @@ def open_raster(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as dataset:
-                return _describe(dataset, path, bands, value_range, channels)
+                return _describe(dataset, path, bands, value_range, channels, target_m)
     except RasterioIOError as err:
         raise SourceError(f"{path}: not a readable raster ({err})") from err
 
 
-def _describe(dataset, path: Path, bands, value_range, channels: int) -> RasterSource:
+def pixel_size_m(dataset) -> float | None:
+    """Metres per pixel of a projected raster with square-ish pixels; None otherwise."""
+    if dataset.crs is None or not dataset.crs.is_projected:
+        return None
+    _, metres_per_unit = dataset.crs.linear_units_factor
+    return float(np.sqrt(abs(dataset.transform.determinant))) * metres_per_unit
+
+
+def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: float | None = None) -> RasterSource:
     if dataset.width == 0 or dataset.height == 0:
         raise SourceError(f"{path}: image has no pixels ({dataset.width}×{dataset.height})")
     colour = [i for i in range(1, dataset.count + 1) if dataset.colorinterp[i - 1].name != "alpha"]
@@ -126,28 +139,39 @@ def _describe(dataset, path: Path, bands, value_range, channels: int) -> RasterS
     else:
         ranges = _overview_range(dataset, bands)
         warnings.warn(f"{path}: {dtype} data scaled to 8 bits from per-band ranges {ranges}", stacklevel=3)
+    size = pixel_size_m(dataset) if target_m else None
+    factor = target_m / size if size and abs(target_m / size - 1) > 0.05 else 1.0
+    height, width = max(1, round(dataset.height / factor)), max(1, round(dataset.width / factor))
     return RasterSource(
         path=str(path.resolve()),
-        height=dataset.height,
-        width=dataset.width,
+        height=height,
+        width=width,
         bands=bands,
         dtype=dtype,
         value_range=ranges,
-        transform=dataset.transform,
+        transform=dataset.transform @ Affine.scale(dataset.width / width, dataset.height / height),
         crs_wkt=dataset.crs.to_wkt() if dataset.crs else None,
+        factor=factor,
     )
 
 
 def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 pixels (h, w, channels), valid mask (h, w)) for one window of the image."""
-    window = Window(cols.start, rows.start, cols.length, rows.length)
     unique = sorted(set(source.bands))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(source.path) as dataset:
-                data = dataset.read(unique, window=window)
-                valid = dataset.dataset_mask(window=window) > 0
+                if source.factor == 1.0:
+                    window = Window(cols.start, rows.start, cols.length, rows.length)
+                    data = dataset.read(unique, window=window)
+                    valid = dataset.dataset_mask(window=window) > 0
+                else:
+                    sx, sy = dataset.width / source.width, dataset.height / source.height
+                    window = Window(cols.start * sx, rows.start * sy, cols.length * sx, rows.length * sy)
+                    shape = (rows.length, cols.length)
+                    data = dataset.read(unique, window=window, out_shape=(len(unique), *shape), resampling=Resampling.bilinear)
+                    valid = dataset.dataset_mask(window=window, out_shape=shape, resampling=Resampling.nearest) > 0
     except RasterioIOError as err:
         raise SourceError(f"{source.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} ({err})") from err
     data = data[[unique.index(b) for b in source.bands]]
@@ -162,6 +186,22 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
     return pixels, valid
 
 
+def valid_overview(source: RasterSource, max_size: int = 2048) -> tuple[np.ndarray, float]:
+    """(mask of pixels with data, processed pixels per mask pixel) from a decimated read of the
+    nodata / alpha mask, dilated by two mask pixels so thin strips of data are never dropped."""
+    from scipy import ndimage
+
+    scale = max(1.0, max(source.height, source.width) / max_size)
+    shape = (max(1, int(np.ceil(source.height / scale))), max(1, int(np.ceil(source.width / scale))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(source.path) as dataset:
+            if all(flags == [rasterio.enums.MaskFlags.all_valid] for flags in dataset.mask_flag_enums):
+                return np.ones(shape, bool), scale
+            mask = dataset.dataset_mask(out_shape=shape, resampling=Resampling.average) > 0
+    return ndimage.binary_dilation(mask, iterations=2), source.width / shape[1]
+
+
 def open_image(
     path: str | Path,
     bands: tuple[int, ...] | None = None,
@@ -169,10 +209,12 @@ def open_image(
     channels: int = 3,
     target_mpp: float | None = None,
     mpp: float | None = None,
+    target_m: float | None = None,
 ):
-    """A slide source for vendor slide formats (OpenSlide), a raster source for the rest."""
-    from pipeline.slides import is_slide, open_slide
+    """A slide source for vendor slide formats (OpenSlide) and OME / pyramidal TIFFs (tifffile),
+    a raster source for the rest."""
+    from pipeline.slides import is_pyramidal_tiff, is_slide, open_slide
 
-    if Path(path).is_file() and is_slide(path):
+    if Path(path).is_file() and (is_slide(path) or is_pyramidal_tiff(path)):
         return open_slide(path, target_mpp=target_mpp, mpp=mpp)
-    return open_raster(path, bands=bands, value_range=value_range, channels=channels)
+    return open_raster(path, bands=bands, value_range=value_range, channels=channels, target_m=target_m)

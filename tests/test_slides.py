@@ -8,7 +8,7 @@ import pytest
 from models.card import load_card
 from models.registry import resolve_model_dir
 from pipeline.graph import Tiling, image_graph
-from pipeline.slides import choose_level, is_slide, open_slide
+from pipeline.slides import choose_level, is_pyramidal_tiff, is_slide, open_slide, resample_factor
 from pipeline.sources import SourceError, open_image
 from pipeline.synthetic_raster import write_geotiff
 
@@ -32,8 +32,9 @@ def test_geotiffs_are_not_slides(tmp_path):
 def test_real_svs_slide_end_to_end_in_level0_pixels_with_qupath_export(shared_data, tmp_path):
     path = shared_data / "wsi-cmu1-small-region" / "CMU-1-Small-Region.svs"
     assert is_slide(path)
-    source = open_image(path, target_mpp=0.25)
-    assert (source.width, source.height, source.level) == (2220, 2967, 0) and source.mpp == pytest.approx(0.499)
+    source = open_image(path, target_mpp=0.5)  # native: no resampling (the resampled path is tested below)
+    assert (source.width, source.height, source.level, source.factor) == (2220, 2967, 0, 1.0)
+    assert source.mpp == pytest.approx(0.499)
     assert open_slide(path, target_mpp=0.25, mpp=0.25).mpp == 0.25  # --mpp overrides the file
     model = resolve_model_dir("nuclei-he")
     card = load_card(model)
@@ -138,3 +139,141 @@ def test_pyramid_level_selection_finds_the_same_nuclei(shared_data, tmp_path):
     aligned = len(np.unique(level0.sindex.query(centroids, predicate="within")[0]))
     shifted = len(np.unique(level0.sindex.query(centroids.translate(60, 60), predicate="within")[0]))
     assert aligned >= 2 * max(shifted, 5)
+
+
+def cmu1_pixels(shared_data, rows=slice(None), cols=slice(None)) -> np.ndarray:
+    import openslide
+
+    with openslide.OpenSlide(str(shared_data / "wsi-cmu1-small-region" / "CMU-1-Small-Region.svs")) as slide:
+        return np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))[rows, cols]
+
+
+def ome_pyramid(image, path, mpp: float | None = 0.499, levels: int = 3):
+    """An OME-TIFF with its reduced levels in SubIFDs (the layout OpenSlide cannot see)."""
+    import tifffile
+
+    metadata = {"axes": "YXS", **({"PhysicalSizeX": mpp, "PhysicalSizeY": mpp} if mpp else {})}
+    with tifffile.TiffWriter(path, ome=True) as writer:
+        writer.write(image, subifds=levels - 1, tile=(256, 256), photometric="rgb", metadata=metadata)
+        for k in range(1, levels):
+            writer.write(image[:: 2**k, :: 2**k], subfiletype=1, tile=(256, 256), photometric="rgb")
+    return path
+
+
+def test_ome_tiff_subifd_pyramid_levels_and_pixels(shared_data, tmp_path):
+    from pipeline.grid import Span
+
+    image = cmu1_pixels(shared_data, slice(0, 1300), slice(0, 1100))
+    path = ome_pyramid(image, tmp_path / "crop.ome.tif")
+    assert is_pyramidal_tiff(path) and not is_slide(path)
+    for target, level in [(0.5, 0), (1.0, 1), (2.0, 2)]:
+        source = open_image(path, target_mpp=target)
+        assert (source.backend, source.level, source.factor, source.mpp) == ("tifffile", level, 1.0, 0.499)
+        assert (source.height, source.width) == image[:: 2**level, :: 2**level].shape[:2]
+    source = open_image(path, target_mpp=1.0)
+    pixels, valid = source.read(Span(100, 400), Span(250, 500))
+    assert valid.all() and (pixels == image[::2, ::2][100:400, 250:500]).all()
+    assert source.transform.a == pytest.approx(2.0, rel=1e-3)  # level-1 pixels → level-0 pixels
+    thumbnail, valid, scale = source.thumbnail(max_size=600)
+    assert max(thumbnail.shape[:2]) <= 600 and valid.all() and scale == pytest.approx(source.width / thumbnail.shape[1])
+
+
+def test_slide_without_resolution_needs_mpp(shared_data, tmp_path):
+    path = ome_pyramid(cmu1_pixels(shared_data, slice(0, 512), slice(0, 512)), tmp_path / "nompp.ome.tif", mpp=None)
+    with pytest.raises(SourceError, match="nompp.ome.tif.*pass --mpp"):
+        open_image(path, target_mpp=0.25)
+    assert open_image(path, target_mpp=0.25, mpp=0.5).factor == pytest.approx(0.5)
+
+
+def test_resampling_to_the_model_resolution_keeps_level0_coordinates(shared_data, tmp_path):
+    """CMU-1 is scanned at 0.5 µm/px and nuclei-he works at 0.25: windows are upsampled ×2, and
+    the nuclei found there land on those found at native resolution, in level-0 pixels."""
+    assert resample_factor(0.499, 0.2527) == pytest.approx(0.506, abs=1e-3) and resample_factor(0.5, 0.51) == 1.0
+    image = cmu1_pixels(shared_data, slice(1400, 2200), slice(600, 1400))
+    path = ome_pyramid(image, tmp_path / "crop.ome.tif", levels=1)
+
+    def run(model, name):
+        card = load_card(model)
+        source = open_image(path, target_mpp=card.resolution)
+        graph = image_graph(source, str(model), card.classes, tmp_path / name, Tiling(card.tile_size, card.overlap, 4))
+        dask.compute(graph.result, scheduler="sync")
+        return source, gpd.read_file(tmp_path / name / "instances.gpkg", layer="instances")
+
+    upsampled_source, upsampled = run(resolve_model_dir("nuclei-he"), "upsampled")
+    assert upsampled_source.factor == pytest.approx(0.506, abs=1e-3)
+    assert upsampled_source.width == round(800 / upsampled_source.factor) == 1580
+    _, native = run(model_at(tmp_path, 0.5), "native")
+    assert len(upsampled) > 100 and len(native) > 50
+    xmin, ymin, xmax, ymax = upsampled.total_bounds
+    assert xmin >= 0 and ymin >= 0 and xmax <= 800 and ymax <= 800 and xmax > 700 and ymax > 700
+    assert np.allclose(upsampled["area_um2"], upsampled["area_px"] * 0.499**2, rtol=1e-3)
+    centroids = upsampled.geometry.centroid
+    aligned = len(np.unique(native.sindex.query(centroids, predicate="within")[0]))
+    shifted = len(np.unique(native.sindex.query(centroids.translate(25, 25), predicate="within")[0]))
+    assert aligned >= 0.4 * len(native) and aligned >= 2 * max(shifted, 5)
+
+
+def test_slide_level_colour_normalisation_is_one_mapping_per_slide(shared_data, tmp_path):
+    from pipeline.grid import Span
+    from pipeline.inputs import open_for_model
+    from pipeline.tissue import tissue_mask
+
+    image = cmu1_pixels(shared_data, slice(0, 1536), slice(0, 1536))
+    tinted = np.clip(image * np.array([0.75, 0.9, 1.05]) + np.array([10, -15, 0]), 0, 255).astype(np.uint8)
+    reference = ome_pyramid(image, tmp_path / "reference.ome.tif")
+    shifted = ome_pyramid(tinted, tmp_path / "tinted.ome.tif")
+    thumbnail, valid, _ = open_image(reference).thumbnail()
+    tissue = thumbnail[tissue_mask(thumbnail, valid, margin=0)].astype(float)
+    mean, std = tissue.mean(0).tolist(), tissue.std(0).tolist()
+
+    normalised = open_image(shifted).with_colour_normalisation(mean, std)
+    assert normalised.colour is not None
+    for rows, cols in [(Span(0, 512), Span(0, 512)), (Span(900, 1400), Span(700, 1200))]:
+        original = image[rows.start : rows.stop, cols.start : cols.stop].astype(int)
+        before = np.abs(open_image(shifted).read(rows, cols)[0] - original).mean()
+        after = np.abs(normalised.read(rows, cols)[0] - original).mean()
+        assert after < 0.5 * before  # glass clipped by the tint cannot come back exactly
+
+    model = model_at(tmp_path, 0.5)
+    card_path = model / "model.yaml"
+    import yaml
+
+    card = yaml.safe_load(card_path.read_text())
+    card["input"].update(slide_normalisation=True, reference_mean=mean, reference_std=std)
+    card_path.write_text(yaml.safe_dump(card))
+    assert open_for_model(shifted, load_card(model)).colour == normalised.colour
+    card["input"].pop("reference_std")
+    card_path.write_text(yaml.safe_dump(card))
+    from models.card import ModelCardError
+
+    with pytest.raises(ModelCardError, match="reference"):
+        load_card(model)
+
+
+def test_generated_slide_with_tissue_islands_reads_only_tissue(tmp_path):
+    """The path of the 100k² benchmark (benchmarks/slide_scale.py) at a size a test can afford."""
+    from pipeline.synthetic_slide import make_islands, write_slide
+    from tests.helpers import label_polygons, match_f1
+
+    islands = make_islands(6000, 7000, 2, 640, seed=5)
+    path = write_slide(tmp_path / "slide.ome.tif", 6000, 7000, islands, mpp=0.25)
+    model = resolve_model_dir()
+    card = load_card(model)
+    source = open_image(path, target_mpp=card.resolution)
+    assert (source.backend, source.level, source.height, source.width) == ("tifffile", 0, 6000, 7000)
+    graph = image_graph(source, str(model), card.classes, tmp_path / "out", Tiling(512, 64, 4))
+    (summary,) = dask.compute(graph.result, scheduler="sync")
+    read = summary["tiles"] - summary["tiles_background"]
+    from pipeline.grid import TileGrid
+
+    assert summary["tiles"] == len(TileGrid(6000, 7000, 512, 64).tiles)
+    assert 2 <= read <= 2 * 9  # a 640² island touches at most 3 × 3 windows of 512 with overlap 64
+    assert summary["tissue_fraction"] < 0.05
+    frame = gpd.read_file(tmp_path / "out" / "instances.gpkg", layer="instances")
+    import shapely
+
+    truth = np.array([
+        shapely.affinity.translate(polygon, island.col, island.row)
+        for island in islands for polygon in label_polygons(island.scene.labels).values()
+    ])
+    assert match_f1(frame.geometry.values, truth) > 0.9

@@ -88,3 +88,38 @@ def test_real_geotiffs_keep_crs_transform_and_nodata(shared_data):
     pixels, valid = read_window(source, Span(0, 50), Span(0, 50))
     assert not valid[0, 0] and (pixels[~valid] == 0).all()
     assert np.array_equal(pixels[..., 0][valid], corner[valid])
+
+
+def test_projected_raster_is_resampled_to_the_model_resolution(tmp_path):
+    from rasterio.enums import Resampling
+
+    image = np.random.default_rng(3).integers(0, 255, (600, 700, 3), dtype=np.uint8)
+    path = write_geotiff(image, tmp_path / "half-metre.tif")  # EPSG:32631, 0.5 m pixels
+    assert open_raster(path, target_m=0.51).factor == 1.0  # within 5 %: read as is
+    source = open_raster(path, target_m=1.0)
+    assert (source.factor, source.height, source.width) == (2.0, 300, 350)
+    assert source.transform.a == pytest.approx(1.0) and source.transform.c == pytest.approx(430000.0)
+    pixels, valid = source.read(Span(0, 300), Span(0, 350))
+    with rasterio.open(path) as dataset:
+        expected = dataset.read(out_shape=(3, 300, 350), resampling=Resampling.bilinear).transpose(1, 2, 0)
+    assert valid.all() and (pixels == expected).all()
+    assert open_raster(path, target_m=0.25).width == 1400  # coarser imagery is upsampled
+    geographic = write_geotiff(image, tmp_path / "degrees.tif", crs="EPSG:4326",
+                               transform=rasterio.Affine(1e-5, 0, 10, 0, -1e-5, 50))
+    assert open_raster(geographic, target_m=1.0).factor == 1.0  # no metric pixel size: never guessed
+
+
+def test_nodata_regions_are_masked_from_an_overview_before_reading(tmp_path):
+    from pipeline.graph import foreground_tiles
+    from pipeline.grid import TileGrid
+
+    image = np.zeros((1200, 1500, 3), np.uint8)
+    image[100:400, 900:1300] = 200  # one patch of data on nodata
+    source = open_raster(write_geotiff(image, tmp_path / "patch.tif", nodata=0))
+    tiles = TileGrid(1200, 1500, 256, 32).tiles
+    kept, info = foreground_tiles(source, tiles)
+    overlapping = [t for t in tiles if t.rows.start < 400 and t.rows.stop > 100 and t.cols.start < 1300 and t.cols.stop > 900]
+    assert set(t.index for t in overlapping) <= set(t.index for t in kept)
+    assert len(kept) <= len(overlapping) + 8 and 0.05 < info["data_fraction"] < 0.15
+    full = open_raster(write_geotiff(image + 1, tmp_path / "full.tif"))
+    assert len(foreground_tiles(full, tiles)[0]) == len(tiles)

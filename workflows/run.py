@@ -10,7 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from models.card import ModelCard
 from pipeline.graph import ImageGraph, Tiling, image_graph
-from pipeline.sources import SourceError, open_image
+from pipeline.inputs import open_for_model
+from pipeline.sources import SourceError
 
 
 @dataclass
@@ -53,8 +54,7 @@ def run_images(
     taken: set[str] = set()
     for image in images:
         try:
-            target = card.resolution if card.resolution_unit == "um" else None
-            source = open_image(image, bands, value_range, card.input.channels, target_mpp=target, mpp=mpp)
+            source = open_for_model(image, card, bands, value_range, mpp)
             graphs[str(image)] = image_graph(
                 source, str(model_dir), card.classes, output_dir(out_root, image, taken), tiling, gpu=gpu
             )

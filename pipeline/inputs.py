@@ -1,0 +1,27 @@
+"""Open an image the way a model wants it: its resolution, its channels, its colour normalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.card import ModelCard
+from pipeline.sources import open_image
+
+
+def open_for_model(
+    path: str | Path,
+    card: ModelCard,
+    bands: tuple[int, ...] | None = None,
+    value_range: tuple[float, float] | None = None,
+    mpp: float | None = None,
+):
+    """A source read at ``card``'s native resolution (µm for slides, m for projected rasters),
+    with slide-level colour normalisation when the card asks for it."""
+    resolution = {card.resolution_unit: card.resolution} if card.resolution else {}
+    source = open_image(
+        path, bands, value_range, card.input.channels,
+        target_mpp=resolution.get("um"), mpp=mpp, target_m=resolution.get("m"),
+    )
+    if card.input.slide_normalisation and hasattr(source, "with_colour_normalisation"):
+        source = source.with_colour_normalisation(card.input.reference_mean, card.input.reference_std)
+    return source
