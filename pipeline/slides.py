@@ -23,7 +23,7 @@ from affine import Affine
 from PIL import Image
 
 from pipeline.grid import Span
-from pipeline.sources import SourceError
+from pipeline.sources import SourceError, image_stem
 
 TOLERANCE = 1.2
 RESAMPLE_TOLERANCE = 0.05
@@ -96,7 +96,7 @@ class SlideSource:
 
     @property
     def image_id(self) -> str:
-        return Path(self.path).stem
+        return image_stem(self.path)
 
     @property
     def transform(self) -> Affine:

@@ -27,6 +27,12 @@ from pipeline.grid import Span
 OVERVIEW_SIZE = 1024
 
 
+def image_stem(path: str | Path) -> str:
+    """A file's name without its extension(s): ``a.tif`` → ``a``, ``b.ome.tiff`` → ``b``."""
+    stem = Path(path).stem
+    return stem[: -len(".ome")] if stem.lower().endswith(".ome") else stem
+
+
 class SourceError(ValueError):
     """An image that cannot be read as asked; the message names the file and the cause."""
 
@@ -47,7 +53,7 @@ class RasterSource:
 
     @property
     def image_id(self) -> str:
-        return Path(self.path).stem
+        return image_stem(self.path)
 
     @property
     def mpp(self) -> float | None:

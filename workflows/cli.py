@@ -237,3 +237,7 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from models.card import ModelCard
 from pipeline.graph import ImageGraph, Tiling, image_graph
 from pipeline.inputs import open_for_model
-from pipeline.sources import SourceError
+from pipeline.sources import SourceError, image_stem
 
 
 @dataclass
@@ -28,10 +28,11 @@ class RunReport:
 
 def output_dir(out_root: Path, image: Path, taken: set[str]) -> Path:
     """``out_root/<image stem>``, disambiguated when two inputs share a stem."""
-    name, n = image.stem, 1
+    name = stem = image_stem(image)
+    n = 1
     while name in taken:
         n += 1
-        name = f"{image.stem}-{n}"
+        name = f"{stem}-{n}"
     taken.add(name)
     return out_root / name
 
