@@ -7,6 +7,7 @@ loads it once (``models.inference.cached_segmenter``) and reuses it.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from dask.delayed import Delayed, delayed
 
 from pipeline.grid import TileGrid
 from pipeline.sources import RasterSource, valid_overview
-from pipeline.stages import merge_image, read_batch, segment_batch
+from pipeline.batch_cache import load_batch
+from pipeline.stages import merge_image, read_batch, segment_and_keep, segment_batch
 from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask
 from pipeline.writers import write_outputs
 
@@ -47,7 +49,7 @@ class ImageGraph:
     result: Delayed
 
 
-def _write(result, source: RasterSource, class_names: list[str], out_dir: str, background: dict) -> dict:
+def _write(result, source: RasterSource, class_names: list[str], out_dir: str, background: dict, resume_dir: str | None = None) -> dict:
     extra = {
         "tiles": result.tiles,
         "tiles_skipped": result.tiles_skipped + background["tiles_background"],
@@ -59,7 +61,10 @@ def _write(result, source: RasterSource, class_names: list[str], out_dir: str, b
         extra["instances_per_mm2"] = len(result.detections) / area
         counts = np.bincount(result.detections.label.astype(np.int64), minlength=len(class_names))
         extra["per_mm2"] = {name: float(n) / area for name, n in zip(class_names, counts)}
-    return write_outputs(result.detections, source, class_names, Path(out_dir), extra)
+    summary = write_outputs(result.detections, source, class_names, Path(out_dir), extra)
+    if resume_dir:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return summary
 
 
 def foreground_tiles(source, tiles: list) -> tuple[list, dict | None]:
@@ -85,21 +90,33 @@ def image_graph(
     out_dir: str | Path,
     tiling: Tiling,
     gpu: bool = False,
+    resume_dir: str | Path | None = None,
 ) -> ImageGraph:
-    """Build (not run) the graph that segments ``source`` and writes its outputs to ``out_dir``."""
+    """Build (not run) the graph that segments ``source`` and writes its outputs to ``out_dir``.
+
+    With ``resume_dir``, every segmented batch is kept there until the outputs are written, and
+    batches already there (from an interrupted run with the same configuration) are loaded
+    instead of read and segmented again."""
     grid = TileGrid(source.height, source.width, tiling.tile_size, tiling.overlap)
     tiles = grid.tiles
     token = tokenize(source, model_dir, tiling, str(out_dir))
     foreground, tissue = foreground_tiles(source, tiles) if tiling.tissue_mask else (tiles, None)
-    batches = []
+    batches, resumed = [], 0
     for b, start in enumerate(range(0, len(foreground), tiling.batch_size)):
+        kept = Path(resume_dir) / f"batch-{b:06d}.npz" if resume_dir else None
+        if kept is not None and kept.is_file():
+            batches.append(delayed(load_batch, pure=True)(kept, dask_key_name=(f"resume-{token}", b)))
+            resumed += 1
+            continue
         chunk = foreground[start : start + tiling.batch_size]
         pixels = delayed(read_batch, pure=True)(source, chunk, tiling.tile_size, dask_key_name=(f"read-{token}", b))
         with dask.annotate(resources={"GPU": 1} if gpu else {}):
-            batches.append(delayed(segment_batch, pure=True)(pixels, model_dir, dask_key_name=(f"segment-{token}", b)))
+            segment = (segment_batch, pixels, model_dir) if kept is None else (segment_and_keep, pixels, model_dir, str(kept))
+            batches.append(delayed(segment[0], pure=True)(*segment[1:], dask_key_name=(f"segment-{token}", b)))
     merged = delayed(merge_image, pure=True)(batches, tiles, tiling.match_iou, dask_key_name=f"merge-{token}")
-    background = {"tiles_background": len(tiles) - len(foreground), **(tissue or {})}
+    background = {"tiles_background": len(tiles) - len(foreground), "batches_resumed": resumed, **(tissue or {})}
     result = delayed(_write, pure=True)(
-        merged, source, class_names, str(out_dir), background, dask_key_name=f"write-{token}"
+        merged, source, class_names, str(out_dir), background, str(resume_dir) if resume_dir else None,
+        dask_key_name=f"write-{token}",
     )
     return ImageGraph(source=source, batches=batches, merged=merged, result=result)

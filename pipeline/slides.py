@@ -11,6 +11,7 @@ the thumbnail's tissue is applied to every tile (never per tile, which would put
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +50,7 @@ def is_pyramidal_tiff(path: str | Path) -> bool:
     """An OME-TIFF, or a TIFF with a pyramid (SubIFDs or reduced pages) and no georeferencing."""
     if Path(path).suffix.lower() not in TIFF_SUFFIXES:
         return False
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # a broken file is reported by its reader
     try:
         with tifffile.TiffFile(path) as tif:
             if tif.is_ome:

@@ -34,7 +34,10 @@ def image_stem(path: str | Path) -> str:
 
 
 class SourceError(ValueError):
-    """An image that cannot be read as asked; the message names the file and the cause."""
+    """An image that cannot be read as asked; the message (one line) names the file and the cause."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -70,6 +71,15 @@ def segment_batch(batch: TileBatch, model_dir: str, device: str | None = None) -
         tiles_segmented=len(run),
         tiles_skipped=len(batch.tiles) - len(run),
     )
+
+
+def segment_and_keep(batch: TileBatch, model_dir: str, keep: str) -> BatchResult:
+    """``segment_batch``, then the result saved at ``keep`` so a rerun can skip this batch."""
+    from pipeline.batch_cache import save_batch
+
+    result = segment_batch(batch, model_dir)
+    save_batch(Path(keep), result)
+    return result
 
 
 def merge_image(results: list[BatchResult], tiles: list[Tile], min_iou: float = 0.5) -> ImageResult:

@@ -36,7 +36,7 @@ def _fail(message: str) -> None:
 
 @app.command()
 def run(
-    images: Annotated[list[Path], typer.Argument(help="GeoTIFFs (or any raster GDAL reads) to segment.")],
+    images: Annotated[list[Path], typer.Argument(help="Images (GeoTIFFs, slides, OME-TIFFs …) to segment, or one workflow YAML file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory; one folder per image.")] = Path("seamline-out"),
     model: Annotated[Optional[str], typer.Option(help=f"Model directory or shipped model name ({', '.join(shipped_models())}).")] = None,
     tile_size: Annotated[Optional[int], typer.Option(help="Tile (window) size in pixels; default from the model card.")] = None,
@@ -49,8 +49,13 @@ def run(
     value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit data; default: 0.5-99.5th percentiles per band.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     mpp: Annotated[Optional[float], typer.Option(help="Slides: level-0 microns per pixel, when the file lacks it or is wrong.")] = None,
+    force: Annotated[bool, typer.Option(help="Workflow runs: reprocess every image, even those the ledger has as up to date.")] = False,
 ) -> None:
-    """Segment IMAGES tile by tile, merge across seams, write GeoPackage + counts per image."""
+    """Segment IMAGES tile by tile, merge across seams, write GeoPackage + counts per image.
+
+    With one workflow file (.yaml), run it: only new or changed images, recorded in OUT/ledger.sqlite."""
+    if len(images) == 1 and images[0].suffix.lower() in {".yaml", ".yml"}:
+        _run_workflow(images[0], force, progress)
     try:
         model_dir = resolve_model_dir(model)
         card = load_card(model_dir)
@@ -206,6 +211,49 @@ def evaluate(
     report = run_evaluation(samples, model_dir, card, out, tiling)
     console.print(f"F1@0.5 {report['summary']['f1']:.3f}  PQ {report['summary']['pq']:.3f}  AJI {report['summary']['aji']:.3f}  "
                   f"mask mAP {report['coco']['mask_map']:.3f}  → {out / 'report.md'}")
+
+
+def _run_workflow(path: Path, force: bool, progress: bool) -> None:
+    from workflows.batch import run_workflow
+    from workflows.ledger import LedgerLocked
+    from workflows.spec import WorkflowError, load_workflow
+
+    try:
+        workflow = load_workflow(path)
+        outcome = run_workflow(workflow, force=force, show_progress=progress, log=console.print)
+    except (WorkflowError, ModelCardError, LedgerLocked, ValueError) as err:
+        _fail(str(err))
+    for image, summary in outcome.report.done.items():
+        console.print(f"[green]done[/green] {image}: {summary['instances']} instances")
+    for image, error in {**outcome.failed_inputs, **outcome.report.failed}.items():
+        console.print(f"[red]failed:[/red] {error}")
+    console.print(f"ledger: {workflow.outputs.dir / 'ledger.sqlite'} (seamline status {workflow.outputs.dir})")
+    raise typer.Exit(0 if outcome.ok else 1)
+
+
+@app.command()
+def status(out: Annotated[Path, typer.Argument(help="Output directory of a workflow run.")]) -> None:
+    """Print the run ledger: per image its status, time, instances and error."""
+    from workflows.ledger import LEDGER_NAME, Ledger
+
+    if not (out / LEDGER_NAME).is_file():
+        _fail(f"{out}: no {LEDGER_NAME} here (not the output directory of a workflow run)")
+    with Ledger(out) as ledger:
+        rows = ledger.rows()
+    table = Table(title=f"Seamline ledger — {out}")
+    for column in ("image", "status", "seconds", "instances", "tiles", "skipped", "resumed"):
+        table.add_column(column, justify="left" if column in {"image", "status"} else "right")
+    for row in rows:
+        table.add_row(
+            Path(row["path"]).name, row["status"], f"{row['seconds']:.1f}" if row["seconds"] else "",
+            *(str(row[c]) if row[c] is not None else "" for c in ("instances", "tiles", "tiles_skipped", "batches_resumed")),
+        )
+    console.print(table)
+    for row in rows:
+        if row["error"]:
+            console.print(f"[red]{row['status']}:[/red] {row['error']}", soft_wrap=True)
+    statuses = [row["status"] for row in rows]
+    console.print(" · ".join(f"{s}: {statuses.count(s)}" for s in sorted(set(statuses))) or "empty ledger")
 
 
 def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, threads, bands, value_range, progress, mpp=None):

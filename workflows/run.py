@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dask.base import tokenize
 from distributed import Client, as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -37,6 +39,16 @@ def output_dir(out_root: Path, image: Path, taken: set[str]) -> Path:
     return out_root / name
 
 
+@dataclass
+class RunEvents:
+    """What a run announces as it goes (the ledger and the metrics listen)."""
+
+    started: Callable[[str, Path], None] = lambda image, out_dir: None
+    batch_done: Callable[[str], None] = lambda image: None
+    done: Callable[[str, dict], None] = lambda image, summary: None
+    failed: Callable[[str, str], None] = lambda image, error: None
+
+
 def run_images(
     client: Client,
     images: list[Path],
@@ -49,20 +61,34 @@ def run_images(
     gpu: bool = False,
     show_progress: bool = True,
     mpp: float | None = None,
+    output_dirs: dict[str, Path] | None = None,
+    resume: bool = False,
+    retries: int = 0,
+    events: RunEvents | None = None,
 ) -> RunReport:
+    """Segment every image on ``client``; one image failing never stops the others. With
+    ``resume``, segmented batches are kept until an image is written, and an interrupted image
+    restarts from them. ``output_dirs`` fixes where each image goes (default: its stem)."""
+    events = events or RunEvents()
     report = RunReport()
     graphs: dict[str, ImageGraph] = {}
-    taken: set[str] = set()
+    taken: set[str] = {p.name for p in (output_dirs or {}).values()}
     for image in images:
+        out_dir = (output_dirs or {}).get(str(image)) or output_dir(out_root, image, taken)
         try:
             source = open_for_model(image, card, bands, value_range, mpp)
+            resume_dir = out_dir / f".partial-{tokenize(source, str(model_dir), tiling)}" if resume else None
             graphs[str(image)] = image_graph(
-                source, str(model_dir), card.classes, output_dir(out_root, image, taken), tiling, gpu=gpu
+                source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir
             )
+            events.started(str(image), out_dir)
         except (SourceError, ValueError) as err:
             report.failed[str(image)] = str(err)
-    batch_futures = client.compute([b for g in graphs.values() for b in g.batches], optimize_graph=False)
-    result_futures = client.compute([g.result for g in graphs.values()], optimize_graph=False)
+            events.failed(str(image), str(err))
+    batch_futures = client.compute([b for g in graphs.values() for b in g.batches], optimize_graph=False, retries=retries)
+    owners = [name for name, g in graphs.items() for _ in g.batches]
+    image_of_batch = {f.key: name for f, name in zip(batch_futures, owners)}
+    result_futures = client.compute([g.result for g in graphs.values()], optimize_graph=False, retries=retries)
     image_of = {f.key: name for f, name in zip(result_futures, graphs)}
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -76,10 +102,13 @@ def run_images(
                 name = image_of[future.key]
                 if future.status == "finished":
                     report.done[name] = future.result()
+                    events.done(name, report.done[name])
                 else:
                     report.failed[name] = f"{name}: {type(future.exception()).__name__}: {future.exception()}"
+                    events.failed(name, report.failed[name])
                 progress.advance(images_task)
             else:
+                events.batch_done(image_of_batch[future.key])
                 progress.advance(tiles_task)
             future.release()
     return report

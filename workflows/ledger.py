@@ -1,0 +1,158 @@
+"""The run ledger: one SQLite file in the output directory saying, per image, what was done with
+which inputs, configuration and model, how long it took, what it found, or why it failed.
+
+A result is recorded as done only after its files were renamed into place, and an image counts as
+done on a later run only while its fingerprint, configuration and outputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+LEDGER_NAME = "ledger.sqlite"
+LOCK_NAME = ".seamline.lock"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    path TEXT PRIMARY KEY,
+    size INTEGER, mtime_ns INTEGER, sha256 TEXT,
+    config_hash TEXT, model_hash TEXT,
+    status TEXT NOT NULL,
+    output_dir TEXT,
+    started REAL, finished REAL, seconds REAL,
+    instances INTEGER, counts TEXT, tiles INTEGER, tiles_skipped INTEGER, batches_resumed INTEGER,
+    error TEXT
+)
+"""
+
+
+class LedgerLocked(RuntimeError):
+    """Another run holds this output directory."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+
+
+def fingerprint(path: Path, content: bool = False) -> Fingerprint:
+    """Size and modification time, plus the SHA-256 of the content when asked."""
+    stat = path.stat()
+    digest = None
+    if content:
+        sha = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+        digest = sha.hexdigest()
+    return Fingerprint(stat.st_size, stat.st_mtime_ns, digest)
+
+
+def model_hash(model_dir: Path) -> str:
+    """SHA-256 over the model card and every weights file of a model directory."""
+    sha = hashlib.sha256()
+    for file in sorted(p for p in Path(model_dir).iterdir() if p.suffix in {".yaml", ".safetensors", ".pt", ".pth"}):
+        sha.update(file.name.encode())
+        sha.update(file.read_bytes())
+    return sha.hexdigest()
+
+
+def config_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextmanager
+def run_lock(out_dir: Path):
+    """Hold an exclusive lock on ``out_dir`` for the block; a second run fails at once."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise LedgerLocked(f"{out_dir}: another Seamline run is using this output directory") from err
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+class Ledger:
+    """Per-image records in ``OUT/ledger.sqlite`` (WAL mode: ``seamline status`` can read during a run)."""
+
+    def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / LEDGER_NAME
+        self.db = sqlite3.connect(self.path, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(SCHEMA)
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def get(self, path: Path) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM images WHERE path = ?", (str(path),)).fetchone()
+
+    def rows(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM images ORDER BY path").fetchall()
+
+    def is_current(self, path: Path, print_: Fingerprint, config: str, model: str) -> bool:
+        """Done before with the same file, configuration and model, and its outputs still there."""
+        row = self.get(path)
+        if row is None or row["status"] != "done" or (row["config_hash"], row["model_hash"]) != (config, model):
+            return False
+        if print_.sha256 is not None:
+            unchanged = row["sha256"] == print_.sha256
+        else:
+            unchanged = (row["size"], row["mtime_ns"]) == (print_.size, print_.mtime_ns)
+        return unchanged and bool(row["output_dir"]) and (Path(row["output_dir"]) / "counts.json").is_file()
+
+    def _upsert(self, path: Path, **values) -> None:
+        columns = ["path", *values]
+        placeholders = ", ".join("?" for _ in columns)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in values)
+        self.db.execute(
+            f"INSERT INTO images ({', '.join(columns)}) VALUES ({placeholders}) ON CONFLICT(path) DO UPDATE SET {updates}",
+            (str(path), *values.values()),
+        )
+        self.db.commit()
+
+    def started(self, path: Path, print_: Fingerprint, config: str, model: str, output_dir: Path) -> None:
+        self._upsert(
+            path, size=print_.size, mtime_ns=print_.mtime_ns, sha256=print_.sha256, config_hash=config,
+            model_hash=model, status="running", output_dir=str(output_dir), started=time.time(),
+            finished=None, seconds=None, error=None,
+        )
+
+    def done(self, path: Path, summary: dict) -> None:
+        row = self.get(path)
+        now = time.time()
+        self._upsert(
+            path, status="done", finished=now, seconds=now - row["started"] if row and row["started"] else None,
+            instances=summary["instances"], counts=json.dumps(summary["counts"]), tiles=summary.get("tiles"),
+            tiles_skipped=summary.get("tiles_skipped"), batches_resumed=summary.get("batches_resumed", 0), error=None,
+        )
+
+    def failed(self, path: Path, error: str) -> None:
+        self._upsert(path, status="failed", finished=time.time(), error=error)

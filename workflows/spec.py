@@ -1,0 +1,198 @@
+"""Workflow files: what a scheduled run processes, with which model, tiling, outputs and cluster.
+
+A workflow is YAML validated by pydantic; unknown keys and wrong types are rejected, and every
+error names the key and its line. Relative paths are relative to the workflow file.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IMAGE_PATTERNS = ["*.tif", "*.tiff", "*.svs", "*.ndpi", "*.mrxs", "*.scn", "*.vms", "*.bif", "*.jp2", "*.png", "*.jpg"]
+
+
+class WorkflowError(ValueError):
+    """A workflow file that cannot be used; the message names the file, the key and the line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Inputs(Strict):
+    paths: list[Path] = Field(default_factory=list, description="files or directories (searched recursively)")
+    patterns: list[str] = Field(default_factory=lambda: list(IMAGE_PATTERNS), description="file patterns in directories")
+    globs: list[str] = Field(default_factory=list, description="glob patterns, ** allowed")
+    manifest: Path | None = Field(None, description="CSV with a 'path' column")
+    roots: list[Path] = Field(default_factory=list, description="when set, every input must lie under one of these")
+    hash_content: bool = Field(False, description="fingerprint files by SHA-256 too (not only size and mtime)")
+
+    @model_validator(mode="after")
+    def _something(self) -> "Inputs":
+        if not (self.paths or self.globs or self.manifest):
+            raise ValueError("give at least one of paths, globs or manifest")
+        return self
+
+
+class TilingSpec(Strict):
+    tile_size: int | None = Field(None, ge=64, le=4096, multiple_of=32)
+    overlap: int | None = Field(None, ge=0)
+    batch_size: int = Field(4, ge=1, le=256)
+
+
+class ReadSpec(Strict):
+    bands: list[int] | None = None
+    value_range: tuple[float, float] | None = None
+    mpp: float | None = Field(None, gt=0, description="slides: level-0 µm per pixel when files lack it")
+
+    @field_validator("bands")
+    @classmethod
+    def _positive(cls, bands):
+        if bands is not None and (not bands or any(b < 1 for b in bands)):
+            raise ValueError("bands are 1-based and at least one is needed")
+        return bands
+
+
+class Outputs(Strict):
+    dir: Path
+    zarr: bool = True
+    catalogue: bool = True
+    report: bool = True
+
+
+class ClusterSpec(Strict):
+    scheduler: str | None = Field(None, description="address of an existing scheduler; default: a local cluster")
+    workers: int = Field(1, ge=1, le=256)
+    threads_per_worker: int = Field(2, ge=1, le=256)
+    dashboard: str = "127.0.0.1:8787"
+    retries: int = Field(2, ge=0, le=10, description="retries of a failed task (transient errors)")
+
+
+class Monitoring(Strict):
+    metrics_port: int | None = Field(None, ge=1024, le=65535, description="serve Prometheus metrics on 127.0.0.1:PORT")
+    metrics_file: bool = Field(True, description="write OUT/metrics.prom (node-exporter textfile format)")
+
+
+class Workflow(Strict):
+    name: str = "seamline"
+    inputs: Inputs
+    model: str | None = None
+    tiling: TilingSpec = TilingSpec()
+    read: ReadSpec = ReadSpec()
+    outputs: Outputs
+    cluster: ClusterSpec = ClusterSpec()
+    monitoring: Monitoring = Monitoring()
+
+
+def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
+    """Line (1-based) of the YAML node at ``location`` (the deepest one that exists)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in location:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == key), None) or next(
+                (k for k, _ in node.value if k.value == key), None
+            )
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _resolve(base: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """Paths in the file are relative to the workflow's folder."""
+    def absolute(value):
+        return str(value) if Path(value).is_absolute() else str(base / value)
+
+    inputs = raw.get("inputs")
+    if isinstance(inputs, dict):
+        for key in ("paths", "roots"):
+            if isinstance(inputs.get(key), list):
+                inputs[key] = [absolute(v) for v in inputs[key]]
+        if isinstance(inputs.get("globs"), list):
+            inputs["globs"] = [absolute(v) for v in inputs["globs"]]
+        if isinstance(inputs.get("manifest"), str):
+            inputs["manifest"] = absolute(inputs["manifest"])
+    outputs = raw.get("outputs")
+    if isinstance(outputs, dict) and isinstance(outputs.get("dir"), str):
+        outputs["dir"] = absolute(outputs["dir"])
+    model = raw.get("model")
+    if isinstance(model, str) and ("/" in model or model.startswith(".")) and (base / model).exists():
+        raw["model"] = absolute(model)
+    return raw
+
+
+def load_workflow(path: str | Path) -> Workflow:
+    """Read and validate a workflow file; errors name the file, the key and its line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except OSError as err:
+        raise WorkflowError(f"{path}: cannot read ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise WorkflowError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise WorkflowError(f"{path}: a workflow is a mapping of keys (inputs, model, outputs, …)")
+    try:
+        return Workflow.model_validate(_resolve(path.resolve().parent, raw))
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(k) for k in e["loc"]) or "workflow"
+            problems.append(f"{path}:{_line_of(node, e['loc'])}: {key}: {e['msg']}")
+        raise WorkflowError("; ".join(problems)) from err
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def list_inputs(inputs: Inputs) -> tuple[list[Path], dict[str, str]]:
+    """(images to process in a stable order, {path: why it cannot be used}) — a missing file is
+    reported, not dropped silently, and never stops the others."""
+    found: list[Path] = []
+    problems: dict[str, str] = {}
+    for entry in inputs.paths:
+        if entry.is_dir():
+            found += [p for pattern in inputs.patterns for p in entry.rglob(pattern) if p.is_file()]
+        else:
+            found.append(entry)
+    for pattern in inputs.globs:
+        found += [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+    if inputs.manifest is not None:
+        try:
+            with open(inputs.manifest, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        except OSError as err:
+            raise WorkflowError(f"{inputs.manifest}: cannot read the manifest ({err.strerror})") from err
+        if rows and "path" not in rows[0]:
+            raise WorkflowError(f"{inputs.manifest}: the manifest needs a 'path' column")
+        for row in rows:
+            value = Path(row["path"])
+            found.append(value if value.is_absolute() else inputs.manifest.parent / value)
+    images: list[Path] = []
+    seen: set[Path] = set()
+    for image in found:
+        key = image.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        if inputs.roots and not _under(image, inputs.roots):
+            problems[str(image)] = f"{image}: outside the workflow's input roots"
+        elif not image.is_file():
+            problems[str(image)] = f"{image}: file not found"
+        else:
+            images.append(image)
+    return sorted(images, key=str), problems
