@@ -1,0 +1,211 @@
+"""Workflow runs through real Dask worker processes: incremental, resumable, isolated failures."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask
+import geopandas as gpd
+import numpy as np
+import psutil
+import pytest
+import shapely
+
+from models.card import load_card
+from models.registry import resolve_model_dir
+from pipeline.graph import Tiling, image_graph
+from pipeline.sources import open_raster
+from pipeline.synthetic_raster import write_scene
+from tests.helpers import match_f1
+from workflows.ledger import run_lock
+from workflows.spec import WorkflowError, list_inputs, load_workflow
+
+SEAMLINE = Path(sys.executable).parent / "seamline"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def workflow_file(folder: Path, out: str = "out", batch_size: int = 2, workers: int = 1, extra: str = "") -> Path:
+    path = folder / "workflow.yaml"
+    path.write_text(
+        f"name: test\ninputs:\n  paths: [archive]\noutputs:\n  dir: {out}\n  zarr: false\n  catalogue: false\n  report: false\n"
+        f"tiling:\n  batch_size: {batch_size}\ncluster:\n  workers: {workers}\n  threads_per_worker: 1\n  dashboard: ':0'\n{extra}"
+    )
+    return path
+
+
+def seamline(*args, timeout=600) -> subprocess.CompletedProcess:
+    flags = ["--no-progress"] if args[0] == "run" else []
+    return subprocess.run([SEAMLINE, *map(str, args), *flags], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def ledger_rows(out: Path) -> dict[str, dict]:
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        return {Path(r["path"]).name: dict(r) for r in db.execute("SELECT * FROM images")}
+
+
+def reference(image: Path, folder: Path, batch_size: int = 2) -> gpd.GeoDataFrame:
+    model = resolve_model_dir()
+    card = load_card(model)
+    graph = image_graph(open_raster(image), str(model), card.classes, folder, Tiling(card.tile_size, card.overlap, batch_size))
+    dask.compute(graph.result, scheduler="sync")
+    return gpd.read_file(folder / "instances.gpkg", layer="instances")
+
+
+def same_instances(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> bool:
+    return (
+        len(a) == len(b) > 0 and list(a["instance_id"]) == list(b["instance_id"])
+        and bool(shapely.equals_exact(a.geometry.values, b.geometry.values, tolerance=0).all())
+    )
+
+
+def test_workflow_errors_name_key_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("inputs:\n  paths: [a]\n  colour: red\noutputs:\n  dir: out\ntiling:\n  batch_size: many\n")
+    with pytest.raises(WorkflowError) as err:
+        load_workflow(path)
+    message = str(err.value)
+    assert "bad.yaml:3: inputs.colour: Extra inputs are not permitted" in message
+    assert "bad.yaml:7: tiling.batch_size" in message
+    path.write_text("inputs: {paths: [a]}\n")
+    with pytest.raises(WorkflowError, match="outputs"):
+        load_workflow(path)
+    path.write_text("- not a mapping\n")
+    with pytest.raises(WorkflowError, match="mapping"):
+        load_workflow(path)
+
+
+def test_manifest_paths_cannot_escape_the_input_roots(tmp_path):
+    (tmp_path / "archive").mkdir()
+    inside = tmp_path / "archive" / "a.tif"
+    inside.write_bytes(b"x")
+    outside = tmp_path / "secret.tif"
+    outside.write_bytes(b"x")
+    (tmp_path / "manifest.csv").write_text("path\narchive/a.tif\narchive/../secret.tif\narchive/missing.tif\n")
+    (tmp_path / "w.yaml").write_text("inputs:\n  manifest: manifest.csv\n  roots: [archive]\noutputs:\n  dir: out\n")
+    images, problems = list_inputs(load_workflow(tmp_path / "w.yaml").inputs)
+    assert images == [inside]
+    assert any("outside the workflow's input roots" in p for p in problems.values())
+    assert any("missing.tif: file not found" in p for p in problems.values())
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    (root / "archive").mkdir()
+    for i, size in enumerate([(700, 800), (600, 900)]):
+        write_scene(root / "archive" / f"scene{i}.tif", seed=40 + i, height=size[0], width=size[1])
+    (root / "archive" / "corrupt.tif").write_bytes((root / "archive" / "scene0.tif").read_bytes()[:3000])
+    return root
+
+
+def test_incremental_reruns_and_failure_isolation(archive):
+    workflow = workflow_file(archive)
+    out = archive / "out"
+    first = seamline("run", workflow)
+    assert first.returncode == 1, first.stdout + first.stderr  # the corrupt file failed, alone
+    rows = ledger_rows(out)
+    assert {n: r["status"] for n, r in rows.items()} == {"scene0.tif": "done", "scene1.tif": "done", "corrupt.tif": "failed"}
+    assert "corrupt.tif" in rows["corrupt.tif"]["error"] and "\n" not in rows["corrupt.tif"]["error"]
+    assert rows["scene0.tif"]["instances"] == len(gpd.read_file(out / "scene0" / "instances.gpkg", layer="instances"))
+    assert "seamline_images_done" in (out / "metrics.prom").read_text()
+
+    second = seamline("run", workflow)
+    assert "0 to process" not in second.stdout and "2 up to date" in second.stdout  # only the failed one retried
+    assert ledger_rows(out)["scene0.tif"]["finished"] == rows["scene0.tif"]["finished"]
+
+    (archive / "archive" / "corrupt.tif").unlink()
+    scene1 = archive / "archive" / "scene1.tif"
+    write_scene(scene1, seed=99, height=600, width=900)  # the file changed
+    third = seamline("run", workflow)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "1 to process, 1 up to date" in third.stdout
+    after = ledger_rows(out)
+    assert after["scene1.tif"]["finished"] > rows["scene1.tif"]["finished"]
+    assert after["scene0.tif"]["finished"] == rows["scene0.tif"]["finished"]
+    rerun = gpd.read_file(out / "scene1" / "instances.gpkg", layer="instances")
+    # the new file's objects (in-process inference may differ from a 1-thread worker by a pixel)
+    assert match_f1(rerun.geometry.values, reference(scene1, archive / "ref1").geometry.values) > 0.99
+
+    forced = seamline("run", workflow, "--force")
+    assert "2 to process" in forced.stdout and ledger_rows(out)["scene0.tif"]["finished"] > rows["scene0.tif"]["finished"]
+    status = seamline("status", out)
+    assert status.returncode == 0 and "scene0.tif" in status.stdout and "done: 2" in status.stdout
+
+
+def test_second_run_on_the_same_output_is_refused(archive, tmp_path):
+    workflow = workflow_file(archive, out=str(tmp_path / "locked"))
+    with run_lock(tmp_path / "locked"):
+        result = seamline("run", workflow)
+    assert result.returncode == 2 and "another Seamline run" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def big_scene(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    (root / "archive").mkdir()
+    image = root / "archive" / "big.tif"
+    write_scene(image, seed=7, height=1800, width=1800)
+    uninterrupted = seamline("run", workflow_file(root, out="uninterrupted", batch_size=1))
+    assert uninterrupted.returncode == 0, uninterrupted.stdout + uninterrupted.stderr
+    return root, image, gpd.read_file(root / "uninterrupted" / "big" / "instances.gpkg", layer="instances")
+
+
+def start_run(workflow: Path) -> psutil.Popen:
+    return psutil.Popen([SEAMLINE, "run", str(workflow), "--no-progress"], stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+
+
+def wait_for(condition, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_killed_run_resumes_from_its_batches_with_identical_output(big_scene):
+    root, image, expected = big_scene
+    workflow = workflow_file(root, out="killed", batch_size=1)
+    out = root / "killed"
+    run = start_run(workflow)
+    assert wait_for(lambda: len(list(out.glob("big/.partial-*/batch-*.npz"))) >= 4), run.stdout.read().decode()
+    os.killpg(run.pid, signal.SIGKILL)  # the whole run: client, scheduler and workers
+    run.wait()
+    assert ledger_rows(out)["big.tif"]["status"] == "running"  # never claimed done
+    assert not (out / "big" / "instances.gpkg").exists()
+    again = seamline("run", workflow)
+    assert again.returncode == 0, again.stdout + again.stderr
+    row = ledger_rows(out)["big.tif"]
+    assert row["status"] == "done" and row["batches_resumed"] >= 4
+    assert same_instances(gpd.read_file(out / "big" / "instances.gpkg", layer="instances"), expected)
+    assert not list((out / "big").glob(".partial-*"))  # kept batches are removed once written
+
+
+def test_a_killed_worker_does_not_change_the_output(big_scene):
+    root, image, expected = big_scene
+    workflow = workflow_file(root, out="worker-killed", batch_size=1, workers=2)
+    out = root / "worker-killed"
+    run = start_run(workflow)
+
+    def workers():
+        found = []
+        for process in run.children(recursive=True):
+            try:
+                if "spawn_main" in " ".join(process.cmdline()):
+                    found.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    assert wait_for(lambda: len(workers()) == 2 and len(list(out.glob("big/.partial-*/batch-*.npz"))) >= 2)
+    workers()[0].kill()
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output.decode()
+    assert same_instances(gpd.read_file(out / "big" / "instances.gpkg", layer="instances"), expected)
+    assert np.isclose(ledger_rows(out)["big.tif"]["instances"], len(expected))
