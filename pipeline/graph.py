@@ -19,6 +19,7 @@ from dask.delayed import Delayed, delayed
 from pipeline.grid import TileGrid
 from pipeline.sources import RasterSource, valid_overview
 from pipeline.batch_cache import load_batch
+from pipeline.label_store import create_label_store, finalise_label_store, label_blocks, write_label_block
 from pipeline.stages import merge_image, read_batch, segment_and_keep, segment_batch
 from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask
 from pipeline.writers import write_outputs
@@ -49,12 +50,42 @@ class ImageGraph:
     result: Delayed
 
 
-def _write(result, source: RasterSource, class_names: list[str], out_dir: str, background: dict, resume_dir: str | None = None) -> dict:
+def _label_block(store: Path, merged, rows, cols) -> int:
+    return write_label_block(store, merged.detections, rows, cols)
+
+
+def _label_finalise(store: Path, final: Path, merged, class_names: list[str], cell_size: int, *blocks: int) -> dict:
+    return finalise_label_store(store, final, merged.detections, class_names, cell_size)
+
+
+def label_graph(source, merged: Delayed, class_names: list[str], out_dir: Path, token: str, tiling: Tiling,
+                foreground: list, density_cell: int) -> Delayed:
+    """Tasks writing ``labels.zarr``: create, one task per group of chunks that any segmented tile
+    touches (in parallel, each its own chunks), then pyramid + density + rename."""
+    chunk = tiling.tile_size
+    mpp = source.mpp * source.pixel_scale if source.mpp else None
+    store = delayed(create_label_store, pure=True)(
+        out_dir / "labels.zarr", source.height, source.width, chunk, class_names, source.transform, source.crs_wkt, mpp,
+        dask_key_name=f"labels-create-{token}",
+    )
+    blocks = []
+    for i, (rows, cols) in enumerate(label_blocks(source.height, source.width, chunk, per_task=4)):
+        if any(t.rows.start < rows.stop and t.rows.stop > rows.start and t.cols.start < cols.stop and t.cols.stop > cols.start
+               for t in foreground):
+            blocks.append(delayed(_label_block, pure=True)(store, merged, rows, cols, dask_key_name=(f"labels-{token}", i)))
+    return delayed(_label_finalise, pure=True)(
+        store, out_dir / "labels.zarr", merged, class_names, density_cell, *blocks, dask_key_name=f"labels-finalise-{token}"
+    )
+
+
+def _write(result, source: RasterSource, class_names: list[str], out_dir: str, background: dict,
+           resume_dir: str | None = None, labels: dict | None = None) -> dict:
     extra = {
         "tiles": result.tiles,
         "tiles_skipped": result.tiles_skipped + background["tiles_background"],
         "seam_candidates": result.seam_candidates,
         **background,
+        **({"labels_zarr": labels} if labels else {}),
     }
     if background.get("tissue_mm2"):
         area = background["tissue_mm2"]
@@ -91,15 +122,18 @@ def image_graph(
     tiling: Tiling,
     gpu: bool = False,
     resume_dir: str | Path | None = None,
+    labels: bool = False,
+    density_cell: int = 256,
 ) -> ImageGraph:
     """Build (not run) the graph that segments ``source`` and writes its outputs to ``out_dir``.
 
     With ``resume_dir``, every segmented batch is kept there until the outputs are written, and
     batches already there (from an interrupted run with the same configuration) are loaded
-    instead of read and segmented again."""
+    instead of read and segmented again. With ``labels``, ``labels.zarr`` (instance and class
+    rasters with a pyramid, density grids of ``density_cell`` pixels) is written too."""
     grid = TileGrid(source.height, source.width, tiling.tile_size, tiling.overlap)
     tiles = grid.tiles
-    token = tokenize(source, model_dir, tiling, str(out_dir))
+    token = tokenize(source, model_dir, tiling, str(out_dir), labels, density_cell)
     foreground, tissue = foreground_tiles(source, tiles) if tiling.tissue_mask else (tiles, None)
     batches, resumed = [], 0
     for b, start in enumerate(range(0, len(foreground), tiling.batch_size)):
@@ -115,8 +149,11 @@ def image_graph(
             batches.append(delayed(segment[0], pure=True)(*segment[1:], dask_key_name=(f"segment-{token}", b)))
     merged = delayed(merge_image, pure=True)(batches, tiles, tiling.match_iou, dask_key_name=f"merge-{token}")
     background = {"tiles_background": len(tiles) - len(foreground), "batches_resumed": resumed, **(tissue or {})}
+    label_store = (
+        label_graph(source, merged, class_names, Path(out_dir), token, tiling, foreground, density_cell) if labels else None
+    )
     result = delayed(_write, pure=True)(
-        merged, source, class_names, str(out_dir), background, str(resume_dir) if resume_dir else None,
+        merged, source, class_names, str(out_dir), background, str(resume_dir) if resume_dir else None, label_store,
         dask_key_name=f"write-{token}",
     )
     return ImageGraph(source=source, batches=batches, merged=merged, result=result)

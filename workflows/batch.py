@@ -51,7 +51,8 @@ class Metrics:
 
 def settings_of(workflow: Workflow, tiling: Tiling) -> dict:
     """What changes the results: a change in any of these reprocesses every image."""
-    return {"tiling": tiling.__dict__, "read": workflow.read.model_dump(mode="json"), "zarr": workflow.outputs.zarr}
+    return {"tiling": tiling.__dict__, "read": workflow.read.model_dump(mode="json"),
+            "zarr": [workflow.outputs.zarr, workflow.outputs.density_cell]}
 
 
 def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = True, log=print) -> BatchOutcome:
@@ -110,6 +111,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
                     bands=tuple(workflow.read.bands) if workflow.read.bands else None,
                     value_range=workflow.read.value_range, gpu=has_gpu_workers(client), show_progress=show_progress,
                     mpp=workflow.read.mpp, output_dirs=output_dirs, resume=True, retries=cluster.retries, events=events,
+                    labels=workflow.outputs.zarr, density_cell=workflow.outputs.density_cell,
                 )
         metrics.failed.inc(len(problems))
         if workflow.monitoring.metrics_file:

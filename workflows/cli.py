@@ -50,6 +50,8 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     mpp: Annotated[Optional[float], typer.Option(help="Slides: level-0 microns per pixel, when the file lacks it or is wrong.")] = None,
     force: Annotated[bool, typer.Option(help="Workflow runs: reprocess every image, even those the ledger has as up to date.")] = False,
+    zarr: Annotated[bool, typer.Option(help="Also write labels.zarr (instance and class rasters, pyramid, density grids).")] = True,
+    density_cell: Annotated[int, typer.Option(help="Density grid cell in pixels (labels.zarr).")] = 256,
 ) -> None:
     """Segment IMAGES tile by tile, merge across seams, write GeoPackage + counts per image.
 
@@ -76,7 +78,10 @@ def run(
         _fail(str(err))
     if mpp is not None and mpp <= 0:
         _fail(f"--mpp {mpp} must be positive")
-    report = _run_and_report(list(images), model_dir, card, out, tiling, scheduler, workers, threads, band_list, range_pair, progress, mpp)
+    if not 8 <= density_cell <= 65536:
+        _fail(f"--density-cell {density_cell} must be between 8 and 65536")
+    report = _run_and_report(list(images), model_dir, card, out, tiling, scheduler, workers, threads, band_list, range_pair,
+                             progress, mpp, labels=zarr, density_cell=density_cell)
     raise typer.Exit(0 if report.ok else 1)
 
 
@@ -256,13 +261,15 @@ def status(out: Annotated[Path, typer.Argument(help="Output directory of a workf
     console.print(" · ".join(f"{s}: {statuses.count(s)}" for s in sorted(set(statuses))) or "empty ledger")
 
 
-def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, threads, bands, value_range, progress, mpp=None):
+def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, threads, bands, value_range, progress, mpp=None,
+                    labels=True, density_cell=256):
     """Run on a cluster, print counts per image and failures, and write ``OUT/run.json``."""
     with connect(scheduler, workers=workers, threads_per_worker=threads) as client:
         console.print(f"dashboard: {client.dashboard_link}")
         report = run_images(
             client, list(images), model_dir, card, out, tiling,
             bands=bands, value_range=value_range, gpu=has_gpu_workers(client), show_progress=progress, mpp=mpp,
+            labels=labels, density_cell=density_cell,
         )
     table = Table(title=f"Seamline — model {card.name}")
     table.add_column("image")

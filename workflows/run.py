@@ -65,6 +65,8 @@ def run_images(
     resume: bool = False,
     retries: int = 0,
     events: RunEvents | None = None,
+    labels: bool = True,
+    density_cell: int = 256,
 ) -> RunReport:
     """Segment every image on ``client``; one image failing never stops the others. With
     ``resume``, segmented batches are kept until an image is written, and an interrupted image
@@ -79,7 +81,8 @@ def run_images(
             source = open_for_model(image, card, bands, value_range, mpp)
             resume_dir = out_dir / f".partial-{tokenize(source, str(model_dir), tiling)}" if resume else None
             graphs[str(image)] = image_graph(
-                source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir
+                source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir,
+                labels=labels, density_cell=density_cell,
             )
             events.started(str(image), out_dir)
         except (SourceError, ValueError) as err:

@@ -61,7 +61,8 @@ class ReadSpec(Strict):
 
 class Outputs(Strict):
     dir: Path
-    zarr: bool = True
+    zarr: bool = Field(True, description="labels.zarr per image: instance/class rasters, pyramid, density grids")
+    density_cell: int = Field(256, ge=8, le=65536, description="density grid cell, in processed pixels")
     catalogue: bool = True
     report: bool = True
 

@@ -1,0 +1,270 @@
+"""Per-image Zarr (v3) store of the instance label raster, its class raster and density grids.
+
+Layout, on the processed-pixel grid of the image (the grid the polygons are in)::
+
+    labels/0, labels/1, …    uint32 instance id = ``instance_id`` of the GeoPackage (0 = background)
+    classes/0, classes/1, …  uint8 class index + 1 (0 = background)
+    density                  uint32 (class, y, x): instances whose representative point is in each cell
+
+Level ``k`` is level 0 taken every ``2**k`` pixels (labels are never averaged). Arrays are chunked
+``chunk`` × ``chunk`` and compressed; all-background chunks are not stored at all. Where instances
+overlap, the one with the higher score owns the pixel (equal scores: the higher id), so an
+instance can be hidden entirely: its id is then absent from the raster, its polygon still in the
+GeoPackage, and it still counts.
+
+Lifecycle, shaped for Dask: ``create_label_store`` once (a hidden temporary sibling of the final
+path); ``write_label_block`` for every region of ``label_blocks``, in any order and in parallel
+processes (a region is whole chunks, so no two tasks write one chunk file); then
+``finalise_label_store`` once: pyramid, density, metadata, rename into place. A run that never
+finalises leaves only the hidden temporary directory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import shapely
+import zarr
+from affine import Affine
+from rasterio import features
+from rasterio.crs import CRS
+from zarr.codecs import BloscCodec
+
+from pipeline.detections import Detections
+from pipeline.grid import Span
+
+LABELS, CLASSES, DENSITY = "labels", "classes", "density"
+COMPRESSORS = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+CONFIG = {"write_empty_chunks": False}
+SPATIAL = {
+    "name": "spatial",
+    "uuid": "689b58e2-cf7b-45e0-9fff-9cfc0883d6b4",
+    "spec_url": "https://github.com/zarr-conventions/spatial/blob/v1/README.md",
+    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/spatial/refs/tags/v1/schema.json",
+}
+PROJ = {
+    "name": "proj",
+    "uuid": "f17cb550-5864-4468-aeb7-f3180cfb622f",
+    "spec_url": "https://github.com/zarr-conventions/geo-proj/blob/v1/README.md",
+    "schema_url": "https://raw.githubusercontent.com/zarr-conventions/geo-proj/refs/tags/v1/schema.json",
+}
+
+
+def _spatial(transform: Affine, shape: tuple[int, ...]) -> dict:
+    """Spatial-convention attributes of a (y, x) grid whose pixel → CRS affine is ``transform``."""
+    return {"spatial:dimensions": ["y", "x"], "spatial:shape": list(shape), "spatial:transform": list(transform)[:6]}
+
+
+def _create_level(
+    group: zarr.Group, k: int, shape: tuple[int, int], chunk: int, dtype: np.dtype | str, transform: Affine
+) -> zarr.Array:
+    return group.create_array(
+        str(k), shape=shape, chunks=(chunk, chunk), dtype=dtype, fill_value=0, compressors=COMPRESSORS,
+        dimension_names=("y", "x"), config=CONFIG, overwrite=True,
+        attributes=_spatial(transform @ Affine.scale(2**k), shape),
+    )
+
+
+def _open(store: Path, name: str) -> zarr.Array:
+    """An existing array for writing (``open_array`` ignores ``config``, hence ``with_config``)."""
+    return zarr.open_array(store, path=name, mode="r+").with_config(CONFIG)
+
+
+def create_label_store(
+    path: Path, height: int, width: int, chunk: int, class_names: list[str],
+    transform: Affine, crs_wkt: str | None, mpp: float | None,
+) -> Path:
+    """Create the empty store as a hidden temporary sibling of ``path`` and return its path.
+
+    ``transform`` maps label pixels (column, row) to CRS units for georeferenced rasters, to
+    level-0 pixels for slides; ``mpp`` is the level-0 microns per pixel of a slide.
+    """
+    if min(height, width, chunk) < 1:
+        raise ValueError(f"label store of {height}×{width} pixels in chunks of {chunk}: all must be positive")
+    if len(class_names) > 255:
+        raise ValueError(f"{len(class_names)} classes: the uint8 class raster holds at most 255")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    root = zarr.open_group(tmp, mode="w-", zarr_format=3)
+    root.attrs.update({
+        "zarr_conventions": [SPATIAL, PROJ] if crs_wkt else [SPATIAL],
+        **_spatial(transform, (height, width)),
+        **({"proj:wkt2": CRS.from_wkt(crs_wkt).to_wkt(version="WKT2_2019")} if crs_wkt else {}),
+        "crs_wkt": crs_wkt,
+        "geotransform": list(transform.to_gdal()),
+        "mpp": mpp,
+        "chunk": chunk,
+        "class_names": list(class_names),
+        "instance_id": "labels value = instance_id of the instances layer (1-based row); 0 = background",
+        "overlap": "a pixel covered by several instances belongs to the highest score, then the highest id",
+    })
+    for name, dtype in ((LABELS, "uint32"), (CLASSES, "uint8")):
+        _create_level(root.create_group(name), 0, (height, width), chunk, dtype, transform)
+    return tmp
+
+
+def label_blocks(height: int, width: int, chunk: int, per_task: int) -> list[tuple[Span, Span]]:
+    """Regions of ``per_task`` × ``per_task`` whole chunks (fewer at the right and bottom), row-major."""
+    step = chunk * per_task
+    return [
+        (Span(r, min(r + step, height)), Span(c, min(c + step, width)))
+        for r in range(0, height, step)
+        for c in range(0, width, step)
+    ]
+
+
+def _check_region(shape: tuple[int, ...], chunk: int, rows: Span, cols: Span) -> None:
+    for span, size in ((rows, shape[0]), (cols, shape[1])):
+        if not 0 <= span.start < span.stop <= size or span.start % chunk or (span.stop % chunk and span.stop != size):
+            raise ValueError(
+                f"region rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} is not whole "
+                f"{chunk}-pixel chunks of a {shape[0]}×{shape[1]} raster"
+            )
+
+
+def write_label_block(store: Path, detections: Detections, rows: Span, cols: Span) -> int:
+    """Rasterise every instance over one region of whole chunks into ``labels/0`` and
+    ``classes/0`` (pixel centres inside the polygon); return the number of labelled pixels."""
+    labels = _open(store, f"{LABELS}/0")
+    _check_region(labels.shape, labels.chunks[0], rows, cols)
+    xmin, ymin, xmax, ymax = detections.bounds.T
+    hit = np.flatnonzero((xmax > cols.start) & (xmin < cols.stop) & (ymax > rows.start) & (ymin < rows.stop))
+    if len(hit) == 0:
+        return 0
+    hit = hit[np.lexsort((hit, detections.score[hit]))]  # burnt in this order: the last one wins
+    block = features.rasterize(
+        zip(detections.geometry[hit], (hit + 1).tolist()),
+        out_shape=(rows.length, cols.length),
+        transform=Affine.translation(cols.start, rows.start),
+        fill=0,
+        all_touched=False,
+        dtype="uint32",
+    )
+    classes = np.concatenate([[0], detections.label.astype(np.int64) + 1]).astype(np.uint8)
+    labels[rows.start : rows.stop, cols.start : cols.stop] = block
+    _open(store, f"{CLASSES}/0")[rows.start : rows.stop, cols.start : cols.stop] = classes[block]
+    return int(np.count_nonzero(block))
+
+
+def pyramid_shapes(height: int, width: int, chunk: int, levels: int | None = None) -> list[tuple[int, int]]:
+    """Shapes of levels 0, 1, …: ``levels`` of them, or by default halving until a side is ≤ ``chunk``."""
+    if levels is not None and levels < 1:
+        raise ValueError(f"{levels} pyramid levels: need at least 1")
+    shapes = [(height, width)]
+    while (len(shapes) < levels) if levels is not None else min(shapes[-1]) > chunk:
+        shapes.append((-(-shapes[-1][0] // 2), -(-shapes[-1][1] // 2)))
+    return shapes
+
+
+def stored_chunks(array_dir: Path) -> set[tuple[int, int]]:
+    """(row, col) chunk indices that hold data (default v3 chunk keys ``c/<row>/<col>``)."""
+    root = array_dir / "c"
+    if not root.is_dir():
+        return set()
+    return {(int(r.name), int(c.name)) for r in root.iterdir() for c in r.iterdir()}
+
+
+def _downsample(store: Path, name: str, k: int, shape: tuple[int, int], transform: Affine) -> None:
+    """Level ``k`` = level ``k - 1`` every other pixel, one output chunk at a time, skipping
+    output chunks whose four source chunks are all background."""
+    source = _open(store, f"{name}/{k - 1}")
+    chunk = source.chunks[0]
+    target = _create_level(zarr.open_group(store / name, mode="r+"), k, shape, chunk, source.dtype, transform)
+    for i, j in sorted({(r // 2, c // 2) for r, c in stored_chunks(store / name / str(k - 1))}):
+        r, c = i * chunk, j * chunk
+        part = source[2 * r : 2 * (r + chunk), 2 * c : 2 * (c + chunk)][::2, ::2]
+        target[r : r + part.shape[0], c : c + part.shape[1]] = part
+
+
+def density_grid(detections: Detections, n_classes: int, height: int, width: int, cell_size: int) -> np.ndarray:
+    """(class, rows, cols) counts of instances whose representative point (``point_on_surface``)
+    lies in each ``cell_size`` cell; a point off the image counts in the nearest edge cell."""
+    shape = (n_classes, -(-height // cell_size), -(-width // cell_size))
+    points = shapely.point_on_surface(detections.geometry)
+    x, y = shapely.get_x(points), shapely.get_y(points)
+    keep = np.isfinite(x) & np.isfinite(y)
+    row = np.clip(np.floor(y[keep] / cell_size).astype(np.int64), 0, shape[1] - 1)
+    col = np.clip(np.floor(x[keep] / cell_size).astype(np.int64), 0, shape[2] - 1)
+    flat = np.ravel_multi_index((detections.label[keep].astype(np.int64), row, col), shape)
+    return np.bincount(flat, minlength=math.prod(shape)).reshape(shape).astype(np.uint32)
+
+
+def _multiscales(
+    name: str, n_levels: int, transform: Affine, mpp: float | None, class_names: list[str] | None
+) -> dict:
+    """OME-NGFF 0.5 label-image metadata; scales in µm when ``mpp`` is known, else in the units
+    of ``transform`` (level-0 pixels for slides and plain images, CRS units for rasters)."""
+    dy, dx = math.hypot(transform.b, transform.e), math.hypot(transform.a, transform.d)
+    factor = mpp or 1.0
+    axes = [{"name": axis, "type": "space", **({"unit": "micrometer"} if mpp else {})} for axis in ("y", "x")]
+    scales = [[dy * factor * 2**k, dx * factor * 2**k] for k in range(n_levels)]
+    datasets = [
+        {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        for k, scale in enumerate(scales)
+    ]
+    properties = [{"label-value": i + 1, "class": c} for i, c in enumerate(class_names or [])]
+    return {
+        "ome": {
+            "version": "0.5",
+            "multiscales": [{"name": name, "axes": axes, "datasets": datasets, "type": "subsample"}],
+            "image-label": {"properties": properties} if properties else {},
+        }
+    }
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an older ``final`` is set aside first, put back if the rename
+    fails, and deleted only once the new store is in place."""
+    old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+    replacing = final.exists()
+    if replacing:
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if replacing:
+            os.rename(old, final)
+        raise
+    if replacing:
+        shutil.rmtree(old)
+
+
+def finalise_label_store(
+    store: Path, final_path: Path, detections: Detections, class_names: list[str],
+    cell_size: int = 256, levels: int | None = None,
+) -> dict:
+    """Build the pyramid, the density grid and the metadata, then rename ``store`` to ``final_path``."""
+    root = zarr.open_group(store, mode="r+")
+    transform = Affine(*root.attrs["spatial:transform"])
+    mpp, chunk = root.attrs["mpp"], root.attrs["chunk"]
+    height, width = root[f"{LABELS}/0"].shape
+    shapes = pyramid_shapes(height, width, chunk, levels)
+    for name, names in ((LABELS, None), (CLASSES, class_names)):
+        for k in range(1, len(shapes)):
+            _downsample(store, name, k, shapes[k], transform)
+        root[name].attrs.update(_multiscales(name, len(shapes), transform, mpp, names))
+    density = density_grid(detections, len(class_names), height, width, cell_size)
+    root.create_array(
+        DENSITY, data=density, chunks=(1, *(min(n, 1024) for n in density.shape[1:])), fill_value=0,
+        compressors=COMPRESSORS, dimension_names=("class", "y", "x"), config=CONFIG, overwrite=True,
+        attributes={
+            "cell_size": cell_size,
+            "class_names": list(class_names),
+            **_spatial(transform @ Affine.scale(cell_size), density.shape[1:]),
+        },
+    )
+    counts = np.bincount(detections.label.astype(np.int64), minlength=len(class_names))
+    summary = {
+        "shape": [height, width],
+        "levels": len(shapes),
+        "instances": len(detections),
+        "counts": dict(zip(class_names, counts.tolist())),
+    }
+    root.attrs.update({**summary, "density_cell_size": cell_size})
+    _move_into_place(store, final_path)
+    return {"path": str(final_path), **summary}
