@@ -28,10 +28,12 @@ SEAMLINE = Path(sys.executable).parent / "seamline"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def workflow_file(folder: Path, out: str = "out", batch_size: int = 2, workers: int = 1, extra: str = "", zarr: bool = False) -> Path:
+def workflow_file(folder: Path, out: str = "out", batch_size: int = 2, workers: int = 1, extra: str = "",
+                  zarr: bool = False, report: bool = False) -> Path:
     path = folder / "workflow.yaml"
+    flag = str(report).lower()
     path.write_text(
-        f"name: test\ninputs:\n  paths: [archive]\noutputs:\n  dir: {out}\n  zarr: {str(zarr).lower()}\n  catalogue: false\n  report: false\n"
+        f"name: test\ninputs:\n  paths: [archive]\noutputs:\n  dir: {out}\n  zarr: {str(zarr).lower()}\n  catalogue: {flag}\n  report: {flag}\n"
         f"tiling:\n  batch_size: {batch_size}\ncluster:\n  workers: {workers}\n  threads_per_worker: 1\n  dashboard: ':0'\n{extra}"
     )
     return path
@@ -104,7 +106,7 @@ def archive(tmp_path_factory):
 
 
 def test_incremental_reruns_and_failure_isolation(archive):
-    workflow = workflow_file(archive)
+    workflow = workflow_file(archive, report=True)
     out = archive / "out"
     first = seamline("run", workflow)
     assert first.returncode == 1, first.stdout + first.stderr  # the corrupt file failed, alone
@@ -112,7 +114,13 @@ def test_incremental_reruns_and_failure_isolation(archive):
     assert {n: r["status"] for n, r in rows.items()} == {"scene0.tif": "done", "scene1.tif": "done", "corrupt.tif": "failed"}
     assert "corrupt.tif" in rows["corrupt.tif"]["error"] and "\n" not in rows["corrupt.tif"]["error"]
     assert rows["scene0.tif"]["instances"] == len(gpd.read_file(out / "scene0" / "instances.gpkg", layer="instances"))
-    assert "seamline_images_done" in (out / "metrics.prom").read_text()
+    metrics = (out / "metrics.prom").read_text()
+    assert 'seamline_images_done_total{workflow="test"} 2.0' in metrics
+    assert 'seamline_images_failed_total{workflow="test"} 1.0' in metrics
+    page = (out / "report" / "index.html").read_text()
+    assert "scene0.tif" in page and "corrupt.tif" in page and 'src="scene1.png"' in page
+    assert (out / "report" / "scene0.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "catalogue").glob("image_id=*")) == ["image_id=scene0", "image_id=scene1"]
 
     second = seamline("run", workflow)
     assert "0 to process" not in second.stdout and "2 up to date" in second.stdout  # only the failed one retried

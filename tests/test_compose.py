@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-SERVICES = ("scheduler", "worker", "gpu-worker", "runner")
-SHARED_MOUNTS = ("worker", "gpu-worker", "runner")
+SERVICES = ("scheduler", "worker", "gpu-worker", "runner", "nightly")
+SHARED_MOUNTS = ("worker", "gpu-worker", "runner", "nightly")
 
 
 def _command(service: dict) -> str:
@@ -125,3 +125,17 @@ def test_docker_compose_config_validates(profiles: list[str]) -> None:
     if result.returncode != 0:
         print(result.stderr)
     assert result.returncode == 0, result.stderr
+
+
+def test_nightly_runner_runs_a_shipped_workflow_on_the_cluster():
+    from workflows.spec import load_workflow
+
+    nightly = yaml.safe_load(COMPOSE.read_text())["services"]["nightly"]
+    command = _command(nightly)
+    assert "seamline run" in command and "--scheduler tcp://scheduler:8786" in command
+    default = nightly["environment"]["SEAMLINE_WORKFLOW"].split(":-")[1].rstrip("}")
+    assert default.startswith("/app/workflows/")
+    for name in ("satellite-archive.yaml", "slide-archive.yaml"):
+        workflow = load_workflow(ROOT / "workflows" / name)  # the shipped examples validate
+        assert str(workflow.outputs.dir).startswith("/out") and all(str(p).startswith("/data") for p in workflow.inputs.roots)
+    assert (ROOT / default.replace("/app/", "")).is_file()

@@ -13,8 +13,10 @@ from models.card import load_card
 from models.registry import resolve_model_dir
 from pipeline.graph import Tiling
 from pipeline.writers import atomic_path
+from workflows.catalogue import build_catalogue
 from workflows.cluster import connect, has_gpu_workers
 from workflows.ledger import Ledger, config_hash, fingerprint, model_hash, run_lock
+from workflows.report import write_report
 from workflows.run import RunEvents, RunReport, output_dir, run_images
 from workflows.spec import Workflow, list_inputs
 
@@ -53,6 +55,20 @@ def settings_of(workflow: Workflow, tiling: Tiling) -> dict:
     """What changes the results: a change in any of these reprocesses every image."""
     return {"tiling": tiling.__dict__, "read": workflow.read.model_dump(mode="json"),
             "zarr": [workflow.outputs.zarr, workflow.outputs.density_cell]}
+
+
+def finish_outputs(workflow: Workflow, out: Path, log) -> None:
+    """The archive-wide catalogue and the HTML report; a failure here never fails the run."""
+    if workflow.outputs.catalogue:
+        try:
+            log(f"catalogue: {build_catalogue(out)}")
+        except Exception as err:
+            log(f"catalogue not updated: {type(err).__name__}: {err}")
+    if workflow.outputs.report:
+        try:
+            log(f"report: {write_report(out, f'Seamline — {workflow.name}')}")
+        except Exception as err:
+            log(f"report not written: {type(err).__name__}: {err}")
 
 
 def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = True, log=print) -> BatchOutcome:
@@ -114,6 +130,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
                     labels=workflow.outputs.zarr, density_cell=workflow.outputs.density_cell,
                 )
         metrics.failed.inc(len(problems))
+        finish_outputs(workflow, out, log)
         if workflow.monitoring.metrics_file:
             metrics.write(out / "metrics.prom")
         with atomic_path(out / "run.json") as tmp:

@@ -16,12 +16,14 @@ from pipeline.annotations import AnnotationError, dataset_stats
 from pipeline.graph import Tiling
 from pipeline.sources import SourceError
 from pipeline.writers import atomic_path
+from workflows.analyst_cli import register as register_analyst_commands
 from workflows.cluster import connect, has_gpu_workers
 from workflows.datasets import DatasetFormat, load_dataset, split
 from workflows.run import run_images
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Seamline: every object in images too big for one model call.")
 console = Console()
+register_analyst_commands(app)
 
 
 @app.callback()
@@ -57,7 +59,7 @@ def run(
 
     With one workflow file (.yaml), run it: only new or changed images, recorded in OUT/ledger.sqlite."""
     if len(images) == 1 and images[0].suffix.lower() in {".yaml", ".yml"}:
-        _run_workflow(images[0], force, progress)
+        _run_workflow(images[0], force, progress, scheduler)
     try:
         model_dir = resolve_model_dir(model)
         card = load_card(model_dir)
@@ -218,13 +220,15 @@ def evaluate(
                   f"mask mAP {report['coco']['mask_map']:.3f}  → {out / 'report.md'}")
 
 
-def _run_workflow(path: Path, force: bool, progress: bool) -> None:
+def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None) -> None:
     from workflows.batch import run_workflow
     from workflows.ledger import LedgerLocked
     from workflows.spec import WorkflowError, load_workflow
 
     try:
         workflow = load_workflow(path)
+        if scheduler:
+            workflow.cluster.scheduler = scheduler
         outcome = run_workflow(workflow, force=force, show_progress=progress, log=console.print)
     except (WorkflowError, ModelCardError, LedgerLocked, ValueError) as err:
         _fail(str(err))
@@ -286,6 +290,13 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
         console.print(f"[red]failed:[/red] {error}")
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps({"done": report.done, "failed": report.failed}, indent=2))
+    if report.done:
+        from workflows.catalogue import build_catalogue
+
+        try:
+            console.print(f"catalogue: {build_catalogue(out)} (seamline query {out} …)")
+        except Exception as err:  # the per-image outputs stand on their own
+            console.print(f"[yellow]catalogue not updated:[/yellow] {type(err).__name__}: {err}")
     console.print(f"outputs: {out.resolve()} (one folder per image; run summary in run.json)")
     return report
 

@@ -28,11 +28,14 @@ class RunReport:
         return not self.failed
 
 
+RESERVED = {"catalogue", "report"}  # folders of the run itself, never an image's
+
+
 def output_dir(out_root: Path, image: Path, taken: set[str]) -> Path:
     """``out_root/<image stem>``, disambiguated when two inputs share a stem."""
     name = stem = image_stem(image)
     n = 1
-    while name in taken:
+    while name in taken or name in RESERVED:
         n += 1
         name = f"{stem}-{n}"
     taken.add(name)

@@ -1,0 +1,254 @@
+"""Catalogue and query on real pipeline outputs: three images in two CRSs and pixel space, plus an
+image with no instances; every result is checked against a brute-force filter of the GeoPackages."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import dask
+import duckdb
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pyogrio
+import pytest
+import shapely
+import typer
+from affine import Affine
+from pyproj import Transformer
+from typer.testing import CliRunner
+
+from models.registry import resolve_model_dir
+from models.synthetic import make_scene
+from pipeline.graph import Tiling, image_graph
+from pipeline.sources import open_raster
+from pipeline.synthetic_raster import DEFAULT_TRANSFORM, write_geotiff
+from workflows.analyst_cli import register
+from workflows.catalogue import IMAGES, build_catalogue, partition_path
+from workflows.query import QueryError, _fetch, query, select
+
+ODD = "rect'); DROP TABLE instances; --"  # a class name that would break string-built SQL
+CLASSES = ["ellipse", ODD, "triangle"]
+UTM = "EPSG:32631"
+GEOREFERENCED = ["alpha", "beta", "empty"]
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the pixel-space image
+
+
+def segment(image: np.ndarray, path: Path, out: Path, crs, transform, nodata=None) -> None:
+    write_geotiff(image, path, crs=crs, transform=transform, nodata=nodata)
+    graph = image_graph(open_raster(path), str(resolve_model_dir()), CLASSES, out, Tiling(512, 64, 4))
+    dask.compute(graph.result, scheduler="sync")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """OUT with alpha (UTM 31N), beta (Web Mercator, overlapping alpha), o'hare (pixels), empty."""
+    root = tmp_path_factory.mktemp("query")
+    out = root / "out"
+    x, y = Transformer.from_crs(UTM, "EPSG:3857", always_xy=True).transform(430150, 5419900)
+    segment(make_scene(1, 600, 800, density=1.5).image, root / "alpha.tif", out / "alpha", UTM, DEFAULT_TRANSFORM)
+    segment(make_scene(2, 600, 700, density=1.5).image, root / "beta.tif", out / "beta", "EPSG:3857", Affine(0.75, 0, x, 0, -0.75, y))
+    segment(make_scene(3, 500, 600, density=1.5).image, root / "o'hare.tif", out / "o'hare", None, Affine.identity())
+    segment(np.zeros((300, 400, 3), np.uint8), root / "empty.tif", out / "empty", UTM, DEFAULT_TRANSFORM, nodata=0)
+    truth = {d.name: gpd.read_file(d / "instances.gpkg", layer="instances") for d in sorted(out.iterdir())}
+    build_catalogue(out)
+    return out, truth
+
+
+def ids(frame) -> set:
+    return set(zip(frame["image_id"], frame["instance_id"]))
+
+
+def brute(truth, keep, images=None) -> set:
+    """(image, instance) pairs of the GeoPackages whose rows ``keep(frame)`` selects."""
+    return {pair for name, frame in truth.items() if images is None or name in images for pair in ids(frame[keep(frame)])}
+
+
+def test_catalogue_equals_the_per_image_outputs(run):
+    out, truth = run
+    assert truth["alpha"].crs.to_epsg() == 32631 and truth["beta"].crs.to_epsg() == 3857 and truth["o'hare"].crs is None
+    assert len(truth["empty"]) == 0 and all(len(truth[i]) >= 20 for i in ["alpha", "beta", "o'hare"])
+    for name, frame in truth.items():
+        part = partition_path(out / "catalogue", name)
+        assert part.parent.name == f"image_id={name.replace(chr(39), '%27')}"
+        stored = gpd.read_parquet(part)
+        assert stored.crs == frame.crs
+        assert len(stored) == len(frame)
+        pd.testing.assert_frame_equal(stored[frame.columns.drop("geometry")], pd.DataFrame(frame.drop(columns="geometry")),
+                                      check_dtype=False)
+        assert stored.geometry.geom_equals_exact(frame.geometry, tolerance=0).all()
+        assert stored["area_um2"].isna().all()
+        geo = json.loads(pq.read_metadata(part).metadata[b"geo"])
+        assert geo["version"] == "1.1.0" and "covering" in geo["columns"]["geometry"]
+        bbox = pq.read_table(part, columns=["bbox"]).column("bbox").to_pylist()
+        covering = np.array([[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in bbox], float).reshape(-1, 4)
+        assert np.allclose(covering, shapely.bounds(frame.geometry.values).reshape(-1, 4))
+    images = pq.read_table(out / "catalogue" / IMAGES).to_pylist()
+    assert [r["image_id"] for r in images] == sorted(truth)
+    for row in images:
+        summary = json.loads((out / row["image_id"] / "counts.json").read_text())
+        assert row["crs"] == summary["crs"] and dict(row["counts"]) == summary["counts"] and row["instances"] == summary["instances"]
+
+
+def test_duckdb_reads_the_catalogue(run):
+    out, truth = run
+    files = str(out / "catalogue" / "*" / "*.parquet")
+    counts = duckdb.sql(
+        f"SELECT image_id, class, count(*) FROM read_parquet('{files}', hive_partitioning = true) GROUP BY ALL"
+    ).fetchall()
+    expected = {(name, c, n) for name, f in truth.items() for c, n in f["class"].value_counts().items()}
+    assert set(counts) == expected
+    with duckdb.connect() as con:
+        con.execute("SET enable_geoparquet_conversion = false")  # geometries of several CRSs, as WKB
+        rows = con.execute(
+            "SELECT image_id, instance_id, geometry FROM read_parquet(?, hive_partitioning = true) ORDER BY ALL", [files]
+        ).fetchall()
+    assert len(rows) == sum(len(f) for f in truth.values())
+    for image_id, instance_id, wkb in rows:
+        expected = truth[image_id].geometry.values[instance_id - 1]
+        assert shapely.from_wkb(bytes(wkb)).equals_exact(expected, 0)
+
+
+def _state(catalogue: Path) -> dict:
+    return {p.relative_to(catalogue): (p.stat().st_ino, p.stat().st_mtime_ns) for p in catalogue.rglob("*.parquet")}
+
+
+def test_incremental_rebuild_rewrites_only_changed_images(run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run[0], out)  # copies keep modification times: the copied catalogue is current
+    catalogue = out / "catalogue"
+    before = _state(catalogue)
+    build_catalogue(out)
+    assert _state(catalogue) == before
+    beta = gpd.read_file(out / "beta" / "instances.gpkg", layer="instances")
+    pyogrio.write_dataframe(beta.iloc[::2], out / "beta" / "tmp.gpkg", layer="instances")
+    os.replace(out / "beta" / "tmp.gpkg", out / "beta" / "instances.gpkg")  # as the pipeline re-writes an image
+    build_catalogue(out)
+    after = _state(catalogue)
+    changed = {str(p) for p in after if after[p] != before[p]}
+    assert changed == {str(partition_path(Path(), "beta")), IMAGES}
+    assert ids(gpd.read_parquet(partition_path(catalogue, "beta"))) == ids(beta.iloc[::2])
+    shutil.copytree(out / "alpha", out / "gamma")
+    build_catalogue(out)
+    assert len(gpd.read_parquet(partition_path(catalogue, "gamma"))) == len(run[1]["alpha"])
+    shutil.rmtree(out / "gamma")
+    build_catalogue(out)
+    assert not partition_path(catalogue, "gamma").parent.exists()
+    assert [r["image_id"] for r in pq.read_table(catalogue / IMAGES).to_pylist()] == sorted(run[1])
+
+
+def test_attribute_filters_match_brute_force(run):
+    out, truth = run
+    result = query(out, classes=[ODD], min_score=0.9, images=["alpha", "beta"], to_crs=UTM)
+    expected = brute(truth, lambda f: (f["class"] == ODD) & (f["score"] >= 0.9), ["alpha", "beta"])
+    assert ids(result) == expected and len(expected) >= 5
+    assert result.crs.to_epsg() == 32631 and set(result["class"]) == {ODD}
+    for name in ["alpha", "beta"]:
+        mine = result[result["image_id"] == name].set_index("instance_id").geometry
+        theirs = truth[name].to_crs(UTM).set_index("instance_id").geometry.loc[mine.index]
+        assert mine.geom_equals_exact(theirs, tolerance=1e-6).all()
+    lo, hi = truth["alpha"]["area"].quantile([0.25, 0.75])
+    result = query(out, area_range=(lo, hi), images=["alpha"])
+    assert ids(result) == brute(truth, lambda f: f["area"].between(lo, hi), ["alpha"]) != set()
+    result = query(out, classes=["ellipse"], images=["o'hare"])
+    assert ids(result) == brute(truth, lambda f: f["class"] == "ellipse", ["o'hare"]) != set()
+    assert result.crs is None
+
+
+def test_bbox_in_a_crs_applies_to_images_in_every_crs(run):
+    out, truth = run
+    bbox = (430100, 5419750, 430300, 5419950)
+    result = query(out, bbox=bbox, bbox_crs=UTM, min_score=0.6)
+    expected = brute(
+        truth, lambda f: f.to_crs(UTM).intersects(shapely.box(*bbox)).to_numpy() & (f["score"] >= 0.6).to_numpy(), GEOREFERENCED
+    )
+    assert ids(result) == expected
+    assert {i for i, _ in expected} == {"alpha", "beta"} and len(expected) < len(truth["alpha"]) + len(truth["beta"])
+    assert result.crs.to_epsg() == 32631
+
+
+def test_pixel_bbox_applies_to_pixel_space_images(run):
+    out, truth = run
+    result = query(out, bbox=(100, 100, 400, 300), bbox_crs="pixels")
+    expected = brute(truth, lambda f: f.intersects(shapely.box(100, 100, 400, 300)), ["o'hare"])
+    assert ids(result) == expected and 0 < len(expected) < len(truth["o'hare"])
+
+
+def test_counts_per_region_with_regions_in_another_crs(run, tmp_path):
+    out, truth = run
+    regions = gpd.GeoDataFrame(
+        {"name": ["overlap", "west", "elsewhere"]},
+        geometry=[shapely.box(430120, 5419700, 430400, 5419920), shapely.box(430000, 5419700, 430120, 5420000),
+                  shapely.box(431000, 5421000, 431100, 5421100)],
+        crs=UTM,
+    ).to_crs("EPSG:4326")
+    regions.to_file(tmp_path / "regions.gpkg")
+    stats = query(out, within=tmp_path / "regions.gpkg", min_score=0.6)
+    members = []
+    for name in GEOREFERENCED:
+        frame = truth[name][truth[name]["score"] >= 0.6]
+        points = gpd.GeoDataFrame(frame.drop(columns="geometry"), geometry=frame.representative_point(), crs=frame.crs)
+        members.append(pd.DataFrame(gpd.sjoin(points, regions.to_crs(frame.crs), predicate="within").drop(columns="geometry")))
+    member = pd.concat(members)
+    grouped = member.groupby("index_right")
+    assert member[member["index_right"] == 0]["image_id"].nunique() == 2  # both CRSs feed the overlap region
+    assert list(stats["name"]) == ["overlap", "west", "elsewhere"] and stats.crs == regions.crs
+    expected_count = grouped.size().reindex(range(3), fill_value=0)
+    assert stats["count"].tolist() == expected_count.tolist() and stats["count"].iloc[2] == 0
+    for name in CLASSES:
+        per_class = member[member["class"] == name].groupby("index_right").size().reindex(range(3), fill_value=0)
+        assert stats[f"count_{name}"].tolist() == per_class.tolist()
+    assert np.allclose(stats["mean_score"].iloc[:2], grouped["score"].mean().iloc[:2])
+    assert np.allclose(stats["total_area"], grouped["area"].sum().reindex(range(3), fill_value=0))
+    assert np.allclose(stats["mean_area"].iloc[:2], grouped["area"].mean().iloc[:2]) and np.isnan(stats["mean_area"].iloc[2])
+
+
+def test_values_travel_as_sql_parameters(run):
+    out, truth = run
+    files = [str(partition_path(out / "catalogue", name)) for name in truth]
+    injected = _fetch(files, ["ellipse' OR '1'='1"], None, None, None)
+    assert len(injected) == 0
+    odd = _fetch(files, [ODD], None, None, None)
+    assert ids(odd) == brute(truth, lambda f: f["class"] == ODD)
+    with pytest.raises(QueryError, match="unknown class"):
+        query(out, classes=["ellipse' OR '1'='1"])
+    with pytest.raises(QueryError, match="unknown image"):
+        query(out, images=["alpha' OR '1'='1"])
+    assert sum(len(f) for f in select(out)) == sum(len(f) for f in truth.values())
+
+
+def test_query_cli(run, tmp_path):
+    out, truth = run
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    result = runner.invoke(app, ["catalogue", str(out)])
+    assert result.exit_code == 0 and "4 images" in result.output
+    args = ["query", str(out), "--class", "ellipse", "--class", ODD, "--min-score", "0.9", "--image", "alpha"]
+    expected = brute(truth, lambda f: f["class"].isin(["ellipse", ODD]) & (f["score"] >= 0.9), ["alpha"])
+    for suffix in ["csv", "gpkg", "geojson"]:
+        result = runner.invoke(app, [*args, "--output", str(tmp_path / f"q.{suffix}")])
+        assert result.exit_code == 0, result.output
+        written = pd.read_csv(tmp_path / "q.csv") if suffix == "csv" else gpd.read_file(tmp_path / f"q.{suffix}")
+        assert ids(written) == expected
+    result = runner.invoke(app, ["query", str(out), "--class", "triangle", "--limit", "500"])  # three CRSs in one table
+    n = len(brute(truth, lambda f: f["class"] == "triangle"))
+    assert result.exit_code == 0 and f"{n} instances: triangle {n}" in result.output
+    regions = gpd.GeoDataFrame({"name": ["all"]}, geometry=[shapely.box(429000, 5419000, 431000, 5421000)], crs=UTM)
+    regions.to_file(tmp_path / "regions.geojson")
+    result = runner.invoke(app, ["query", str(out), "--within", str(tmp_path / "regions.geojson")])
+    assert result.exit_code == 0 and str(len(truth["alpha"]) + len(truth["beta"])) in result.output
+    for bad, message in [
+        (["query", str(tmp_path / "missing")], "output directory not found"),
+        (["query", str(out), "--class", "hexagon"], "unknown class 'hexagon'"),
+        (["query", str(out), "--image", "zeta"], "unknown image 'zeta'"),
+        (["query", str(out), "--bbox", "1,2,3"], "--bbox '1,2,3'"),
+        (["query", str(out), "--bbox", "5,0,1,1"], "x0 < x1"),
+        (["query", str(out), "--bbox", "0,0,1,1", "--bbox-crs", "EPSG:999999"], "unknown CRS"),
+        (["query", str(out), "--output", str(tmp_path / "q.shp"), "--image", "alpha"], ".csv, .gpkg or .geojson"),
+        (["query", str(out), "--output", str(tmp_path / "all.gpkg")], "several CRSs"),
+    ]:
+        result = runner.invoke(app, bad)
+        assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, (bad, result.output)

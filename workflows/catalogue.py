@@ -1,0 +1,163 @@
+"""One GeoParquet dataset over a run's outputs: ``OUT/catalogue/image_id=<id>/part-0.parquet``.
+
+An image's id is its output folder's name (``OUT/<id>/``, unique within a run). Each partition
+holds that image's instances as GeoParquet 1.1 (WKB geometry, the image's CRS in the ``geo``
+metadata, a ``bbox`` covering column so readers skip row groups by extent) and carries its
+GeoPackage's modification time, so a rebuild rewrites only images whose outputs changed and
+drops partitions of images that are gone. ``images.parquet`` lists the images: id, image file,
+output folder, CRS (WKT, null for pixel space), instance count and counts per class.
+
+DuckDB reads it with ``read_parquet('OUT/catalogue/*/*.parquet', hive_partitioning = true)``.
+Its GEOMETRY type carries one CRS, so to read geometries of images in different CRSs in one
+query, first ``SET enable_geoparquet_conversion = false`` (geometries then arrive as WKB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import geopandas as gpd
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyogrio
+
+from pipeline.writers import INSTANCES_LAYER
+
+CATALOGUE = "catalogue"
+IMAGES = "images.parquet"
+PARTITION_FILE = "part-0.parquet"
+ROW_GROUP_ROWS = 16_384  # instances come sorted by position: row groups are strips a bbox filter can skip
+COLUMNS = {
+    "image_id": "str", "instance_id": "int64", "class_id": "int32", "class": "str", "score": "float64",
+    "area": "float64", "area_px": "float64", "area_um2": "float64", "tile_id": "int32",
+}
+IMAGES_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("image", pa.string()), ("folder", pa.string()), ("crs", pa.string()),
+    ("instances", pa.int64()), ("counts", pa.map_(pa.string(), pa.int64())),
+])
+
+
+class CatalogueError(ValueError):
+    """Outputs that cannot be catalogued; the message names the path and the problem."""
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """One image's output folder: ``instances.gpkg`` and its ``counts.json`` summary."""
+
+    folder: Path
+
+    @property
+    def image_id(self) -> str:
+        return self.folder.name
+
+    @property
+    def geopackage(self) -> Path:
+        return self.folder / "instances.gpkg"
+
+    def summary(self) -> dict:
+        return json.loads((self.folder / "counts.json").read_text())
+
+
+def image_outputs(out_root: str | Path) -> list[ImageOutput]:
+    """Every complete image output under ``out_root`` (GeoPackage and counts), by id."""
+    out_root = Path(out_root)
+    if not out_root.is_dir():
+        raise CatalogueError(f"{out_root}: output directory not found")
+    folders = sorted(p.parent for p in out_root.glob("*/instances.gpkg") if (p.parent / "counts.json").is_file())
+    return [ImageOutput(folder) for folder in folders if folder.name != CATALOGUE]
+
+
+def find_output(out_root: str | Path, image_id: str) -> ImageOutput:
+    """The output of image ``image_id``; the error lists the ids that exist."""
+    outputs = {o.image_id: o for o in image_outputs(out_root)}
+    if image_id not in outputs:
+        known = ", ".join(sorted(outputs)[:10]) or "none"
+        raise CatalogueError(f"no outputs for image {image_id!r} in {out_root} (images: {known})")
+    return outputs[image_id]
+
+
+def partition_path(catalogue: Path, image_id: str) -> Path:
+    """Hive-style partition file of one image (the id URL-encoded, as Hive readers decode it)."""
+    return catalogue / f"image_id={quote(image_id, safe='')}" / PARTITION_FILE
+
+
+def partition_frame(output: ImageOutput) -> gpd.GeoDataFrame:
+    """An image's instances with the catalogue's columns and types (``area_um2`` null for rasters)."""
+    frame = pyogrio.read_dataframe(output.geopackage, layer=INSTANCES_LAYER)
+    frame["image_id"] = output.image_id
+    if "area_um2" not in frame:
+        frame["area_um2"] = np.nan
+    return frame[[*COLUMNS, "geometry"]].astype(COLUMNS)
+
+
+@contextmanager
+def _atomic(path: Path):
+    """Yield a temporary sibling that no ``*.parquet`` glob matches; rename it on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _is_current(output: ImageOutput, catalogue: Path) -> bool:
+    part = partition_path(catalogue, output.image_id)
+    return part.is_file() and part.stat().st_mtime_ns == output.geopackage.stat().st_mtime_ns
+
+
+def _write_partition(output: ImageOutput, catalogue: Path) -> None:
+    stamp = output.geopackage.stat().st_mtime_ns  # taken before reading: a later change shows as a mismatch
+    with _atomic(partition_path(catalogue, output.image_id)) as tmp:
+        partition_frame(output).to_parquet(
+            tmp, index=False, schema_version="1.1.0", write_covering_bbox=True, row_group_size=ROW_GROUP_ROWS
+        )
+        os.utime(tmp, ns=(stamp, stamp))
+
+
+def _images_table(outputs: list[ImageOutput]) -> pa.Table:
+    summaries = [o.summary() for o in outputs]
+    return pa.Table.from_pylist(
+        [
+            {
+                "image_id": o.image_id, "image": s.get("image"), "folder": str(o.folder.resolve()), "crs": s.get("crs"),
+                "instances": s.get("instances"), "counts": list(s.get("counts", {}).items()),
+            }
+            for o, s in zip(outputs, summaries)
+        ],
+        schema=IMAGES_SCHEMA,
+    )
+
+
+def build_catalogue(out_root: str | Path) -> Path:
+    """Create or refresh ``out_root/catalogue``: rewrite partitions whose GeoPackage changed,
+    remove those of images no longer present, rewrite ``images.parquet`` when anything changed."""
+    outputs = image_outputs(out_root)
+    catalogue = Path(out_root) / CATALOGUE
+    changed = [o for o in outputs if not _is_current(o, catalogue)]
+    for output in changed:
+        _write_partition(output, catalogue)
+    keep = {partition_path(catalogue, o.image_id).parent for o in outputs}
+    stale = [d for d in catalogue.glob("image_id=*") if d not in keep]
+    for folder in stale:
+        shutil.rmtree(folder)
+    if changed or stale or not (catalogue / IMAGES).is_file():
+        with _atomic(catalogue / IMAGES) as tmp:
+            pq.write_table(_images_table(outputs), tmp)
+    return catalogue
+
+
+def read_images(catalogue: Path) -> list[dict]:
+    """The rows of ``images.parquet``, counts as ordered dicts."""
+    rows = pq.read_table(catalogue / IMAGES).to_pylist()
+    return [{**row, "counts": dict(row["counts"])} for row in rows]

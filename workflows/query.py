@@ -1,0 +1,246 @@
+"""Query a run's instances through its catalogue, and counts per region.
+
+DuckDB prefilters the catalogue with parameterised SQL (``?`` placeholders only): attributes
+(class, score, area) and the bbox covering columns against the search extent; shapely then
+decides exact intersections. Images are handled in groups sharing a CRS: a bbox or regions in a
+CRS apply to georeferenced images (reprojected to each image's CRS), ``"pixels"`` (or regions
+without a CRS) to pixel-space images (slides, unreferenced rasters); a bbox without ``bbox_crs``
+is taken in every image's own coordinates. Areas are those of the outputs: CRS units² (px² in
+pixel space). An instance belongs to a region when its representative point lies within it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import duckdb
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import shapely
+from pyproj import CRS
+from pyproj.exceptions import CRSError
+
+from pipeline.writers import atomic_path
+from workflows.catalogue import CATALOGUE, COLUMNS, build_catalogue, partition_path, read_images
+
+PIXELS = "pixels"
+DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON"}
+SELECTED = ", ".join(f'"{c}"' for c in [*COLUMNS, "geometry"])
+Bbox = tuple[float, float, float, float]
+
+
+class QueryError(ValueError):
+    """A query that cannot run as asked; the message names the offending value."""
+
+
+def _check_crs(crs: str | None) -> None:
+    if crs not in (None, PIXELS):
+        try:
+            CRS.from_user_input(crs)
+        except CRSError as err:
+            raise QueryError(f"unknown CRS {crs!r}") from err
+
+
+def _check_bbox(bbox: Bbox | None) -> None:
+    if bbox is not None and not (len(bbox) == 4 and bbox[0] < bbox[2] and bbox[1] < bbox[3]):
+        raise QueryError(f"bbox {tuple(bbox)} must be x0,y0,x1,y1 with x0 < x1 and y0 < y1")
+
+
+def _check_known(kind: str, wanted: list[str] | None, known: list[str]) -> None:
+    for name in wanted or []:
+        if name not in known:
+            raise QueryError(f"unknown {kind} {name!r}; known: {', '.join(known[:20]) or 'none'}")
+
+
+def known_classes(images: list[dict]) -> list[str]:
+    """Every class named in the images' counts, in model order."""
+    return list(dict.fromkeys(c for row in images for c in row["counts"]))
+
+
+def bbox_in(bbox: Bbox, bbox_crs: str | None, crs: CRS | None) -> shapely.Geometry:
+    """The bbox as a polygon in ``crs``; empty when it does not apply to images in that CRS."""
+    box = shapely.box(*bbox)
+    if bbox_crs is None:
+        return box
+    if (bbox_crs == PIXELS) != (crs is None):
+        return shapely.Polygon()
+    if crs is None:
+        return box
+    dense = shapely.segmentize(box, max(bbox[2] - bbox[0], bbox[3] - bbox[1]) / 100)
+    return gpd.GeoSeries([dense], crs=bbox_crs).to_crs(crs).iloc[0]
+
+
+def regions_in(regions: gpd.GeoDataFrame, crs: CRS | None) -> gpd.GeoDataFrame | None:
+    """Regions in ``crs``; None when they do not apply (a CRS on one side only)."""
+    if (regions.crs is None) != (crs is None):
+        return None
+    return regions if crs is None else regions.to_crs(crs)
+
+
+def _fetch(files: list[str], classes, min_score, area_range, extent: tuple | None) -> gpd.GeoDataFrame:
+    """Rows of the given partitions passing the attribute and bbox-covering prefilter."""
+    clauses, params = [], [files]
+    if classes:
+        clauses.append(f"class IN ({', '.join('?' * len(classes))})")
+        params += list(classes)
+    if min_score is not None:
+        clauses.append("score >= ?")
+        params.append(float(min_score))
+    lo, hi = area_range or (None, None)
+    for clause, value in (("area >= ?", lo), ("area <= ?", hi)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(float(value))
+    if extent is not None:
+        clauses.append("bbox.xmax >= ? AND bbox.xmin <= ? AND bbox.ymax >= ? AND bbox.ymin <= ?")
+        params += [float(extent[0]), float(extent[2]), float(extent[1]), float(extent[3])]
+    sql = (
+        f"SELECT {SELECTED} FROM read_parquet(?, hive_partitioning = false) "
+        f"WHERE {' AND '.join(clauses) or 'true'} ORDER BY image_id, instance_id"
+    )
+    with duckdb.connect() as con:
+        con.execute("SET enable_geoparquet_conversion = false")  # WKB, whatever each file's CRS
+        table = con.sql(sql, params=params).to_arrow_table()
+    geometry = shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False))
+    return gpd.GeoDataFrame(table.drop_columns("geometry").to_pandas(), geometry=geometry)
+
+
+def _envelope(*shapes: shapely.Geometry | None) -> tuple | None:
+    """Bounds of the intersection of the given extents' bounding boxes (None: unbounded)."""
+    boxes = [shapely.box(*shapely.bounds(s)) for s in shapes if s is not None]
+    return tuple(shapely.bounds(shapely.intersection_all(boxes))) if boxes else None
+
+
+def select(
+    out_root: str | Path,
+    bbox: Bbox | None = None,
+    bbox_crs: str | None = None,
+    classes: list[str] | None = None,
+    min_score: float | None = None,
+    area_range: tuple[float | None, float | None] | None = None,
+    images: list[str] | None = None,
+    regions: gpd.GeoDataFrame | None = None,
+) -> list[gpd.GeoDataFrame]:
+    """Matching instances, one frame per CRS (geometry as in the outputs). ``regions`` only
+    restricts the search to the images they apply to and to their extent."""
+    _check_bbox(bbox)
+    _check_crs(bbox_crs)
+    if area_range and None not in area_range and area_range[0] > area_range[1]:
+        raise QueryError(f"area range {tuple(area_range)} is empty")
+    catalogue = build_catalogue(out_root)
+    rows = read_images(catalogue)
+    _check_known("image", images, [r["image_id"] for r in rows])
+    _check_known("class", classes, known_classes(rows))
+    groups: dict[str | None, list[str]] = {}
+    for row in rows:
+        if images is None or row["image_id"] in images:
+            groups.setdefault(row["crs"], []).append(row["image_id"])
+    frames = []
+    for wkt, ids in groups.items():
+        crs = CRS.from_wkt(wkt) if wkt else None
+        area = bbox_in(bbox, bbox_crs, crs) if bbox is not None else None
+        local = regions_in(regions, crs) if regions is not None else None
+        if (area is not None and area.is_empty) or (regions is not None and local is None):
+            continue
+        shape = None if local is None else shapely.box(*local.total_bounds)
+        files = [str(partition_path(catalogue, i)) for i in ids]
+        frame = _fetch(files, classes, min_score, area_range, _envelope(area, shape)).set_crs(crs)
+        if area is not None:
+            frame = frame[shapely.intersects(frame.geometry.values, area)].reset_index(drop=True)
+        frames.append(frame)
+    return frames
+
+
+def combine(frames: list[gpd.GeoDataFrame], to_crs: str | None = None) -> gpd.GeoDataFrame:
+    """One frame in ``to_crs``, or in the CRS all matches share; mixing CRSs needs ``to_crs``."""
+    found = [f for f in frames if len(f)]
+    if not found:
+        empty = frames[0] if frames else gpd.GeoDataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()}, geometry=[])
+        return empty.set_crs(to_crs, allow_override=True) if to_crs else empty
+    if to_crs is not None:
+        unreferenced = sorted({i for f in found if f.crs is None for i in f["image_id"]})
+        if unreferenced:
+            raise QueryError(f"images without a CRS cannot be reprojected: {', '.join(unreferenced)}")
+        found = [f.to_crs(to_crs) for f in found]
+    elif any(f.crs != found[0].crs for f in found):
+        names = sorted({f.crs.to_string() if f.crs else PIXELS for f in found})
+        raise QueryError(f"matches lie in several CRSs ({', '.join(names)}): choose one with to_crs (--to-crs) or filter images")
+    return gpd.GeoDataFrame(pd.concat(found, ignore_index=True), crs=found[0].crs)
+
+
+def region_stats(frames: list[gpd.GeoDataFrame], regions: gpd.GeoDataFrame, classes: list[str]) -> gpd.GeoDataFrame:
+    """Per region: ``count``, ``count_<class>``, ``mean_score``, ``mean_area``, ``total_area``."""
+    members = [pd.DataFrame({"region": np.array([], int), "class": np.array([], str), "score": [], "area": []})]
+    for frame in frames:
+        local = regions_in(regions, frame.crs)
+        if local is None or frame.empty:
+            continue
+        points = shapely.point_on_surface(frame.geometry.values)
+        inside, region = shapely.STRtree(local.geometry.values).query(points, predicate="within")
+        members.append(pd.DataFrame({
+            "region": region, "class": frame["class"].to_numpy()[inside],
+            "score": frame["score"].to_numpy()[inside], "area": frame["area"].to_numpy()[inside],
+        }))
+    member = pd.concat(members)
+    index = pd.RangeIndex(len(regions), name="region")
+    stats = member.groupby("region").agg(
+        count=("score", "size"), mean_score=("score", "mean"), mean_area=("area", "mean"), total_area=("area", "sum")
+    ).reindex(index)
+    per_class = pd.crosstab(member["region"], member["class"]).reindex(index=index, columns=classes, fill_value=0)
+    result = regions.reset_index(drop=True).rename_axis("region")
+    result["count"] = stats["count"].fillna(0).astype(np.int64)
+    for name in classes:
+        result[f"count_{name}"] = per_class[name].fillna(0).astype(np.int64)
+    result["mean_score"] = stats["mean_score"]
+    result["mean_area"] = stats["mean_area"]
+    result["total_area"] = stats["total_area"].fillna(0.0)
+    return result.reset_index()
+
+
+def read_regions(within: str | Path | gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """Regions from a vector file (first layer) or as given."""
+    if isinstance(within, gpd.GeoDataFrame):
+        return within
+    if not Path(within).is_file():
+        raise QueryError(f"{within}: regions file not found")
+    return gpd.read_file(within)
+
+
+def query(
+    out_root: str | Path,
+    bbox: Bbox | None = None,
+    bbox_crs: str | None = None,
+    classes: list[str] | None = None,
+    min_score: float | None = None,
+    area_range: tuple[float | None, float | None] | None = None,
+    images: list[str] | None = None,
+    within: str | Path | gpd.GeoDataFrame | None = None,
+    to_crs: str | None = None,
+) -> gpd.GeoDataFrame:
+    """Instances matching every filter (one frame: in ``to_crs``, else ``bbox_crs``, else their
+    shared CRS); with ``within``, one row per region with counts and statistics instead."""
+    _check_crs(to_crs)
+    regions = read_regions(within) if within is not None else None
+    frames = select(out_root, bbox, bbox_crs, classes, min_score, area_range, images, regions)
+    if regions is not None:
+        return region_stats(frames, regions, classes or known_classes(read_images(Path(out_root) / CATALOGUE)))
+    target = to_crs if to_crs is not None else (bbox_crs if bbox_crs not in (None, PIXELS) else None)
+    return combine(frames, target)
+
+
+def write_result(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
+    """Write a query result as CSV (geometry as WKT), GeoPackage or GeoJSON, by extension, atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in {".csv", *DRIVERS}:
+        raise QueryError(f"{path}: output must end in .csv, .gpkg or .geojson")
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="'crs' was not provided")  # pixel space
+        if suffix == ".csv":
+            frame.to_wkt().to_csv(tmp, index=False)
+        else:
+            pyogrio.write_dataframe(frame, tmp, driver=DRIVERS[suffix], layer=path.stem)
+    return path
