@@ -117,6 +117,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
         events = RunEvents(
             started=lambda image, out_dir: ledger.started(Path(image), prints[image], config, model, out_dir),
             batch_done=lambda image: metrics.tiles.inc(), done=done, failed=failed,
+            warned=lambda image, message: ledger.warned(Path(image), message),
         )
         if todo:
             cluster = workflow.cluster

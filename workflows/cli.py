@@ -234,8 +234,10 @@ def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None
         _fail(str(err))
     for image, summary in outcome.report.done.items():
         console.print(f"[green]done[/green] {image}: {summary['instances']} instances")
+    for message in (m for messages in outcome.report.warnings.values() for m in messages):
+        console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
     for image, error in {**outcome.failed_inputs, **outcome.report.failed}.items():
-        console.print(f"[red]failed:[/red] {error}")
+        console.print(f"[red]failed:[/red] {error}", soft_wrap=True)
     console.print(f"ledger: {workflow.outputs.dir / 'ledger.sqlite'} (seamline status {workflow.outputs.dir})")
     raise typer.Exit(0 if outcome.ok else 1)
 
@@ -286,8 +288,10 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
         table.add_row(Path(image).name, *(str(counts[c]) for c in card.classes), str(summary["instances"]),
                       str(Path(summary["outputs"]["geopackage"]).parent))
     console.print(table)
+    for message in (m for messages in report.warnings.values() for m in messages):
+        console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
     for image, error in report.failed.items():
-        console.print(f"[red]failed:[/red] {error}")
+        console.print(f"[red]failed:[/red] {error}", soft_wrap=True)
     with atomic_path(out / "run.json") as tmp:
         tmp.write_text(json.dumps({"done": report.done, "failed": report.failed}, indent=2))
     if report.done:

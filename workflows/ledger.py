@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS images (
     output_dir TEXT,
     started REAL, finished REAL, seconds REAL,
     instances INTEGER, counts TEXT, tiles INTEGER, tiles_skipped INTEGER, batches_resumed INTEGER,
-    error TEXT
+    error TEXT, warnings TEXT
 )
 """
 
@@ -142,8 +142,13 @@ class Ledger:
         self._upsert(
             path, size=print_.size, mtime_ns=print_.mtime_ns, sha256=print_.sha256, config_hash=config,
             model_hash=model, status="running", output_dir=str(output_dir), started=time.time(),
-            finished=None, seconds=None, error=None,
+            finished=None, seconds=None, error=None, warnings=None,
         )
+
+    def warned(self, path: Path, message: str) -> None:
+        row = self.get(path)
+        previous = row["warnings"] if row and row["warnings"] else ""
+        self._upsert(path, status=row["status"] if row else "pending", warnings=f"{previous}{message}\n")
 
     def done(self, path: Path, summary: dict) -> None:
         row = self.get(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ class RunReport:
 
     done: dict[str, dict] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -47,6 +49,7 @@ class RunEvents:
     """What a run announces as it goes (the ledger and the metrics listen)."""
 
     started: Callable[[str, Path], None] = lambda image, out_dir: None
+    warned: Callable[[str, str], None] = lambda image, message: None
     batch_done: Callable[[str], None] = lambda image: None
     done: Callable[[str, dict], None] = lambda image, summary: None
     failed: Callable[[str, str], None] = lambda image, error: None
@@ -81,16 +84,24 @@ def run_images(
     for image in images:
         out_dir = (output_dirs or {}).get(str(image)) or output_dir(out_root, image, taken)
         try:
-            source = open_for_model(image, card, bands, value_range, mpp)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                source = open_for_model(image, card, bands, value_range, mpp)
             resume_dir = out_dir / f".partial-{tokenize(source, str(model_dir), tiling)}" if resume else None
             graphs[str(image)] = image_graph(
                 source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir,
                 labels=labels, density_cell=density_cell,
             )
             events.started(str(image), out_dir)
+            for warning in caught:
+                report.warnings.setdefault(str(image), []).append(str(warning.message))
+                events.warned(str(image), str(warning.message))
         except (SourceError, ValueError) as err:
             report.failed[str(image)] = str(err)
             events.failed(str(image), str(err))
+        except Exception as err:  # whatever one file does, the others go on
+            report.failed[str(image)] = " ".join(f"{image}: {type(err).__name__}: {err}".split())
+            events.failed(str(image), report.failed[str(image)])
     batch_futures = client.compute([b for g in graphs.values() for b in g.batches], optimize_graph=False, retries=retries)
     owners = [name for name, g in graphs.items() for _ in g.batches]
     image_of_batch = {f.key: name for f, name in zip(batch_futures, owners)}
@@ -110,7 +121,9 @@ def run_images(
                     report.done[name] = future.result()
                     events.done(name, report.done[name])
                 else:
-                    report.failed[name] = f"{name}: {type(future.exception()).__name__}: {future.exception()}"
+                    error = future.exception()
+                    cause = str(error) if str(error).startswith(name) else f"{name}: {type(error).__name__}: {error}"
+                    report.failed[name] = " ".join(cause.split())
                     events.failed(name, report.failed[name])
                 progress.advance(images_task)
             else:

@@ -1,0 +1,111 @@
+"""A corpus of bad inputs, generated here, through one workflow run: each fails alone with a
+one-line reason naming the file, or is processed (with a warning where meaning is lost)."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline.synthetic_raster import write_geotiff, write_scene
+
+SEAMLINE = Path(sys.executable).parent / "seamline"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def corpus(folder: Path) -> dict[str, str | None]:
+    """Write the files; map each name to the cause its error must give (None: it must work)."""
+    rng = np.random.default_rng(0)
+    scene = write_scene(folder / "good.tif", seed=3, height=600, width=700)
+    good = (folder / "good.tif").read_bytes()
+    (folder / "zero.tif").write_bytes(b"")
+    (folder / "truncated.tif").write_bytes(good[: len(good) // 3])
+    (folder / "notes.tif").write_text("not an image at all\n")
+    (folder / "photo.png.tif").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)  # wrong extension, broken PNG
+    write_geotiff(rng.integers(0, 255, (300, 300, 2), dtype=np.uint8), folder / "two-band.tif")
+    write_geotiff(scene.image[..., :1], folder / "one-band.tif")
+    write_geotiff(np.dstack([scene.image, np.full(scene.image.shape[:2], 255, np.uint8)]), folder / "four-band.tif")
+    write_geotiff(np.repeat(scene.image, 6, axis=2)[..., :16], folder / "sixteen-band.tif")
+    write_geotiff(scene.image.astype(np.uint16) * 40, folder / "uint16.tif")
+    as_float = scene.image.astype(np.float32) / 255
+    as_float[:50] = np.nan
+    write_geotiff(as_float, folder / "float-nan.tif")
+    write_geotiff(np.zeros((400, 400, 3), np.uint8), folder / "all-nodata.tif", nodata=0)
+    write_geotiff(scene.image[:100, :90], folder / "smaller-than-a-tile.tif")
+    write_geotiff(scene.image, folder / "no-crs.tif", crs=None, transform=rasterio.Affine.identity())
+    (folder / "a-folder.tif").mkdir()
+    return {
+        "good.tif": None, "zero.tif": "empty file", "truncated.tif": "", "notes.tif": "not a readable raster",
+        "photo.png.tif": "not a readable raster", "two-band.tif": "2 colour bands", "one-band.tif": None,
+        "four-band.tif": None, "sixteen-band.tif": None, "uint16.tif": None, "float-nan.tif": None,
+        "all-nodata.tif": None, "smaller-than-a-tile.tif": None, "no-crs.tif": None,
+    }
+
+
+def test_bad_input_corpus_fails_file_by_file(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    expected = corpus(archive)
+    (tmp_path / "w.yaml").write_text(
+        "inputs:\n  paths: [archive]\n  patterns: ['*.tif']\noutputs:\n  dir: out\n  report: false\n"
+        "cluster:\n  threads_per_worker: 1\n  dashboard: ':0'\n"
+    )
+    result = subprocess.run([SEAMLINE, "run", tmp_path / "w.yaml", "--no-progress"], capture_output=True, text=True,
+                            timeout=600, env=ENV)
+    assert result.returncode == 1, result.stdout + result.stderr  # some failed, the run did not crash
+    with sqlite3.connect(tmp_path / "out" / "ledger.sqlite") as db:
+        rows = {Path(p).name: (s, e, w) for p, s, e, w in db.execute("SELECT path, status, error, warnings FROM images")}
+    assert set(rows) == set(expected)  # the folder named *.tif is not an image: never listed
+    for name, cause in expected.items():
+        status, error, warned = rows[name]
+        if cause is None:
+            assert status == "done", (name, error)
+            assert (tmp_path / "out" / name.removesuffix(".tif") / "instances.gpkg").is_file()
+        else:
+            assert status == "failed" and name in error and cause in error and "\n" not in error, (name, error)
+            assert f"failed: {error}" in " ".join(result.stdout.split())
+            assert not (tmp_path / "out" / name.removesuffix(".tif")).exists() or not any(
+                (tmp_path / "out" / name.removesuffix(".tif")).glob("*.gpkg"))
+    assert "uint16 data scaled" in rows["uint16.tif"][2] and "float32 data scaled" in rows["float-nan.tif"][2]
+    assert "no CRS" in rows["no-crs.tif"][2]
+    assert "warning:" in result.stdout
+    assert rows["good.tif"][0] == "done"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--tile-size", "100"], "tile size 100 must be a multiple of 32"),
+    (["--tile-size", "8192"], "must be a multiple of 32 between 64 and 4096"),
+    (["--overlap", "400", "--tile-size", "512"], "overlap 400 must be in [0, tile size / 2)"),
+    (["--overlap", "-3"], "overlap -3"),
+    (["--batch-size", "0"], "batch size 0 must be at least 1"),
+    (["--mpp", "-1"], "--mpp -1.0 must be positive"),
+    (["--density-cell", "1"], "--density-cell 1 must be between"),
+    (["--value-range", "5"], "--value-range needs LO,HI"),
+])
+def test_absurd_parameters_are_refused_before_any_work(tmp_path, arguments, message):
+    from typer.testing import CliRunner
+
+    from workflows.cli import app
+
+    image = write_geotiff(np.zeros((64, 64, 3), np.uint8), tmp_path / "x.tif")
+    result = CliRunner().invoke(app, ["run", str(image), "--out", str(tmp_path / "out"), *arguments])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_file_is_named(tmp_path):
+    from pipeline.sources import SourceError, open_raster
+
+    path = write_geotiff(np.zeros((64, 64, 3), np.uint8), tmp_path / "locked.tif")
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("this user (root) reads files whatever their permissions")
+        with pytest.raises(SourceError, match="locked.tif"):
+            open_raster(path)
+    finally:
+        path.chmod(0o644)
