@@ -55,7 +55,8 @@ def _label_block(store: Path, merged, rows, cols) -> int:
 
 
 def _label_finalise(store: Path, final: Path, merged, class_names: list[str], cell_size: int, *blocks: int) -> dict:
-    return finalise_label_store(store, final, merged.detections, class_names, cell_size)
+    summary = finalise_label_store(store, final, merged.detections, class_names, cell_size, move=False)
+    return {**summary, "staged": str(store)}
 
 
 def label_graph(source, merged: Delayed, class_names: list[str], out_dir: Path, token: str, tiling: Tiling,
@@ -85,14 +86,15 @@ def _write(result, source: RasterSource, class_names: list[str], out_dir: str, b
         "tiles_skipped": result.tiles_skipped + background["tiles_background"],
         "seam_candidates": result.seam_candidates,
         **background,
-        **({"labels_zarr": labels} if labels else {}),
+        **({"labels_zarr": {k: v for k, v in labels.items() if k != "staged"}} if labels else {}),
     }
     if background.get("tissue_mm2"):
         area = background["tissue_mm2"]
         extra["instances_per_mm2"] = len(result.detections) / area
         counts = np.bincount(result.detections.label.astype(np.int64), minlength=len(class_names))
         extra["per_mm2"] = {name: float(n) / area for name, n in zip(class_names, counts)}
-    summary = write_outputs(result.detections, source, class_names, Path(out_dir), extra)
+    staged = {Path(labels["path"]): Path(labels["staged"])} if labels else {}
+    summary = write_outputs(result.detections, source, class_names, Path(out_dir), extra, staged)
     if resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)
     return summary

@@ -89,6 +89,8 @@ def create_label_store(
     if len(class_names) > 255:
         raise ValueError(f"{len(class_names)} classes: the uint8 class raster holds at most 255")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run that died before finalising
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     root = zarr.open_group(tmp, mode="w-", zarr_format=3)
     root.attrs.update({
@@ -217,7 +219,7 @@ def _multiscales(
     }
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
+def move_into_place(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an older ``final`` is set aside first, put back if the rename
     fails, and deleted only once the new store is in place."""
     old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
@@ -236,9 +238,10 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 def finalise_label_store(
     store: Path, final_path: Path, detections: Detections, class_names: list[str],
-    cell_size: int = 256, levels: int | None = None,
+    cell_size: int = 256, levels: int | None = None, move: bool = True,
 ) -> dict:
-    """Build the pyramid, the density grid and the metadata, then rename ``store`` to ``final_path``."""
+    """Build the pyramid, the density grid and the metadata, then rename ``store`` to ``final_path``
+    (with ``move=False`` the caller renames it, e.g. together with an image's other outputs)."""
     root = zarr.open_group(store, mode="r+")
     transform = Affine(*root.attrs["spatial:transform"])
     mpp, chunk = root.attrs["mpp"], root.attrs["chunk"]
@@ -266,5 +269,6 @@ def finalise_label_store(
         "counts": dict(zip(class_names, counts.tolist())),
     }
     root.attrs.update({**summary, "density_cell_size": cell_size})
-    _move_into_place(store, final_path)
+    if move:
+        move_into_place(store, final_path)
     return {"path": str(final_path), **summary}

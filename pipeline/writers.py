@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import geopandas as gpd
@@ -20,6 +21,7 @@ import pyogrio
 import shapely
 
 from pipeline.detections import Detections
+from pipeline.label_store import move_into_place
 from pipeline.sources import RasterSource
 
 INSTANCES_LAYER = "instances"
@@ -92,25 +94,19 @@ def counts_frame(detections: Detections, source: RasterSource, class_names: list
 
 
 def write_outputs(
-    detections: Detections, source: RasterSource, class_names: list[str], out_dir: Path, extra: dict | None = None
+    detections: Detections, source: RasterSource, class_names: list[str], out_dir: Path, extra: dict | None = None,
+    staged: dict[Path, Path] | None = None,
 ) -> dict:
-    """Write ``instances.gpkg``, ``counts.csv`` and ``counts.json`` into ``out_dir``."""
+    """Write ``instances.gpkg``, ``counts.csv``, ``counts.json`` (and ``qupath.geojson`` for slides)
+    into ``out_dir``, as one commit: every file is written under a temporary name first and renamed
+    only when all were written, ``counts.json`` last; ``staged`` directories (final: temporary) are
+    moved in with them. A failure anywhere leaves the previous outputs as they were."""
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = instances_frame(detections, source, class_names)
     counts = counts_frame(detections, source, class_names)
     gpkg = out_dir / "instances.gpkg"
-    with atomic_path(gpkg) as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="'crs' was not provided")  # pixel space, documented
-        pyogrio.write_dataframe(
-            frame, tmp, layer=INSTANCES_LAYER, driver="GPKG", geometry_type="Polygon", SPATIAL_INDEX="YES"
-        )
-        pyogrio.write_dataframe(counts, tmp, layer=COUNTS_LAYER, driver="GPKG", append=False)
-    with atomic_path(out_dir / "counts.csv") as tmp:
-        counts.to_csv(tmp, index=False)
     outputs = {"geopackage": str(gpkg), "counts_csv": str(out_dir / "counts.csv")}
     if source.mpp:
-        with atomic_path(out_dir / "qupath.geojson") as tmp:
-            tmp.write_text(json.dumps(qupath_features(frame, source.mpp)))
         outputs["qupath_geojson"] = str(out_dir / "qupath.geojson")
     summary = {
         "image": source.path,
@@ -121,6 +117,22 @@ def write_outputs(
         "outputs": outputs,
         **(extra or {}),
     }
-    with atomic_path(out_dir / "counts.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    commit = ExitStack()
+    for tmp in (staged or {}).values():  # a failed commit removes the staged directories too
+        commit.callback(shutil.rmtree, tmp, ignore_errors=True)
+    with commit:  # renames happen on a clean exit, in reverse order: counts.json last
+        summary_tmp = commit.enter_context(atomic_path(out_dir / "counts.json"))
+        gpkg_tmp = commit.enter_context(atomic_path(gpkg))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'crs' was not provided")  # pixel space, documented
+            pyogrio.write_dataframe(
+                frame, gpkg_tmp, layer=INSTANCES_LAYER, driver="GPKG", geometry_type="Polygon", SPATIAL_INDEX="YES"
+            )
+            pyogrio.write_dataframe(counts, gpkg_tmp, layer=COUNTS_LAYER, driver="GPKG", append=False)
+        counts.to_csv(commit.enter_context(atomic_path(out_dir / "counts.csv")), index=False)
+        if source.mpp:
+            commit.enter_context(atomic_path(out_dir / "qupath.geojson")).write_text(json.dumps(qupath_features(frame, source.mpp)))
+        summary_tmp.write_text(json.dumps(summary, indent=2))
+        for final, tmp in (staged or {}).items():
+            move_into_place(tmp, final)
     return summary
