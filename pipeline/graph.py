@@ -149,7 +149,7 @@ def image_graph(
         with dask.annotate(resources={"GPU": 1} if gpu else {}):
             segment = (segment_batch, pixels, model_dir) if kept is None else (segment_and_keep, pixels, model_dir, str(kept))
             batches.append(delayed(segment[0], pure=True)(*segment[1:], dask_key_name=(f"segment-{token}", b)))
-    merged = delayed(merge_image, pure=True)(batches, tiles, tiling.match_iou, dask_key_name=f"merge-{token}")
+    merged = delayed(merge_image, pure=True)(batches, grid, tiling.match_iou, dask_key_name=f"merge-{token}")
     background = {"tiles_background": len(tiles) - len(foreground), "batches_resumed": resumed, **(tissue or {})}
     label_store = (
         label_graph(source, merged, class_names, Path(out_dir), token, tiling, foreground, density_cell) if labels else None

@@ -9,7 +9,7 @@ import numpy as np
 
 from models.inference import cached_segmenter
 from pipeline.detections import Detections
-from pipeline.grid import Tile
+from pipeline.grid import Tile, TileGrid
 from pipeline.merge import assign_order, merge_seams
 from pipeline.segment import split_seam_candidates, tile_detections
 from pipeline.sources import RasterSource
@@ -82,8 +82,10 @@ def segment_and_keep(batch: TileBatch, model_dir: str, keep: str) -> BatchResult
     return result
 
 
-def merge_image(results: list[BatchResult], tiles: list[Tile], min_iou: float = 0.5) -> ImageResult:
-    """All instances of one image, merged across seams and in their stable order."""
+def merge_image(results: list[BatchResult], tiles: list[Tile] | TileGrid, min_iou: float = 0.5) -> ImageResult:
+    """All instances of one image, merged across seams and in their stable order. ``tiles`` may be
+    the grid itself: a slide's 50,000 tiles then never travel through the task graph."""
+    tiles = tiles.tiles if isinstance(tiles, TileGrid) else tiles
     candidates = Detections.concat([r.candidates for r in results])
     merged = merge_seams(candidates, {t.index: t for t in tiles}, min_iou)
     detections = assign_order(Detections.concat([r.final for r in results] + [merged]))

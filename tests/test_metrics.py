@@ -281,3 +281,16 @@ def test_rejects_mismatched_or_non_label_inputs():
         metrics.match(np.zeros((3, 3), np.float32), np.zeros((3, 3), np.int32))
     with pytest.raises(ValueError):
         metrics.match(-np.ones((3, 3), np.int32), np.zeros((3, 3), np.int32))
+
+
+def test_best_score_threshold_is_read_off_the_pr_curve():
+    from workflows.evaluate import best_threshold
+
+    # four predictions by falling score: hit, hit, miss, hit; four true objects
+    precision = np.array([1, 1, 2 / 3, 3 / 4])
+    recall = np.array([1, 2, 2, 3]) / 4
+    best = best_threshold(precision, recall, np.array([0.9, 0.8, 0.7, 0.6]))
+    assert best["score_threshold"] == 0.6 and best["f1"] == pytest.approx(0.75)
+    tied = best_threshold(precision[:3], recall[:3], np.array([0.9, 0.8, 0.8]))  # 0.8 keeps both 0.8s
+    assert tied["score_threshold"] == 0.8 and tied["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert best_threshold(np.array([]), np.array([]), np.array([]))["score_threshold"] is None

@@ -204,6 +204,7 @@ def evaluate(
     class_name: ClassOption = "object", class_field: ClassFieldOption = None,
     only: Annotated[Optional[str], typer.Option(help="Comma-separated image names to score (e.g. a model's validation split).")] = None,
     tile_size: Optional[int] = None, overlap: Optional[int] = None,
+    calibrate: Annotated[bool, typer.Option(help="Write the F1-maximising score threshold found on these images into the model card (calibrate on images the model will not be judged on).")] = False,
 ) -> None:
     """Run the full pipeline on whole annotated images and score it (mAP, F1, PQ, AJI, counts)."""
     from workflows.evaluate import evaluate as run_evaluation
@@ -218,6 +219,14 @@ def evaluate(
     report = run_evaluation(samples, model_dir, card, out, tiling)
     console.print(f"F1@0.5 {report['summary']['f1']:.3f}  PQ {report['summary']['pq']:.3f}  AJI {report['summary']['aji']:.3f}  "
                   f"mask mAP {report['coco']['mask_map']:.3f}  → {out / 'report.md'}")
+    best = report["calibration"]
+    if best["score_threshold"] is not None:
+        console.print(f"best F1@0.5 {best['f1']:.3f} at score ≥ {best['score_threshold']:.3f} (card: {card.score_threshold})")
+    if calibrate and best["score_threshold"] is not None:
+        from models.card import save_card
+
+        save_card(card.model_copy(update={"score_threshold": round(best["score_threshold"], 3)}), model_dir)
+        console.print(f"score_threshold {best['score_threshold']:.3f} written to {model_dir / 'model.yaml'}")
 
 
 def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None) -> None:

@@ -45,8 +45,11 @@ def segment_samples(samples: list[AnnotatedImage], model_dir: Path, card: ModelC
     return [work / s.name / "instances.gpkg" for s in samples]
 
 
-def precision_recall_curve(per_image: list[tuple[np.ndarray, np.ndarray, dict]], total_true: int) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall at IoU > 0.5 as the score threshold falls, over all images."""
+def precision_recall_curve(
+    per_image: list[tuple[np.ndarray, np.ndarray, dict]], total_true: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision and recall at IoU > 0.5 as the score threshold falls, over all images, and the
+    score of each point (keeping instances scored at least that)."""
     scores, hits = [], []
     for pred, true, pred_scores in per_image:
         matched = {p for p, _, _ in metrics.match(pred, true, 0.5)}
@@ -57,7 +60,19 @@ def precision_recall_curve(per_image: list[tuple[np.ndarray, np.ndarray, dict]],
     tp = np.cumsum(np.asarray(hits, float)[order])
     precision = tp / np.arange(1, len(tp) + 1)
     recall = tp / max(total_true, 1)
-    return precision, recall
+    return precision, recall, np.asarray(scores, float)[order]
+
+
+def best_threshold(precision: np.ndarray, recall: np.ndarray, thresholds: np.ndarray) -> dict:
+    """The score threshold that maximises F1@0.5 along the curve (ties: the higher threshold)."""
+    if len(thresholds) == 0:
+        return {"score_threshold": None, "f1": 0.0}
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    # only points where the threshold changes are reachable by a cut on score
+    last_of_score = np.r_[thresholds[1:] != thresholds[:-1], True]
+    best = int(np.flatnonzero(last_of_score)[np.argmax(f1[last_of_score])])
+    return {"score_threshold": float(thresholds[best]), "f1": float(f1[best]),
+            "precision": float(precision[best]), "recall": float(recall[best])}
 
 
 def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, out: Path, tiling: Tiling) -> dict:
@@ -90,7 +105,8 @@ def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, ou
         "coco": metrics.coco_map(coco_inputs),
         "per_image": per_image,
     }
-    precision, recall = precision_recall_curve(curves, total_true)
+    precision, recall, thresholds = precision_recall_curve(curves, total_true)
+    report["calibration"] = {"card_score_threshold": card.score_threshold, **best_threshold(precision, recall, thresholds)}
     _plot_pr(precision, recall, out / "pr_curve.png")
     with atomic_path(out / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2, default=float))
