@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from models.card import ModelCard
-from pipeline.sources import open_image
+from pipeline.sources import RasterSource, open_image
 
 
 def open_for_model(
@@ -22,6 +23,9 @@ def open_for_model(
         path, bands, value_range, card.input.channels,
         target_mpp=resolution.get("um"), mpp=mpp, target_m=resolution.get("m"),
     )
+    if isinstance(source, RasterSource) and source.crs_wkt is None:
+        where = "pixel coordinates" if source.transform.is_identity else "the units of its transform, CRS unknown"
+        warnings.warn(f"{source.path}: no CRS; polygons are in {where}", stacklevel=2)
     if card.input.slide_normalisation and hasattr(source, "with_colour_normalisation"):
         source = source.with_colour_normalisation(card.input.reference_mean, card.input.reference_std)
     return source

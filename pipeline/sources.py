@@ -148,10 +148,6 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     else:
         ranges = _overview_range(dataset, bands)
         warnings.warn(f"{path}: {dtype} data scaled to 8 bits from per-band ranges {ranges}", stacklevel=3)
-    if dataset.crs is None and not dataset.transform.is_identity:
-        warnings.warn(f"{path}: georeferenced without a CRS; polygons are in its transform's units, CRS unknown", stacklevel=3)
-    elif dataset.crs is None:
-        warnings.warn(f"{path}: no CRS; polygons are in pixel coordinates", stacklevel=3)
     size = pixel_size_m(dataset) if target_m else None
     factor = target_m / size if size and abs(target_m / size - 1) > 0.05 else 1.0
     height, width = max(1, round(dataset.height / factor)), max(1, round(dataset.width / factor))
