@@ -55,9 +55,15 @@ PROJ = {
 }
 
 
-def _spatial(transform: Affine, shape: tuple[int, ...]) -> dict:
+def level_dims(k: int) -> tuple[str, str]:
+    """Dimension names of pyramid level ``k``: (y, x) at full resolution, (y_k, x_k) below, so
+    every level of a group opens side by side in xarray (``xr.open_zarr(store, group="labels")``)."""
+    return ("y", "x") if k == 0 else (f"y_{k}", f"x_{k}")
+
+
+def _spatial(transform: Affine, shape: tuple[int, ...], dims: tuple[str, str] = ("y", "x")) -> dict:
     """Spatial-convention attributes of a (y, x) grid whose pixel → CRS affine is ``transform``."""
-    return {"spatial:dimensions": ["y", "x"], "spatial:shape": list(shape), "spatial:transform": list(transform)[:6]}
+    return {"spatial:dimensions": list(dims), "spatial:shape": list(shape), "spatial:transform": list(transform)[:6]}
 
 
 def _create_level(
@@ -65,8 +71,8 @@ def _create_level(
 ) -> zarr.Array:
     return group.create_array(
         str(k), shape=shape, chunks=(chunk, chunk), dtype=dtype, fill_value=0, compressors=COMPRESSORS,
-        dimension_names=("y", "x"), config=CONFIG, overwrite=True,
-        attributes=_spatial(transform @ Affine.scale(2**k), shape),
+        dimension_names=level_dims(k), config=CONFIG, overwrite=True,
+        attributes=_spatial(transform @ Affine.scale(2**k), shape, level_dims(k)),
     )
 
 

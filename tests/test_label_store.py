@@ -256,3 +256,30 @@ def test_rerun_replaces_the_store_and_a_failed_swap_keeps_the_old_one(scene, tmp
         finalise_label_store(store, final, detections, NAMES, cell_size=CELL)
     group = zarr.open_group(final, mode="r")
     assert (group["labels/0"][:] == one_go(first)).all() and group.attrs["instances"] == len(first)
+
+
+def test_every_level_opens_in_xarray(tmp_path):
+    import xarray as xr
+
+    from models.synthetic import make_scene
+    from tests.helpers import label_polygons
+
+    scene = make_scene(5, 300, 420)
+    polygons = label_polygons(scene.labels)
+    ids = sorted(polygons)
+    detections = Detections(
+        geometry=np.array([polygons[i] for i in ids]), label=scene.classes[np.array(ids) - 1].astype(np.int16),
+        score=np.ones(len(ids), np.float32), tile=np.zeros(len(ids), np.int32),
+        cut=np.zeros(len(ids), bool), owned=np.ones(len(ids), bool),
+    )
+    final = tmp_path / "labels.zarr"
+    store = create_label_store(final, 300, 420, 64, ["a", "b", "c"], Affine.identity(), None, None)
+    for rows, cols in label_blocks(300, 420, 64, 2):
+        write_label_block(store, detections, rows, cols)
+    finalise_label_store(store, final, detections, ["a", "b", "c"], cell_size=50)
+    labels = xr.open_zarr(final, group="labels", consolidated=False)
+    assert labels["0"].dims == ("y", "x") and labels["0"].shape == (300, 420)
+    assert labels["1"].dims == ("y_1", "x_1") and labels["1"].shape == (150, 210)
+    assert (labels["1"].values == labels["0"].values[::2, ::2]).all()
+    root = xr.open_zarr(final, consolidated=False)
+    assert int(root["density"].sum()) == len(ids) and root.attrs["counts"] == dict(zip("abc", np.bincount(detections.label, minlength=3).tolist()))
