@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,9 +69,11 @@ def main() -> None:
     for side in args.sides:
         slide = workdir / f"slide-{side}.ome.tif"
         start = time.perf_counter()
-        write_slide(slide, side, side, make_islands(side, side, args.islands, args.island_size, seed=11), mpp=0.25)
+        if not slide.is_file():  # slides are deterministic: a --workdir of an earlier run is reused
+            write_slide(slide, side, side, make_islands(side, side, args.islands, args.island_size, seed=11), mpp=0.25)
         written = time.perf_counter() - start
         out = workdir / f"out-{side}"
+        shutil.rmtree(out, ignore_errors=True)
         command = [sys.executable, "-m", "workflows.cli", "run", str(slide), "--model", args.model, "--out", str(out),
                    "--workers", "1", "--threads", "2", "--no-progress"]
         seconds, peaks, code = run_measured(command)

@@ -111,6 +111,7 @@ def demo(
         console.print(f"real image {REAL_DEMO_IMAGE} (MoNuSeg H&E, held out from training), model nuclei-he")
         tiling = Tiling(card.tile_size, card.overlap, batch_size=4)
         report = _run_and_report([REAL_DEMO_IMAGE], model_dir, card, out, tiling, None, workers, 2, None, None, True)
+        _demo_picture(report)
         raise typer.Exit(0 if report.ok else 1)
     model_dir = resolve_model_dir()
     card = load_card(model_dir)
@@ -119,7 +120,20 @@ def demo(
     console.print(f"generated {scene_path} ({size}×{size} px, {scene.count} objects)")
     tiling = Tiling(card.tile_size, card.overlap, batch_size=4)
     report = _run_and_report([scene_path], model_dir, card, out, tiling, None, workers, 2, None, None, True)
+    _demo_picture(report)
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _demo_picture(report) -> None:
+    """The demo's result as a picture: polygons coloured by class over the image."""
+    import geopandas as gpd
+
+    from pipeline.preview import render_overlay
+
+    for image, summary in report.done.items():
+        gpkg = Path(summary["outputs"]["geopackage"])
+        png = render_overlay(image, gpd.read_file(gpkg, layer="instances"), gpkg.parent / "preview.png", max_size=1600)
+        console.print(f"picture: {png}")
 
 
 dataset_app = typer.Typer(help="Annotated datasets: statistics before training.")
