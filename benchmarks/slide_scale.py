@@ -14,44 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
+from common import machine, run_measured
 from pipeline.synthetic_slide import make_islands, write_slide
-
-
-def run_measured(command: list[str]) -> tuple[float, dict[str, int], int]:
-    """(seconds, peak RSS per process name, exit code) of ``command`` and all its descendants."""
-    start = time.perf_counter()
-    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peaks: dict[int, tuple[str, int]] = {}
-    while process.poll() is None:
-        try:
-            family = [process, *process.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            break
-        for member in family:
-            try:
-                rss = member.memory_info().rss
-                command_line = " ".join(member.cmdline())
-                role = "client" if member is process else "worker" if "spawn_main" in command_line else "other"
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            name, peak = peaks.get(member.pid, (role, 0))
-            peaks[member.pid] = (name, max(peak, rss))
-        time.sleep(0.1)
-    seconds = time.perf_counter() - start
-    by_role: dict[str, int] = {}
-    for role, peak in peaks.values():
-        by_role[role] = max(by_role.get(role, 0), peak)
-    if process.returncode:
-        sys.stderr.write(process.stderr.read().decode()[-2000:])
-    return seconds, by_role, process.returncode
 
 
 def main() -> None:
@@ -65,6 +34,7 @@ def main() -> None:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="seamline-slides-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    print(machine())
     rows = []
     for side in args.sides:
         slide = workdir / f"slide-{side}.ome.tif"
@@ -76,13 +46,14 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         command = [sys.executable, "-m", "workflows.cli", "run", str(slide), "--model", args.model, "--out", str(out),
                    "--workers", "1", "--threads", "2", "--no-progress"]
-        seconds, peaks, code = run_measured(command)
-        summary = json.loads((out / f"slide-{side}" / "counts.json").read_text()) if code == 0 else {}
+        measured = run_measured(command, want_json=False)
+        seconds, peaks = measured["seconds"], measured["roles"]
+        summary = json.loads((out / f"slide-{side}" / "counts.json").read_text())
         rows.append({
             "side": side, "file_mb": slide.stat().st_size / 2**20, "write_s": written, "tiles": summary.get("tiles"),
             "tiles_read": (summary.get("tiles", 0) - summary.get("tiles_background", 0)) if summary else None,
             "instances": summary.get("instances"), "run_s": seconds,
-            "worker_peak_mb": peaks.get("worker", 0) / 2**20, "client_peak_mb": peaks.get("client", 0) / 2**20, "exit": code,
+            "worker_peak_mb": peaks.get("worker", 0) / 2**20, "client_peak_mb": peaks.get("client", 0) / 2**20,
         })
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'side':>8} {'file MB':>8} {'tiles':>7} {'read':>5} {'objects':>8} {'run s':>7} {'worker MB':>10} {'client MB':>10}")

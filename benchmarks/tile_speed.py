@@ -1,17 +1,31 @@
-"""Per-tile model speed and pipeline efficiency of a model, on this machine's CPU or GPU.
+"""Per-tile model speed and pipeline efficiency, on this machine's CPU or GPU.
 
-Prints, measured in one run: model-only seconds per tile on preloaded tiles (the ceiling), and
-end-to-end seconds per tile for the whole pipeline (synchronous scheduler) (read, segment, merge, write) on a generated
-GeoTIFF scene with the same tiles and batch size; efficiency = model-only / end-to-end time.
+Measured in one run, interleaved (each repeat runs every variant once, so drifts in machine speed
+hit all alike), medians reported:
 
-    python benchmarks/tile_speed.py [--model synthetic-shapes] [--size 2048] [--batch-size 4]
+- model only: ``models.inference.Segmenter`` on tiles preloaded in memory, same batch size (the
+  ceiling), with torch using all cores and with one thread;
+- end to end, synchronous scheduler: the image's Dask graph (read, segment, merge, write) run in
+  this process with ``scheduler="sync"``, with all cores and with one torch thread;
+- end to end, LocalCluster: ``workflows.run.run_images`` (what ``seamline run`` calls) on a
+  ``LocalCluster`` of one worker process with 2 threads, as ``seamline run`` starts it. Dask starts
+  workers with ``OMP_NUM_THREADS=1`` and ``MKL_NUM_THREADS=1``, so torch in the worker uses one
+  thread; the same cluster with both set to the machine's cores runs beside it (``--worker-omp``),
+  and one whose worker runs without Dask's ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc
+  return (and torch then re-fault) every large freed block.
+
+Efficiency = model-only time / end-to-end time with the same number of torch threads, on the same
+tiles of a generated GeoTIFF scene.
+Clusters are started and warmed up (model loaded in the worker) before timing.
+
+    python benchmarks/tile_speed.py [--model synthetic-shapes] [--size 2048] [--batch-size 4] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +34,7 @@ import dask
 import numpy as np
 import torch
 
+from common import cluster_run, local_cluster, machine, table, worker_torch_threads
 from models.card import load_card
 from models.inference import Segmenter
 from models.registry import resolve_model_dir
@@ -36,12 +51,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
+    parser.add_argument("--worker-omp", type=int, default=os.cpu_count(),
+                        help="OMP/MKL_NUM_THREADS of the second cluster's worker (0: leave that cluster out)")
+    parser.add_argument("--no-malloc-variant", action="store_true",
+                        help="leave out the cluster whose worker runs without Dask's MALLOC_TRIM_THRESHOLD_=65536")
+    parser.add_argument("--no-cluster", action="store_true", help="model only and synchronous scheduler only")
     args = parser.parse_args()
 
     model_dir = resolve_model_dir(args.model)
     card = load_card(model_dir)
     segmenter = Segmenter(model_dir, args.device)
-    with tempfile.TemporaryDirectory() as tmp:
+    tiling = Tiling(card.tile_size, card.overlap, args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         path = Path(tmp) / "scene.tif"
         write_scene(path, seed=1, height=args.size, width=args.size)
         source = open_raster(path)
@@ -49,28 +70,62 @@ def main() -> None:
         pixels = np.stack([read_window(source, t.rows, t.cols)[0] for t in tiles])
         for warm_up in range(3):
             segmenter(pixels[warm_up * args.batch_size : (warm_up + 1) * args.batch_size])
-        graph_tiling = Tiling(card.tile_size, card.overlap, args.batch_size)
-        model_times, pipeline_times = [], []
-        for repeat in range(args.repeats):  # interleaved, so drifts in machine speed hit both alike
-            start = time.perf_counter()
+
+        def model_only() -> int:
             found = sum(len(r) for b in range(0, len(pixels), args.batch_size) for r in segmenter(pixels[b : b + args.batch_size]))
             if segmenter.device.type == "cuda":
                 torch.cuda.synchronize()
-            model_times.append((time.perf_counter() - start) / len(tiles))
-            graph = image_graph(source, str(model_dir), card.classes, Path(tmp) / f"out{repeat}", graph_tiling)
-            start = time.perf_counter()
-            (summary,) = dask.compute(graph.result, scheduler="sync")
-            pipeline_times.append((time.perf_counter() - start) / len(tiles))
-        model_only, end_to_end = float(np.median(model_times)), float(np.median(pipeline_times))
+            return found
 
-    device = torch.cuda.get_device_name() if segmenter.device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    print(f"model {card.name} ({card.architecture}), device {device}, torch threads {torch.get_num_threads()}")
-    print(f"scene {args.size}x{args.size}: {len(tiles)} tiles of {card.tile_size}² (overlap >= {card.overlap}), batch {args.batch_size}")
-    print(f"model only : runs {', '.join(f'{t:.3f}' for t in model_times)} s/tile")
-    print(f"end to end : runs {', '.join(f'{t:.3f}' for t in pipeline_times)} s/tile")
-    print(f"model only : {model_only:.3f} s/tile  ({1 / model_only:.1f} tiles/s, {found} detections)")
-    print(f"end to end : {end_to_end:.3f} s/tile  ({1 / end_to_end:.1f} tiles/s, {summary['instances']} instances after merge)")
-    print(f"efficiency : {model_only / end_to_end:.2f}  (model-only time / end-to-end time)")
+        def synchronous(out: Path) -> int:
+            graph = image_graph(source, str(model_dir), card.classes, out, tiling)
+            (summary,) = dask.compute(graph.result, scheduler="sync")
+            return summary["instances"]
+
+        cores = os.cpu_count() or 1
+        runs: dict[str, tuple[int, object]] = {  # name: (torch threads, run)
+            f"model only, {cores} torch threads": (cores, lambda out: model_only()),
+            "model only, 1 torch thread": (1, lambda out: model_only()),
+            f"end to end, sync scheduler, {cores} torch threads": (cores, synchronous),
+            "end to end, sync scheduler, 1 torch thread": (1, synchronous),
+        }
+        if not args.no_cluster:
+            clusters = {"end to end, LocalCluster 1 worker × 2 threads (seamline run)": None}
+            if args.worker_omp:
+                clusters[f"end to end, LocalCluster 1 worker × 2 threads, OMP/MKL_NUM_THREADS={args.worker_omp}"] = {
+                    "OMP_NUM_THREADS": args.worker_omp, "MKL_NUM_THREADS": args.worker_omp}
+            if not args.no_malloc_variant:
+                clusters["end to end, LocalCluster 1 worker × 2 threads, MALLOC_TRIM_THRESHOLD_ unset"] = {
+                    "MALLOC_TRIM_THRESHOLD_": None}
+            for name, env in clusters.items():
+                client = stack.enter_context(local_cluster(1, 2, env))
+                cluster_run(client, path, model_dir, Path(tmp) / f"warm-{len(runs)}", tiling)  # loads the model
+                run = lambda out, client=client: cluster_run(client, path, model_dir, out, tiling)["instances"]
+                runs[name] = (worker_torch_threads(client), run)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        found: dict[str, int] = {}
+        for repeat in range(args.repeats):
+            for k, (name, (threads, run)) in enumerate(runs.items()):
+                torch.set_num_threads(threads)  # this process's runs; a cluster's worker has its own
+                start = time.perf_counter()
+                found[name] = run(Path(tmp) / f"out-{repeat}-{k}")
+                times[name].append((time.perf_counter() - start) / len(tiles))
+
+    device = torch.cuda.get_device_name() if segmenter.device.type == "cuda" else "CPU"
+    print(f"machine: {machine()}; device {device}")
+    print(f"model {card.name} ({card.architecture}); scene {args.size}x{args.size}: {len(tiles)} tiles of "
+          f"{card.tile_size}² (overlap ≥ {card.overlap}), batch {args.batch_size}, {args.repeats} interleaved repeats")
+    ceiling = {threads: float(np.median(times[name])) for name, (threads, _) in runs.items() if name.startswith("model only")}
+    rows = []
+    for name, runs_s in times.items():
+        median = float(np.median(runs_s))
+        threads = runs[name][0]
+        what = "detections" if name.startswith("model only") else "instances"
+        efficiency = f"{ceiling[threads] / median:.2f}" if threads in ceiling else "–"
+        rows.append([name, threads, f"{median:.3f}", ", ".join(f"{t:.3f}" for t in runs_s),
+                     f"{1 / median:.2f}", efficiency, f"{found[name]} {what}"])
+    print(table(["run", "torch threads", "s/tile (median)", "runs", "tiles/s", "efficiency", "found"], rows))
+    print("efficiency = model-only s/tile with the same torch threads ÷ that run's s/tile (same tiles, same batch size)")
 
 
 if __name__ == "__main__":

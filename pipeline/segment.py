@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import shapely
 
-from models.inference import TileInstances
 from pipeline.detections import Detections
 from pipeline.grid import Tile
 from pipeline.polygons import mask_to_polygon
+
+if TYPE_CHECKING:  # importing torch costs a process ~0.65 GB of RSS; only workers need it
+    from models.inference import TileInstances
 
 
 def tile_detections(instances: TileInstances, tile: Tile) -> Detections:

@@ -1,0 +1,250 @@
+"""Shared by the benchmark scripts: peak-memory measurement, machine description, and the
+scoring of outputs against ground truth (sparse versions of ``tests/helpers``' definitions, so
+tens of thousands of instances fit in memory)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import shapely
+from scipy import ndimage
+
+from pipeline.polygons import mask_to_polygon
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    """CPU model, cores, memory, and the load when the benchmark started."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{name}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, load average {load}"
+
+
+class PeakRSS:
+    """Peak resident memory of this process (sampled every ``interval`` s) inside a ``with`` block."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.process = psutil.Process()
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def run_measured(command: list[str], env: dict | None = None, interval: float = 0.05, want_json: bool = True) -> dict:
+    """Run ``command`` in its own process tree; its wall time, the peak of the tree's summed RSS,
+    the peak of its largest single process and the peaks by role (``client``: the command's own
+    process, ``worker``: multiprocessing children such as Dask workers, ``other``), sampled every
+    ``interval`` s, and the JSON object the command printed last on stdout (``result``)."""
+    start = time.perf_counter()
+    process = psutil.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    out: list[str] = []
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda: out.extend(process.stdout), daemon=True),
+               threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
+    tree_peak = single_peak = 0
+    roles: dict[str, int] = {}
+    while process.poll() is None:
+        total = 0
+        try:
+            family = [process, *process.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for member in family:
+            try:
+                rss = member.memory_info().rss
+                role = "client" if member is process else "worker" if "spawn_main" in " ".join(member.cmdline()) else "other"
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += rss
+            single_peak = max(single_peak, rss)
+            roles[role] = max(roles.get(role, 0), rss)
+        tree_peak = max(tree_peak, total)
+        time.sleep(interval)
+    seconds = time.perf_counter() - start
+    for reader in readers:
+        reader.join()
+    result = None
+    for line in reversed(out):
+        if line.startswith("{"):
+            result = json.loads(line)
+            break
+    if process.returncode or (want_json and result is None):
+        sys.stderr.write("".join(errors)[-3000:])
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}")
+    return {"seconds": seconds, "tree_peak": tree_peak, "single_peak": single_peak, "roles": roles,
+            "result": result, "stdout": "".join(out)}
+
+
+WORKER_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+
+
+@contextlib.contextmanager
+def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None = None):
+    """A ``LocalCluster`` like ``workflows.cluster.connect`` (processes, 127.0.0.1), dashboard on
+    a free port. Dask starts workers with ``OMP/MKL/OPENBLAS_NUM_THREADS=1`` and
+    ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``); ``env`` overrides
+    them (``None``: leave the variable unset in the worker)."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    env = env or {}
+    # the nanny prefers these variables from os.environ over its config and leaves its own in
+    # os.environ after spawning: clear them around the start and restore them afterwards
+    saved = {k: os.environ.pop(k, None) for k in WORKER_ENV}
+    os.environ.update({k: str(v) for k, v in env.items() if v is not None})
+    settings = {f"distributed.nanny.pre-spawn-environ.{k}": None for k, v in env.items() if v is None}
+    try:
+        with dask.config.set(settings):
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1", dashboard_address=":0"
+            )
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+def worker_env(client) -> dict[str, str | None]:
+    return next(iter(client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENV}).values()))
+
+
+def cluster_run(client, image: Path, model_dir: Path, out: Path, tiling: Tiling) -> dict:
+    """One image through ``workflows.run.run_images``, as ``seamline run`` does; its summary."""
+    from models.card import load_card
+    from workflows.run import run_images
+
+    card = load_card(model_dir)
+    report = run_images(client, [image], model_dir, card, out, tiling, show_progress=False)
+    if not report.ok:
+        raise RuntimeError(report.failed)
+    return next(iter(report.done.values()))
+
+
+def worker_torch_threads(client) -> int:
+    import torch
+
+    return next(iter(client.run(torch.get_num_threads).values()))
+
+
+def label_polygons(labels: np.ndarray) -> np.ndarray:
+    """Exact pixel-edge polygon of every instance of a label image (ids 1..n, in id order);
+    ``tests.helpers.label_polygons`` with ``find_objects`` so it scales to large scenes."""
+    polygons = []
+    for instance, found in enumerate(ndimage.find_objects(labels), start=1):
+        if found is None:
+            continue
+        rows, cols = found
+        polygons.append(mask_to_polygon(labels[found] == instance, rows.start, cols.start))
+    return np.asarray(polygons + [None], dtype=object)[:-1]
+
+
+def _pair_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, IoU) for every intersecting pair of ``a[i]`` and ``b[j]``."""
+    if len(a) == 0 or len(b) == 0:
+        return np.empty(0, np.intp), np.empty(0, np.intp), np.empty(0)
+    i, j = shapely.STRtree(b).query(a, predicate="intersects")
+    inter = shapely.area(shapely.intersection(a[i], b[j]))
+    union = shapely.area(a[i]) + shapely.area(b[j]) - inter
+    return i, j, np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def true_positives(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> int:
+    """Outputs matching a true object at IoU ≥ ``threshold`` (≥ 0.5: matches are one-to-one)."""
+    i, _, iou = _pair_iou(predicted, truth)
+    return len(np.unique(i[iou >= threshold]))
+
+
+def match_f1(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
+    """``tests.helpers.match_f1``: F1 of one-to-one matches at IoU ≥ ``threshold`` (≥ 0.5)."""
+    return 2 * true_positives(predicted, truth, threshold) / max(len(predicted) + len(truth), 1)
+
+
+def seam_errors(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    """``tests.helpers.seam_errors``: (output pairs with IoU > 0.3, true objects that two
+    outputs each lying at least half on it cover)."""
+    duplicates, split = _errors(predicted, truth)
+    return len(duplicates), len(split)
+
+
+def _errors(predicted: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((k, 2) duplicate output pairs, indices of split true objects)."""
+    i, j, iou = _pair_iou(predicted, predicted)
+    duplicates = np.stack([i, j], 1)[(i < j) & (iou > 0.3)]
+    split = np.empty(0, np.intp)
+    if len(predicted) and len(truth):
+        i, j = shapely.STRtree(truth).query(predicted, predicate="intersects")
+        inter = shapely.area(shapely.intersection(predicted[i], truth[j]))
+        covers = inter >= 0.5 * shapely.area(predicted[i])
+        split = np.flatnonzero(np.bincount(j[covers], minlength=len(truth)) >= 2)
+    return duplicates, split
+
+
+def seam_zone(windows: list) -> shapely.Geometry:
+    """The pixels that two or more windows (x0, y0, x1, y1) read."""
+    boxes = shapely.box(*np.asarray(windows, float).reshape(-1, 4).T)
+    i, j = shapely.STRtree(boxes).query(boxes, predicate="intersects")
+    keep = i < j
+    return shapely.union_all(shapely.intersection(boxes[i[keep]], boxes[j[keep]]))
+
+
+def located_errors(predicted: np.ndarray, truth: np.ndarray, windows: list) -> dict[str, int]:
+    """``seam_errors`` split by place: at a seam (a duplicate of which either output, or a split
+    object, meets the pixels two of the tool's windows read) or inside one window (the model's own
+    overlapping or over-segmented outputs, which no merge across seams can cause)."""
+    duplicates, split = _errors(predicted, truth)
+    zone = seam_zone(windows)
+    shapely.prepare(zone)
+    at_seam = shapely.intersects(zone, predicted[duplicates[:, 0]]) | shapely.intersects(zone, predicted[duplicates[:, 1]])
+    split_at_seam = shapely.intersects(zone, truth[split])
+    return {
+        "duplicates_seam": int(at_seam.sum()), "duplicates_interior": int((~at_seam).sum()),
+        "splits_seam": int(split_at_seam.sum()), "splits_interior": int((~split_at_seam).sum()),
+    }
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table (the scripts print it; BENCHMARKS.md quotes it)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
