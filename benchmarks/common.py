@@ -114,16 +114,21 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
 WORKER_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
 
 
+# what workflows.cluster.connect (``seamline run``) gives its workers: no MALLOC_TRIM_THRESHOLD_
+SEAMLINE_WORKER_ENV: dict[str, str | None] = {"MALLOC_TRIM_THRESHOLD_": None}
+
+
 @contextlib.contextmanager
 def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None = None):
     """A ``LocalCluster`` like ``workflows.cluster.connect`` (processes, 127.0.0.1), dashboard on
     a free port. Dask starts workers with ``OMP/MKL/OPENBLAS_NUM_THREADS=1`` and
     ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``); ``env`` overrides
-    them (``None``: leave the variable unset in the worker)."""
+    them (``None`` as a value: unset in the worker). By default (``env=None``) the overrides of
+    ``connect``: ``SEAMLINE_WORKER_ENV``; ``env={}`` keeps Dask's defaults."""
     import dask
     from distributed import Client, LocalCluster
 
-    env = env or {}
+    env = SEAMLINE_WORKER_ENV if env is None else env
     # the nanny prefers these variables from os.environ over its config and leaves its own in
     # os.environ after spawning: clear them around the start and restore them afterwards
     saved = {k: os.environ.pop(k, None) for k in WORKER_ENV}

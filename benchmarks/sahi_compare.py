@@ -13,7 +13,7 @@ Tools, each run by this script in a fresh subprocess (``--tool``), so imports, m
 memory peaks are separate; the parent samples the process tree's RSS every 50 ms:
 
 - ``seamline``: ``workflows.run.run_images`` on a LocalCluster of 1 worker process × 2 threads
-  (what ``seamline run`` starts), GeoPackage written;
+  (what ``seamline run`` starts, ``MALLOC_TRIM_THRESHOLD_`` unset), GeoPackage written;
 - ``seamline-sync``: the same Dask graph with the synchronous scheduler, in one process;
 - ``sahi-greedynmm`` / ``sahi-nms``: ``sahi.predict.get_sliced_prediction`` with
   ``TorchVisionDetectionModel`` wrapping the very torch module ``models.inference.Segmenter`` loads

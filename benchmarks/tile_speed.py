@@ -8,11 +8,12 @@ hit all alike), medians reported:
 - end to end, synchronous scheduler: the image's Dask graph (read, segment, merge, write) run in
   this process with ``scheduler="sync"``, with all cores and with one torch thread;
 - end to end, LocalCluster: ``workflows.run.run_images`` (what ``seamline run`` calls) on a
-  ``LocalCluster`` of one worker process with 2 threads, as ``seamline run`` starts it. Dask starts
-  workers with ``OMP_NUM_THREADS=1`` and ``MKL_NUM_THREADS=1``, so torch in the worker uses one
-  thread; the same cluster with both set to the machine's cores runs beside it (``--worker-omp``),
-  and one whose worker runs without Dask's ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc
-  return (and torch then re-fault) every large freed block.
+  ``LocalCluster`` of one worker process with 2 threads, as ``seamline run`` starts it (Dask's
+  ``MALLOC_TRIM_THRESHOLD_`` unset, as ``workflows.cluster.connect`` does). Dask starts workers
+  with ``OMP_NUM_THREADS=1`` and ``MKL_NUM_THREADS=1``, so torch in the worker uses one thread;
+  the same cluster with both set to the machine's cores runs beside it (``--worker-omp``), and one
+  with Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc return (and torch then
+  re-fault) every large freed block.
 
 Efficiency = model-only time / end-to-end time with the same number of torch threads, on the same
 tiles of a generated GeoTIFF scene.
@@ -34,7 +35,7 @@ import dask
 import numpy as np
 import torch
 
-from common import cluster_run, local_cluster, machine, table, worker_torch_threads
+from common import SEAMLINE_WORKER_ENV, cluster_run, local_cluster, machine, table, worker_torch_threads
 from models.card import load_card
 from models.inference import Segmenter
 from models.registry import resolve_model_dir
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--worker-omp", type=int, default=os.cpu_count(),
                         help="OMP/MKL_NUM_THREADS of the second cluster's worker (0: leave that cluster out)")
     parser.add_argument("--no-malloc-variant", action="store_true",
-                        help="leave out the cluster whose worker runs without Dask's MALLOC_TRIM_THRESHOLD_=65536")
+                        help="leave out the cluster whose worker keeps Dask's MALLOC_TRIM_THRESHOLD_=65536")
     parser.add_argument("--no-cluster", action="store_true", help="model only and synchronous scheduler only")
     args = parser.parse_args()
 
@@ -93,10 +94,9 @@ def main() -> None:
             clusters = {"end to end, LocalCluster 1 worker × 2 threads (seamline run)": None}
             if args.worker_omp:
                 clusters[f"end to end, LocalCluster 1 worker × 2 threads, OMP/MKL_NUM_THREADS={args.worker_omp}"] = {
-                    "OMP_NUM_THREADS": args.worker_omp, "MKL_NUM_THREADS": args.worker_omp}
+                    **SEAMLINE_WORKER_ENV, "OMP_NUM_THREADS": args.worker_omp, "MKL_NUM_THREADS": args.worker_omp}
             if not args.no_malloc_variant:
-                clusters["end to end, LocalCluster 1 worker × 2 threads, MALLOC_TRIM_THRESHOLD_ unset"] = {
-                    "MALLOC_TRIM_THRESHOLD_": None}
+                clusters["end to end, LocalCluster 1 worker × 2 threads, Dask's MALLOC_TRIM_THRESHOLD_=65536"] = {}
             for name, env in clusters.items():
                 client = stack.enter_context(local_cluster(1, 2, env))
                 cluster_run(client, path, model_dir, Path(tmp) / f"warm-{len(runs)}", tiling)  # loads the model

@@ -2,7 +2,7 @@
 
 Clusters (all started, and warmed up with one full run so every worker has loaded the model,
 before timing; Dask gives each worker ``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, so torch uses one
-thread per worker):
+thread per worker; malloc trimming off, as ``seamline run`` starts them):
 
 - 1 worker × 1 thread — one core's worth;
 - 1 worker × 2 threads — what ``seamline run`` starts by default;
