@@ -9,7 +9,7 @@ import shapely
 
 from pipeline.detections import Detections
 from pipeline.grid import Tile
-from pipeline.polygons import mask_to_polygon
+from pipeline.polygons import masks_to_polygons
 
 if TYPE_CHECKING:  # importing torch costs a process ~0.65 GB of RSS; only workers need it
     from models.inference import TileInstances
@@ -23,10 +23,13 @@ def tile_detections(instances: TileInstances, tile: Tile) -> Detections:
     """
     height, width = tile.rows.length, tile.cols.length
     left, top, right, bottom = tile.interior
+    masks = [crop.mask[: max(height - crop.row, 0), : max(width - crop.col, 0)] for crop in instances.masks]
+    polygons = masks_to_polygons(
+        [(crop.row, crop.col, mask) for crop, mask in zip(instances.masks, masks)],
+        (height, width), tile.rows.start, tile.cols.start,
+    )
     geometries, keep, cut = [], [], []
-    for i, crop in enumerate(instances.masks):
-        mask = crop.mask[: max(height - crop.row, 0), : max(width - crop.col, 0)]
-        polygon = mask_to_polygon(mask, tile.rows.start + crop.row, tile.cols.start + crop.col)
+    for i, (crop, mask, polygon) in enumerate(zip(instances.masks, masks, polygons)):
         if polygon is None:
             continue
         h, w = mask.shape
