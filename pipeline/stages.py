@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from models.inference import cached_segmenter
 from pipeline.detections import Detections
 from pipeline.grid import Tile, TileGrid
 from pipeline.merge import assign_order, merge_seams
@@ -57,6 +56,8 @@ def read_batch(source: RasterSource, tiles: list[Tile], tile_size: int) -> TileB
 
 def segment_batch(batch: TileBatch, model_dir: str, device: str | None = None) -> BatchResult:
     """Run the model (loaded once per process) on the tiles with data; polygonise; split."""
+    from models.inference import cached_segmenter  # torch: imported by workers, never by the client
+
     segmenter = cached_segmenter(model_dir, device)
     run = np.flatnonzero(batch.has_data)
     finals, candidates = [], []
