@@ -86,11 +86,16 @@ class Segmenter:
     def _to_instances(self, det: dict[str, torch.Tensor], height: int, width: int) -> TileInstances:
         boxes = det["boxes"].float()
         crops = paste_masks_in_boxes(det["masks"].float(), boxes, height, width, self.card.mask_threshold)
-        keep = [i for i, c in enumerate(crops) if c.mask.any()]
+        keep = np.array([i for i, c in enumerate(crops) if c.mask.any()], np.int64)
+        labels = (det["labels"] - 1).cpu().numpy().astype(np.int16)
+        scores = det["scores"].float().cpu().numpy()
+        if self.card.mask_nms_threshold is not None and len(keep):
+            kept = [crops[i] for i in keep]
+            keep = keep[mask_nms(kept, labels[keep], scores[keep], self.card.mask_nms_threshold)]
         return TileInstances(
-            boxes=boxes[keep].cpu().numpy(),
-            labels=(det["labels"][keep] - 1).cpu().numpy().astype(np.int16),
-            scores=det["scores"][keep].float().cpu().numpy(),
+            boxes=boxes.cpu().numpy()[keep],
+            labels=labels[keep],
+            scores=scores[keep],
             masks=[crops[i] for i in keep],
         )
 
@@ -118,6 +123,39 @@ def paste_masks_in_boxes(
         window = resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold
         crops.append(MaskCrop(cy0, cx0, window.cpu().numpy()))
     return crops
+
+
+def mask_nms(crops: list[MaskCrop], labels: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices (in input order) of the masks kept by greedy mask NMS: in score order, a mask goes
+    when its IoU with a kept mask of the same class reaches ``threshold``."""
+    n = len(crops)
+    top = np.array([c.row for c in crops])
+    left = np.array([c.col for c in crops])
+    bottom = top + np.array([c.mask.shape[0] for c in crops])
+    right = left + np.array([c.mask.shape[1] for c in crops])
+    area = np.array([c.mask.sum() for c in crops])
+    overlaps = (
+        (np.maximum(top[:, None], top) < np.minimum(bottom[:, None], bottom))
+        & (np.maximum(left[:, None], left) < np.minimum(right[:, None], right))
+        & (labels[:, None] == labels)
+    )
+    np.fill_diagonal(overlaps, False)
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    suppressed = np.zeros(n, bool)
+    for i in order:
+        if suppressed[i]:
+            continue
+        for j in np.flatnonzero(overlaps[i] & ~suppressed & (rank > rank[i])):
+            r0, r1 = max(top[i], top[j]), min(bottom[i], bottom[j])
+            c0, c1 = max(left[i], left[j]), min(right[i], right[j])
+            a = crops[i].mask[r0 - top[i] : r1 - top[i], c0 - left[i] : c1 - left[i]]
+            b = crops[j].mask[r0 - top[j] : r1 - top[j], c0 - left[j] : c1 - left[j]]
+            inter = np.count_nonzero(a & b)
+            if inter and inter / (area[i] + area[j] - inter) >= threshold:
+                suppressed[j] = True
+    return np.flatnonzero(~suppressed)
 
 
 @lru_cache(maxsize=4)

@@ -7,7 +7,7 @@ import yaml
 
 from models.builders import build_model
 from models.card import ModelCard, ModelCardError, load_card, save_card
-from models.inference import Segmenter, paste_masks_in_boxes
+from models.inference import MaskCrop, Segmenter, mask_nms, paste_masks_in_boxes
 from models.registry import resolve_model_dir
 from models.weights import ModelWeightsError, load_weights, save_weights
 
@@ -95,6 +95,70 @@ def test_box_local_paste_matches_torchvision():
         h, w = crop.mask.shape
         pasted[crop.row : crop.row + h, crop.col : crop.col + w] = crop.mask
         assert np.array_equal(pasted, expected.numpy())
+
+
+def _square(row: int, col: int, size: int) -> MaskCrop:
+    return MaskCrop(row, col, np.ones((size, size), bool))
+
+
+def test_mask_nms_is_greedy_by_score_within_a_class():
+    crops = [
+        _square(0, 0, 10),  # A
+        _square(1, 0, 10),  # B: IoU 9/11 with A
+        _square(0, 8, 10),  # C: IoU 2/18 with A, 2/... with B: kept
+        _square(0, 0, 10),  # D: A's pixels, other class
+        _square(2, 0, 10),  # E: IoU 8/12 with A, 9/11 with B (B is gone: A alone decides)
+        _square(40, 40, 3),  # F: alone
+    ]
+    labels = np.array([0, 0, 0, 1, 0, 0])
+    scores = np.array([0.9, 0.95, 0.7, 0.5, 0.6, 0.1])
+    # B outranks A and suppresses it (9/11); E then meets only B: 8/12 >= 0.5
+    assert mask_nms(crops, labels, scores, 0.5).tolist() == [1, 2, 3, 5]
+    # at 0.7 B suppresses A (0.82) and E (0.82 with B), keeps C
+    assert mask_nms(crops, labels, scores, 0.7).tolist() == [1, 2, 3, 5]
+    # at 0.9 nothing overlaps enough
+    assert mask_nms(crops, labels, scores, 0.9).tolist() == [0, 1, 2, 3, 4, 5]
+    # ties: the earlier mask wins
+    assert mask_nms(crops[:2], labels[:2], np.array([0.5, 0.5]), 0.5).tolist() == [0]
+
+
+def test_mask_nms_from_the_card_removes_overlapping_outputs(tmp_path):
+    """An untrained model's outputs overlap heavily; the card's threshold removes exactly those."""
+    from models.synthetic import make_scene
+
+    torch.manual_seed(0)
+    untrained = ModelCard(name="untrained", architecture="maskrcnn_compact", classes=["a"], tile_size=256,
+                          overlap=32, score_threshold=0.0)
+    save_weights(build_model(untrained), tmp_path / "weights.safetensors")
+    found = {}
+    for name, threshold in (("loose", None), ("strict", 0.3)):
+        directory = tmp_path / name
+        card = untrained.model_copy(update={"mask_nms_threshold": threshold})
+        save_card(card, directory)
+        (directory / card.weights).symlink_to(tmp_path / "weights.safetensors")
+        found[name] = Segmenter(directory, device="cpu")(make_scene(7, 256, 256).image[None])[0]
+
+    def masks(instances):
+        out = []
+        for crop in instances.masks:
+            full = np.zeros((256, 256), bool)
+            full[crop.row : crop.row + crop.mask.shape[0], crop.col : crop.col + crop.mask.shape[1]] = crop.mask
+            out.append(full)
+        return out
+
+    def worst_overlap(instances):
+        full = masks(instances)
+        return max(
+            ((a & b).sum() / (a | b).sum() for i, a in enumerate(full) for j, b in enumerate(full)
+             if i < j and instances.labels[i] == instances.labels[j]),
+            default=0.0,
+        )
+
+    assert worst_overlap(found["loose"]) >= 0.3  # something to suppress
+    assert 0 < len(found["strict"]) < len(found["loose"])
+    assert worst_overlap(found["strict"]) < 0.3
+    kept = {(round(float(s), 6), int(l)) for s, l in zip(found["strict"].scores, found["strict"].labels)}
+    assert kept <= {(round(float(s), 6), int(l)) for s, l in zip(found["loose"].scores, found["loose"].labels)}
 
 
 def test_shipped_model_detects_synthetic_objects():
