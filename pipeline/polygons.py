@@ -1,4 +1,13 @@
-"""Mask → polygon, exactly along pixel edges, on the worker."""
+"""Mask → polygon, exactly along pixel edges, on the worker.
+
+Masks are traced as label images, all instances of a tile at once, with numpy: every pixel side
+between a label and anything else is a directed boundary edge (region on its right); each edge's
+successor is fixed by the 2×2 pixels around its end corner: turn around its own pixel, else go
+straight, else turn into the notch. Where a label's pixels meet only diagonally, the boundary
+turns around its own pixel when they are separate 4-connected regions and into the notch when
+they are one region, so that no ring touches itself. The edges then fall into rings, ordered by
+pointer jumping. Only corners become vertices, so polygons carry no collinear points.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +15,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import shapely
-from affine import Affine
-from rasterio import features
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+# edge id = 4 · pixel + side; sides clockwise on screen: top, right, bottom, left
+_TURN_OWN = np.array([1, 2, 3, 0])  # the same pixel's next side: turning right around it
+_TURN_LEFT = np.array([3, 0, 1, 2])  # the diagonal pixel's side: turning left into a notch
+_START_CORNER = np.array([[0, 0], [1, 0], [1, 1], [0, 1]])  # (dx, dy) of each side's first vertex
 
 
 def mask_to_polygon(mask: np.ndarray, row: int, col: int) -> shapely.Polygon | None:
@@ -22,11 +36,11 @@ def mask_to_polygon(mask: np.ndarray, row: int, col: int) -> shapely.Polygon | N
 def masks_to_polygons(
     crops: Sequence[tuple[int, int, np.ndarray]], shape: tuple[int, int], row: int = 0, col: int = 0
 ) -> list[shapely.Polygon | None]:
-    """``mask_to_polygon`` of many masks of one tile in a few GDAL calls.
+    """``mask_to_polygon`` of many masks of one tile together.
 
     ``crops`` are (row, col, mask) with each mask inside a tile of ``shape``, offset by (``row``,
     ``col``). Masks are painted as labels into as few layers as keep them from overlapping (one or
-    two for instance masks after NMS) and each layer is traced once, instead of once per mask.
+    two for instance masks after NMS); each layer is traced once.
     """
     layers: list[np.ndarray] = []
     for label, (r, c, mask) in enumerate(crops, start=1):
@@ -40,18 +54,112 @@ def masks_to_polygons(
             layer = np.zeros(shape, np.int32)
             layers.append(layer)
         layer[r : r + h, c : c + w][mask] = label
-    largest: dict[int, shapely.Polygon] = {}
+    polygons = np.full(len(crops), None, dtype=object)
     for layer in layers:
         rows, cols = np.flatnonzero(layer.any(axis=1)), np.flatnonzero(layer.any(axis=0))
-        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        window = layer[r0:r1, c0:c1]
-        traced = features.shapes(
-            window, mask=window > 0, connectivity=4, transform=Affine.translation(col + c0, row + r0)
-        )
-        for geometry, value in traced:
-            polygon = shapely.geometry.shape(geometry)
-            kept = largest.get(int(value))
-            if kept is None or polygon.area > kept.area:
-                largest[int(value)] = polygon
-    polygons = np.array([largest.get(label) for label in range(1, len(crops) + 1)] + [None], dtype=object)[:-1]
-    return list(shapely.simplify(polygons, 0))
+        r0, c0 = rows[0], cols[0]
+        labels, found = trace_labels(layer[r0 : rows[-1] + 1, c0 : cols[-1] + 1], row + r0, col + c0)
+        polygons[labels - 1] = found
+    return list(polygons)
+
+
+def trace_labels(labels: np.ndarray, row: int = 0, col: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(label values, polygons): the largest 4-connected region of each nonzero label, holes kept."""
+    padded = np.pad(labels, 1)
+    width = padded.shape[1]
+    flat = padded.ravel()
+    inside = flat > 0
+    neighbours = (np.roll(flat, width), np.roll(flat, -1), np.roll(flat, -width), np.roll(flat, 1))
+    exists = np.stack([inside & (flat != n) for n in neighbours], axis=1).ravel()  # (pixel, side)
+    edge = np.flatnonzero(exists)
+    pixel, side = edge // 4, edge % 4
+    forward = np.array([1, width, -1, -width])[side]  # the pixel ahead along the edge
+    outward = np.array([-width, 1, width, -1])[side]  # the pixel across the edge
+    own = 4 * pixel + _TURN_OWN[side]
+    straight = 4 * (pixel + forward) + side
+    notch = 4 * (pixel + forward + outward) + _TURN_LEFT[side]
+    successor = np.where(exists[own], own, np.where(exists[straight], straight, notch))
+    diagonal = flat[pixel + forward + outward] == flat[pixel]
+    pinch = exists[own] & diagonal
+    components = _components(flat, width) if pinch.any() else None
+    if components is not None:
+        joined = pinch & (components[pixel] == components[pixel + forward + outward])
+        successor[joined] = notch[joined]
+    nxt = np.searchsorted(edge, successor)
+
+    # rings: each edge's ring head is the smallest edge id in its cycle; rank = steps from the head
+    head = np.arange(len(edge))
+    jump = nxt.copy()
+    span = 1
+    while span < len(edge):
+        head = np.minimum(head, head[jump])
+        jump = jump[jump]
+        span *= 2
+    previous = np.empty_like(nxt)
+    previous[nxt] = np.arange(len(edge))
+    is_head = head == np.arange(len(edge))
+    rank = np.where(is_head, 0, 1)
+    back = np.where(is_head, np.arange(len(edge)), previous)
+    while True:
+        further = back[back]
+        if np.array_equal(further, back):
+            break
+        rank = rank + np.where(back == np.arange(len(edge)), 0, rank[back])
+        back = further
+    # a corner: an edge whose predecessor runs in another direction
+    corner = side != side[previous]
+    order = np.lexsort((rank, head))
+    order = order[corner[order]]
+    ring_of = np.unique(head[order], return_inverse=True)[1]
+    x = pixel[order] % width + _START_CORNER[side[order], 0] + col - 1
+    y = pixel[order] // width + _START_CORNER[side[order], 1] + row - 1
+    rings = shapely.linearrings(np.column_stack([x, y]).astype(float), indices=ring_of)
+    ring_head = np.unique(head[order])
+    ring_label = flat[pixel[ring_head]]
+    signed = np.bincount(ring_of, weights=x * np.roll(y, -1) - np.roll(x, -1) * y)  # per-ring shoelace terms
+    # closing terms: np.roll pairs each ring's last vertex with the next ring's first; fix those
+    last = np.flatnonzero(np.diff(ring_of, append=-1) != 0)
+    first = np.concatenate([[0], last[:-1] + 1])
+    signed -= x[last] * y[(last + 1) % len(x)] - x[(last + 1) % len(x)] * y[last]
+    signed += x[last] * y[first] - x[first] * y[last]
+    area = signed / 2  # shells > 0, holes < 0 (region on the right, y down)
+    return _largest_regions(rings, ring_label, pixel[ring_head], area, lambda: _components(flat, width) if components is None else components)
+
+
+def _components(flat: np.ndarray, width: int) -> np.ndarray:
+    """4-connected regions of equal nonzero labels in a padded, flattened label image."""
+    index = np.flatnonzero(flat > 0)
+    pairs = [(index, index + step) for step in (1, width)]
+    a = np.concatenate([i for i, j in pairs])
+    b = np.concatenate([j for i, j in pairs])
+    same = flat[a] == flat[b]
+    graph = coo_matrix((np.ones(same.sum()), (a[same], b[same])), shape=(len(flat), len(flat)))
+    return connected_components(graph, directed=False)[1]
+
+
+def _largest_regions(rings, ring_label, ring_pixel, area, components):
+    """Per label: its largest shell (by pixels, holes subtracted) with that shell's holes.
+
+    ``ring_pixel`` is a pixel of the region each ring bounds; ``components()`` labels regions."""
+    shell = area > 0
+    values = np.unique(ring_label)
+    shells_per_label = np.bincount(np.searchsorted(values, ring_label[shell]), minlength=len(values))
+    owner = np.arange(len(rings))  # the shell ring each ring belongs to
+    shell_index = np.flatnonzero(shell)
+    first_shell = shell_index[np.unique(ring_label[shell], return_index=True)[1]]
+    owner[~shell] = first_shell[np.searchsorted(values, ring_label[~shell])]
+    several = np.isin(ring_label, values[shells_per_label > 1])
+    if (several & ~shell).any():  # islands and holes: a hole belongs to the shell of its region
+        region = components()[ring_pixel]
+        by_region = dict(zip(region[shell & several], shell_index[several[shell_index]]))
+        for hole in np.flatnonzero(several & ~shell):
+            owner[hole] = by_region[region[hole]]
+    pixels = np.bincount(owner, weights=area, minlength=len(rings))[shell_index]  # shell + its holes
+    order = np.lexsort((shell_index, -pixels, ring_label[shell_index]))
+    best = shell_index[order[np.unique(ring_label[shell_index][order], return_index=True)[1]]]
+    keep = np.isin(owner, best)
+    members = np.flatnonzero(keep)
+    members = members[np.lexsort((~shell[members], owner[members]))]  # shell first, then its holes
+    polygon_of = np.unique(owner[members], return_inverse=True)[1]
+    polygons = shapely.polygons(rings[members], indices=polygon_of)
+    return ring_label[best[np.argsort(best)]], polygons
