@@ -69,8 +69,11 @@ class ModelCard(BaseModel):
     mask_threshold: float = Field(0.5, gt=0, lt=1)
     mask_nms_threshold: float | None = Field(
         None, gt=0, le=1,
-        description="drop a mask whose IoU with a higher-scoring mask of its class in the same tile reaches this "
-        "(after the model's box NMS); None: box NMS only",
+        description="drop a mask whose overlap (mask_nms_metric) with a higher-scoring mask of its class in the "
+        "same tile reaches this (after the model's box NMS); None: box NMS only",
+    )
+    mask_nms_metric: Literal["iou", "ios"] = Field(
+        "iou", description="iou: intersection over union; ios: intersection over the smaller mask (nested fragments)"
     )
     max_detections: int = Field(300, ge=1, le=10000)
     anchor_sizes: list[int] = [16, 32, 64, 128, 256]

@@ -91,7 +91,7 @@ class Segmenter:
         scores = det["scores"].float().cpu().numpy()
         if self.card.mask_nms_threshold is not None and len(keep):
             kept = [crops[i] for i in keep]
-            keep = keep[mask_nms(kept, labels[keep], scores[keep], self.card.mask_nms_threshold)]
+            keep = keep[mask_nms(kept, labels[keep], scores[keep], self.card.mask_nms_threshold, self.card.mask_nms_metric)]
         return TileInstances(
             boxes=boxes.cpu().numpy()[keep],
             labels=labels[keep],
@@ -125,9 +125,12 @@ def paste_masks_in_boxes(
     return crops
 
 
-def mask_nms(crops: list[MaskCrop], labels: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+def mask_nms(
+    crops: list[MaskCrop], labels: np.ndarray, scores: np.ndarray, threshold: float, metric: str = "iou"
+) -> np.ndarray:
     """Indices (in input order) of the masks kept by greedy mask NMS: in score order, a mask goes
-    when its IoU with a kept mask of the same class reaches ``threshold``."""
+    when its overlap with a kept mask of the same class reaches ``threshold``; overlap is IoU, or
+    with ``metric="ios"`` intersection over the smaller mask."""
     n = len(crops)
     top = np.array([c.row for c in crops])
     left = np.array([c.col for c in crops])
@@ -153,7 +156,8 @@ def mask_nms(crops: list[MaskCrop], labels: np.ndarray, scores: np.ndarray, thre
             a = crops[i].mask[r0 - top[i] : r1 - top[i], c0 - left[i] : c1 - left[i]]
             b = crops[j].mask[r0 - top[j] : r1 - top[j], c0 - left[j] : c1 - left[j]]
             inter = np.count_nonzero(a & b)
-            if inter and inter / (area[i] + area[j] - inter) >= threshold:
+            base = min(area[i], area[j]) if metric == "ios" else area[i] + area[j] - inter
+            if inter and inter / base >= threshold:
                 suppressed[j] = True
     return np.flatnonzero(~suppressed)
 

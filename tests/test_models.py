@@ -118,6 +118,10 @@ def test_mask_nms_is_greedy_by_score_within_a_class():
     assert mask_nms(crops, labels, scores, 0.7).tolist() == [1, 2, 3, 5]
     # at 0.9 nothing overlaps enough
     assert mask_nms(crops, labels, scores, 0.9).tolist() == [0, 1, 2, 3, 4, 5]
+    # intersection over the smaller mask: a fragment inside a bigger mask goes, whatever its IoU
+    inner = [_square(0, 0, 10), MaskCrop(2, 2, np.ones((4, 4), bool))]
+    assert mask_nms(inner, labels[:2], np.array([0.5, 0.9]), 0.5).tolist() == [0, 1]  # IoU 0.16
+    assert mask_nms(inner, labels[:2], np.array([0.5, 0.9]), 0.9, "ios").tolist() == [1]
     # ties: the earlier mask wins
     assert mask_nms(crops[:2], labels[:2], np.array([0.5, 0.5]), 0.5).tolist() == [0]
 
