@@ -4,19 +4,19 @@ Measured in one run, interleaved (each repeat runs every variant once, so drifts
 hit all alike), medians reported:
 
 - model only: ``models.inference.Segmenter`` on tiles preloaded in memory, same batch size (the
-  ceiling), with torch using all cores and with one thread;
+  ceiling): one call at a time with torch using all cores or one thread, and as many calls side by
+  side as there are cores, one torch thread each (how a CPU worker with several threads runs);
 - end to end, synchronous scheduler: the image's Dask graph (read, segment, merge, write) run in
   this process with ``scheduler="sync"``, with all cores and with one torch thread;
 - end to end, LocalCluster: ``workflows.run.run_images`` (what ``seamline run`` calls) on a
-  ``LocalCluster`` of one worker process with 2 threads, as ``seamline run`` starts it (Dask's
-  ``MALLOC_TRIM_THRESHOLD_`` unset, as ``workflows.cluster.connect`` does). Dask starts workers
-  with ``OMP_NUM_THREADS=1`` and ``MKL_NUM_THREADS=1``, so torch in the worker uses one thread;
-  the same cluster with both set to the machine's cores runs beside it (``--worker-omp``), and one
-  with Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc return (and torch then
-  re-fault) every large freed block.
+  ``LocalCluster`` of one worker process with a thread per core, as ``seamline run`` starts it
+  (Dask's ``MALLOC_TRIM_THRESHOLD_`` unset, as ``workflows.cluster.connect`` does). Dask starts
+  workers with ``OMP_NUM_THREADS=1``, so each worker thread runs its own inference on one core;
+  with ``--malloc-variant`` the same cluster with Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``
+  runs beside it (glibc then returns, and torch re-faults, every large freed block).
 
-Efficiency = model-only time / end-to-end time with the same number of torch threads, on the same
-tiles of a generated GeoTIFF scene.
+Efficiency = model-only time / end-to-end time with the same layout (calls side by side × torch
+threads each), on the same tiles of a generated GeoTIFF scene.
 Clusters are started and warmed up (model loaded in the worker) before timing.
 
     python benchmarks/tile_speed.py [--model synthetic-shapes] [--size 2048] [--batch-size 4] [--repeats 3]
@@ -29,13 +29,14 @@ import contextlib
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask
 import numpy as np
 import torch
 
-from common import SEAMLINE_WORKER_ENV, cluster_run, local_cluster, machine, table, worker_torch_threads
+from common import cluster_run, local_cluster, machine, table, worker_torch_threads
 from models.card import load_card
 from models.inference import Segmenter
 from models.registry import resolve_model_dir
@@ -52,10 +53,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
-    parser.add_argument("--worker-omp", type=int, default=os.cpu_count(),
-                        help="OMP/MKL_NUM_THREADS of the second cluster's worker (0: leave that cluster out)")
-    parser.add_argument("--no-malloc-variant", action="store_true",
-                        help="leave out the cluster whose worker keeps Dask's MALLOC_TRIM_THRESHOLD_=65536")
+    parser.add_argument("--malloc-variant", action="store_true",
+                        help="also a cluster whose worker keeps Dask's MALLOC_TRIM_THRESHOLD_=65536")
     parser.add_argument("--no-cluster", action="store_true", help="model only and synchronous scheduler only")
     args = parser.parse_args()
 
@@ -72,8 +71,11 @@ def main() -> None:
         for warm_up in range(3):
             segmenter(pixels[warm_up * args.batch_size : (warm_up + 1) * args.batch_size])
 
-        def model_only() -> int:
-            found = sum(len(r) for b in range(0, len(pixels), args.batch_size) for r in segmenter(pixels[b : b + args.batch_size]))
+        batches = [pixels[b : b + args.batch_size] for b in range(0, len(pixels), args.batch_size)]
+
+        def model_only(side_by_side: int = 1) -> int:
+            with ThreadPoolExecutor(side_by_side) as pool:
+                found = sum(len(r) for tiles_found in pool.map(segmenter, batches) for r in tiles_found)
             if segmenter.device.type == "cuda":
                 torch.cuda.synchronize()
             return found
@@ -84,28 +86,27 @@ def main() -> None:
             return summary["instances"]
 
         cores = os.cpu_count() or 1
-        runs: dict[str, tuple[int, object]] = {  # name: (torch threads, run)
-            f"model only, {cores} torch threads": (cores, lambda out: model_only()),
-            "model only, 1 torch thread": (1, lambda out: model_only()),
-            f"end to end, sync scheduler, {cores} torch threads": (cores, synchronous),
-            "end to end, sync scheduler, 1 torch thread": (1, synchronous),
+        runs: dict[str, tuple[tuple[int, int], object]] = {  # name: ((calls side by side, torch threads), run)
+            f"model only, 1 call × {cores} torch threads": ((1, cores), lambda out: model_only()),
+            "model only, 1 call × 1 torch thread": ((1, 1), lambda out: model_only()),
+            f"model only, {cores} calls side by side × 1 torch thread": ((cores, 1), lambda out: model_only(cores)),
+            f"end to end, sync scheduler, {cores} torch threads": ((1, cores), synchronous),
+            "end to end, sync scheduler, 1 torch thread": ((1, 1), synchronous),
         }
         if not args.no_cluster:
-            clusters = {"end to end, LocalCluster 1 worker × 2 threads (seamline run)": None}
-            if args.worker_omp:
-                clusters[f"end to end, LocalCluster 1 worker × 2 threads, OMP/MKL_NUM_THREADS={args.worker_omp}"] = {
-                    **SEAMLINE_WORKER_ENV, "OMP_NUM_THREADS": args.worker_omp, "MKL_NUM_THREADS": args.worker_omp}
-            if not args.no_malloc_variant:
-                clusters["end to end, LocalCluster 1 worker × 2 threads, Dask's MALLOC_TRIM_THRESHOLD_=65536"] = {}
+            clusters = {f"end to end, LocalCluster 1 worker × {cores} threads (seamline run)": None}
+            if args.malloc_variant:
+                clusters[f"end to end, LocalCluster 1 worker × {cores} threads, Dask's MALLOC_TRIM_THRESHOLD_=65536"] = {}
             for name, env in clusters.items():
-                client = stack.enter_context(local_cluster(1, 2, env))
+                client = stack.enter_context(local_cluster(1, cores, env))
                 cluster_run(client, path, model_dir, Path(tmp) / f"warm-{len(runs)}", tiling)  # loads the model
                 run = lambda out, client=client: cluster_run(client, path, model_dir, out, tiling)["instances"]
-                runs[name] = (worker_torch_threads(client), run)
+                threads = worker_torch_threads(client)
+                runs[name] = ((cores if segmenter.device.type == "cpu" else 1, threads), run)
         times: dict[str, list[float]] = {name: [] for name in runs}
         found: dict[str, int] = {}
         for repeat in range(args.repeats):
-            for k, (name, (threads, run)) in enumerate(runs.items()):
+            for k, (name, ((_, threads), run)) in enumerate(runs.items()):
                 torch.set_num_threads(threads)  # this process's runs; a cluster's worker has its own
                 start = time.perf_counter()
                 found[name] = run(Path(tmp) / f"out-{repeat}-{k}")
@@ -115,17 +116,18 @@ def main() -> None:
     print(f"machine: {machine()}; device {device}")
     print(f"model {card.name} ({card.architecture}); scene {args.size}x{args.size}: {len(tiles)} tiles of "
           f"{card.tile_size}² (overlap ≥ {card.overlap}), batch {args.batch_size}, {args.repeats} interleaved repeats")
-    ceiling = {threads: float(np.median(times[name])) for name, (threads, _) in runs.items() if name.startswith("model only")}
+    ceiling = {layout: float(np.median(times[name])) for name, (layout, _) in runs.items() if name.startswith("model only")}
     rows = []
     for name, runs_s in times.items():
         median = float(np.median(runs_s))
-        threads = runs[name][0]
+        layout = runs[name][0]
         what = "detections" if name.startswith("model only") else "instances"
-        efficiency = f"{ceiling[threads] / median:.2f}" if threads in ceiling else "–"
-        rows.append([name, threads, f"{median:.3f}", ", ".join(f"{t:.3f}" for t in runs_s),
+        efficiency = f"{ceiling[layout] / median:.2f}" if layout in ceiling else "–"
+        rows.append([name, f"{layout[0]} × {layout[1]}", f"{median:.3f}", ", ".join(f"{t:.3f}" for t in runs_s),
                      f"{1 / median:.2f}", efficiency, f"{found[name]} {what}"])
-    print(table(["run", "torch threads", "s/tile (median)", "runs", "tiles/s", "efficiency", "found"], rows))
-    print("efficiency = model-only s/tile with the same torch threads ÷ that run's s/tile (same tiles, same batch size)")
+    print(table(["run", "calls × torch threads", "s/tile (median)", "runs", "tiles/s", "efficiency", "found"], rows))
+    print("efficiency = model-only s/tile with the same calls side by side × torch threads ÷ that run's s/tile "
+          "(same tiles, same batch size)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Worker scaling: the same image on LocalClusters of 1 and 2 worker processes.
 
 Clusters (all started, and warmed up with one full run so every worker has loaded the model,
-before timing; Dask gives each worker ``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, so torch uses one
-thread per worker; malloc trimming off, as ``seamline run`` starts them):
+before timing; Dask gives each worker ``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, so each worker
+thread runs its own inference on one torch thread; malloc trimming off, as ``seamline run`` starts
+them):
 
 - 1 worker × 1 thread — one core's worth;
-- 1 worker × 2 threads — what ``seamline run`` starts by default;
+- 1 worker × 2 threads — what ``seamline run`` starts by default on 2 cores;
 - 2 workers × 1 thread.
 
 Each repeat runs the image once on every cluster through ``workflows.run.run_images`` (what

@@ -6,6 +6,7 @@ tile-sized arrays for dense nuclei); here each mask is resized only inside its o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ class Segmenter:
         model = build_model(self.card)
         load_weights(model, self.model_dir / self.card.weights, f"{self.card.architecture} with {len(self.card.classes)} classes")
         self.model = model.eval().to(self.device)
-        self._lock = threading.Lock()
+        # CUDA: one batch at a time (batches are the parallelism there); CPU: threads infer side by
+        # side, each on its own core (2 threads × 1 torch thread ran 2.1× one thread, BENCHMARKS.md)
+        self._lock = threading.Lock() if self.device.type == "cuda" else contextlib.nullcontext()
 
     def __call__(self, tiles: np.ndarray) -> list[TileInstances]:
         """Instances of each tile. CUDA runs the batch in one forward pass (autocast); the CPU

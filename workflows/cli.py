@@ -46,7 +46,7 @@ def run(
     batch_size: Annotated[int, typer.Option(help="Tiles per model call (one Dask task per batch).")] = 4,
     scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address, e.g. tcp://host:8786; default: a local cluster.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes of the local cluster.")] = 1,
-    threads: Annotated[int, typer.Option(help="Threads per local worker.")] = 2,
+    threads: Annotated[Optional[int], typer.Option(help="Threads per local worker; default: cores ÷ workers.")] = None,
     bands: Annotated[Optional[str], typer.Option(help="1-based bands to read, e.g. '3,2,1' or '1'.")] = None,
     value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit data; default: 0.5-99.5th percentiles per band.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -110,7 +110,7 @@ def demo(
         card = load_card(model_dir)
         console.print(f"real image {REAL_DEMO_IMAGE} (MoNuSeg H&E, held out from training), model nuclei-he")
         tiling = Tiling(card.tile_size, card.overlap, batch_size=4)
-        report = _run_and_report([REAL_DEMO_IMAGE], model_dir, card, out, tiling, None, workers, 2, None, None, True)
+        report = _run_and_report([REAL_DEMO_IMAGE], model_dir, card, out, tiling, None, workers, None, None, None, True)
         _demo_picture(report)
         raise typer.Exit(0 if report.ok else 1)
     model_dir = resolve_model_dir()
@@ -119,7 +119,7 @@ def demo(
     scene = write_scene(scene_path, seed=42, height=size, width=size)
     console.print(f"generated {scene_path} ({size}×{size} px, {scene.count} objects)")
     tiling = Tiling(card.tile_size, card.overlap, batch_size=4)
-    report = _run_and_report([scene_path], model_dir, card, out, tiling, None, workers, 2, None, None, True)
+    report = _run_and_report([scene_path], model_dir, card, out, tiling, None, workers, None, None, None, True)
     _demo_picture(report)
     raise typer.Exit(0 if report.ok else 1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import dask
@@ -9,8 +10,14 @@ from distributed import Client, LocalCluster
 
 
 @contextmanager
-def connect(scheduler: str | None = None, workers: int = 1, threads_per_worker: int = 2, dashboard: str = "127.0.0.1:8787"):
-    """Yield a ``Client``; a local cluster (bound to 127.0.0.1) lives only inside the block."""
+def connect(
+    scheduler: str | None = None, workers: int = 1, threads_per_worker: int | None = None, dashboard: str = "127.0.0.1:8787"
+):
+    """Yield a ``Client``; a local cluster (bound to 127.0.0.1) lives only inside the block.
+
+    Local workers get the machine's cores between them (``threads_per_worker`` None). Dask gives each
+    worker process one torch thread; on the CPU each thread runs its own inference, one per core.
+    """
     if scheduler:
         with Client(scheduler) as client:
             yield client
@@ -20,7 +27,7 @@ def connect(scheduler: str | None = None, workers: int = 1, threads_per_worker: 
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         cluster = LocalCluster(
             n_workers=workers,
-            threads_per_worker=threads_per_worker,
+            threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // workers),
             processes=True,
             host="127.0.0.1",
             dashboard_address=dashboard,

@@ -70,7 +70,7 @@ class Outputs(Strict):
 class ClusterSpec(Strict):
     scheduler: str | None = Field(None, description="address of an existing scheduler; default: a local cluster")
     workers: int = Field(1, ge=1, le=256)
-    threads_per_worker: int = Field(2, ge=1, le=256)
+    threads_per_worker: int | None = Field(None, ge=1, le=256, description="default: cores ÷ workers")
     dashboard: str = "127.0.0.1:8787"
     retries: int = Field(2, ge=0, le=10, description="retries of a failed task (transient errors)")
 
