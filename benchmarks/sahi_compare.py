@@ -112,6 +112,28 @@ def run_seamline(images: list[Path], model: str, out: Path, sync: bool, started:
     _result(started, work, [p for ps in polygons for p in ps], out, {"per_image": [len(p) for p in polygons], "windows": windows})
 
 
+class _WithoutEmptyMasks:
+    """The module, minus detections whose thresholded mask SAHI cannot turn into a polygon (it raises
+    "Invalid segmentation mask." on them; Seamline's ``Segmenter`` drops empty masks as well)."""
+
+    def __init__(self, module, mask_threshold: float) -> None:
+        self.module, self.mask_threshold = module, mask_threshold
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def __call__(self, images):
+        from sahi.utils.cv import get_coco_segmentation_from_bool_mask
+
+        outputs = self.module(images)
+        for output in outputs:
+            masks = (output["masks"] > self.mask_threshold).cpu().numpy()
+            keep = [i for i, mask in enumerate(masks) if get_coco_segmentation_from_bool_mask(mask[0])]
+            for key in output:
+                output[key] = output[key][keep]
+        return outputs
+
+
 def run_sahi(images: list[Path], model: str, out: Path, postprocess: str, raw: bool, started: float) -> None:
     from sahi.models.torchvision import TorchVisionDetectionModel
     from sahi.predict import get_sliced_prediction
@@ -128,7 +150,7 @@ def run_sahi(images: list[Path], model: str, out: Path, postprocess: str, raw: b
     card = load_card(model_dir)
     module = Segmenter(model_dir, "cpu").model  # built by models.builders, weights by models.weights
     detector = TorchVisionDetectionModel(
-        model=module, device="cpu", confidence_threshold=card.score_threshold, mask_threshold=card.mask_threshold,
+        model=_WithoutEmptyMasks(module, card.mask_threshold), device="cpu", confidence_threshold=card.score_threshold, mask_threshold=card.mask_threshold,
         category_mapping={str(i + 1): name for i, name in enumerate(card.classes)},
     )
     per_image, polygons, windows = [], [], []
@@ -181,12 +203,33 @@ def prepare(case: str, size: int, tmp: Path) -> tuple[str, list[Path], list[np.n
     from models.synthetic import make_scene
     from pipeline.synthetic_raster import write_geotiff
 
-    scene = make_scene(7, size, size)
+    scene = make_scene(7, size, size) if size <= BLOCK else _blocks_scene(size)
     path = tmp / f"scene-{size}.tif"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         write_geotiff(scene.image, path, crs=None, transform=Affine.identity())
     return "synthetic-shapes", [path], [label_polygons(scene.labels)], f"generated {size}² scene, synthetic-shapes"
+
+
+BLOCK = 5000  # make_scene holds float64 pixels: a 20k² scene at once needs > 24 GB
+
+
+def _blocks_scene(size: int):
+    """A ``size``² scene put together from ``make_scene`` blocks of at most ``BLOCK``² (ids offset)."""
+    from models.synthetic import Scene, make_scene
+
+    image = np.zeros((size, size, 3), np.uint8)
+    labels = np.zeros((size, size), np.int32)
+    classes = []
+    edges = list(range(0, size, BLOCK)) + [size]
+    for i, (r0, r1) in enumerate(zip(edges[:-1], edges[1:])):
+        for j, (c0, c1) in enumerate(zip(edges[:-1], edges[1:])):
+            block = make_scene(7 + 100 * i + j, r1 - r0, c1 - c0)
+            image[r0:r1, c0:c1] = block.image
+            offset = sum(len(c) for c in classes)
+            labels[r0:r1, c0:c1] = np.where(block.labels > 0, block.labels + offset, 0)
+            classes.append(block.classes)
+    return Scene(image=image, labels=labels, classes=np.concatenate(classes))
 
 
 def score(polygons: np.ndarray, result: dict, truth: list[np.ndarray]) -> dict:
@@ -242,6 +285,8 @@ def main() -> None:
                     polygons = shapely.from_wkb(np.load(out, allow_pickle=True))
                     measured["score"] = score(polygons, measured["result"], truth)
                     runs[tool].append(measured)
+                    print(f"{case} {tool}: work {measured['result']['work_s']:.1f} s, tree peak "
+                          f"{fmt_bytes(measured['tree_peak'])}, F1 {measured['score']['f1']:.3f}", flush=True)
             rows = []
             base = {k: float(np.median([r[k] if k != "work_s" else r["result"]["work_s"] for r in runs[args.tools[0]]]))
                     for k in ("work_s", "tree_peak")}
