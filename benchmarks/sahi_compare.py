@@ -5,9 +5,9 @@ Cases (each with exact ground truth):
 - ``real``: the held-out MoNuSeg 2018 H&E images of the shipped ``nuclei-he`` model (its
   ``split.json`` validation list; 1000² each, ImageScope XML annotations read by
   ``pipeline.annotations``), 384² slices with 48 px overlap (the model card's);
-- ``synthetic``: a generated ``--size``² scene (``models.synthetic.make_scene``, written as a
-  GeoTIFF without georeferencing, so outputs are in pixels) with the shipped ``synthetic-shapes``
-  model, 512² slices with 64 px overlap.
+- ``synthetic``: a generated ``--size``² scene (``models.synthetic.make_scene``, in blocks of 5000²
+  above that size; written as a GeoTIFF without georeferencing, so outputs are in pixels) with the
+  shipped ``synthetic-shapes`` model, 512² slices with 64 px overlap.
 
 Tools, each run by this script in a fresh subprocess (``--tool``), so imports, model loading and
 memory peaks are separate; the parent samples the process tree's RSS every 50 ms:
@@ -18,7 +18,8 @@ memory peaks are separate; the parent samples the process tree's RSS every 50 ms
 - ``sahi-greedynmm`` / ``sahi-nms``: ``sahi.predict.get_sliced_prediction`` with
   ``TorchVisionDetectionModel`` wrapping the very torch module ``models.inference.Segmenter`` loads
   (same weights, card thresholds), slice size and overlap ratio = the card's tile size and overlap,
-  ``postprocess_type`` GREEDYNMM or NMS, match metric IOS at 0.5, class-aware,
+  ``postprocess_type`` GREEDYNMM or NMS, match metric IOS at 0.5, class-aware, detections whose
+  mask SAHI cannot turn into a polygon dropped first (SAHI raises on them),
   ``perform_standard_pred=False`` (a whole-image pass would feed 4096² pixels to a model trained on
   tiles; on large scenes it does not fit at all).
 
