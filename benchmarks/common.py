@@ -191,9 +191,17 @@ def _pair_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def true_positives(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> int:
-    """Outputs matching a true object at IoU ≥ ``threshold`` (≥ 0.5: matches are one-to-one)."""
-    i, _, iou = _pair_iou(predicted, truth)
-    return len(np.unique(i[iou >= threshold]))
+    """One-to-one matches of outputs to true objects at IoU ≥ ``threshold``, best IoU first (two
+    overlapping outputs can both pass 0.5 on one object; only one of them counts)."""
+    i, j, iou = _pair_iou(predicted, truth)
+    keep = iou >= threshold
+    used_output, used_truth = set(), set()
+    for k in np.argsort(-iou[keep], kind="stable"):
+        a, b = int(i[keep][k]), int(j[keep][k])
+        if a not in used_output and b not in used_truth:
+            used_output.add(a)
+            used_truth.add(b)
+    return len(used_output)
 
 
 def match_f1(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:

@@ -123,6 +123,10 @@ class _WithoutEmptyMasks:
     def __getattr__(self, name):
         return getattr(self.module, name)
 
+    def to(self, device):  # SAHI keeps what ``model.to(device)`` returns
+        self.module.to(device)
+        return self
+
     def __call__(self, images):
         from sahi.utils.cv import get_coco_segmentation_from_bool_mask
 

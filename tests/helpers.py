@@ -51,10 +51,13 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def match_f1(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
-    """F1 of matches at IoU ≥ ``threshold`` (≥ 0.5, where a match is necessarily one-to-one)."""
+    """F1 of one-to-one matches at IoU ≥ ``threshold`` (≥ 0.5). An output can match only one of
+    several disjoint true objects there, but two overlapping outputs can match the same object:
+    only one of them counts."""
     if threshold < 0.5:
         raise ValueError("matches are one-to-one only for IoU thresholds of 0.5 or more")
-    tp = int(((iou_matrix(predicted, truth) >= threshold).sum(1) > 0).sum())
+    hits = iou_matrix(predicted, truth) >= threshold
+    tp = min(int((hits.sum(1) > 0).sum()), int((hits.sum(0) > 0).sum()))
     return 2 * tp / max(len(predicted) + len(truth), 1)
 
 

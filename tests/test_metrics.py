@@ -294,3 +294,13 @@ def test_best_score_threshold_is_read_off_the_pr_curve():
     tied = best_threshold(precision[:3], recall[:3], np.array([0.9, 0.8, 0.8]))  # 0.8 keeps both 0.8s
     assert tied["score_threshold"] == 0.8 and tied["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
     assert best_threshold(np.array([]), np.array([]), np.array([]))["score_threshold"] is None
+
+
+def test_helper_f1_counts_a_duplicated_output_once():
+    import shapely
+
+    from tests.helpers import match_f1
+
+    truth = np.array([shapely.box(0, 0, 10, 10), shapely.box(20, 0, 30, 10)])
+    doubled = np.array([shapely.box(0, 0, 10, 10), shapely.box(0, 0, 10, 9), shapely.box(20, 0, 30, 10)])
+    assert match_f1(doubled, truth) == 2 * 2 / 5
