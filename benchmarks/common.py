@@ -195,9 +195,10 @@ def true_positives(predicted: np.ndarray, truth: np.ndarray, threshold: float = 
     overlapping outputs can both pass 0.5 on one object; only one of them counts)."""
     i, j, iou = _pair_iou(predicted, truth)
     keep = iou >= threshold
+    i, j, iou = i[keep], j[keep], iou[keep]
     used_output, used_truth = set(), set()
-    for k in np.argsort(-iou[keep], kind="stable"):
-        a, b = int(i[keep][k]), int(j[keep][k])
+    for k in np.argsort(-iou, kind="stable"):
+        a, b = int(i[k]), int(j[k])
         if a not in used_output and b not in used_truth:
             used_output.add(a)
             used_truth.add(b)

@@ -11,7 +11,8 @@ pointer jumping. Only corners become vertices, so polygons carry no collinear po
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cache
 
 import numpy as np
 import shapely
@@ -79,11 +80,10 @@ def trace_labels(labels: np.ndarray, row: int = 0, col: int = 0) -> tuple[np.nda
     straight = 4 * (pixel + forward) + side
     notch = 4 * (pixel + forward + outward) + _TURN_LEFT[side]
     successor = np.where(exists[own], own, np.where(exists[straight], straight, notch))
-    diagonal = flat[pixel + forward + outward] == flat[pixel]
-    pinch = exists[own] & diagonal
-    components = _components(flat, width) if pinch.any() else None
-    if components is not None:
-        joined = pinch & (components[pixel] == components[pixel + forward + outward])
+    regions = cache(lambda: _components(flat, width))  # needed only where a label meets itself diagonally
+    pinch = exists[own] & (flat[pixel + forward + outward] == flat[pixel])
+    if pinch.any():
+        joined = pinch & (regions()[pixel] == regions()[pixel + forward + outward])
         successor[joined] = notch[joined]
     nxt = np.searchsorted(edge, successor)
 
@@ -116,14 +116,11 @@ def trace_labels(labels: np.ndarray, row: int = 0, col: int = 0) -> tuple[np.nda
     rings = shapely.linearrings(np.column_stack([x, y]).astype(float), indices=ring_of)
     ring_head = np.unique(head[order])
     ring_label = flat[pixel[ring_head]]
-    signed = np.bincount(ring_of, weights=x * np.roll(y, -1) - np.roll(x, -1) * y)  # per-ring shoelace terms
-    # closing terms: np.roll pairs each ring's last vertex with the next ring's first; fix those
+    following = np.arange(1, len(x) + 1)  # each vertex's successor in its ring (shoelace formula)
     last = np.flatnonzero(np.diff(ring_of, append=-1) != 0)
-    first = np.concatenate([[0], last[:-1] + 1])
-    signed -= x[last] * y[(last + 1) % len(x)] - x[(last + 1) % len(x)] * y[last]
-    signed += x[last] * y[first] - x[first] * y[last]
-    area = signed / 2  # shells > 0, holes < 0 (region on the right, y down)
-    return _largest_regions(rings, ring_label, pixel[ring_head], area, lambda: _components(flat, width) if components is None else components)
+    following[last] = np.concatenate([[0], last[:-1] + 1])
+    area = np.bincount(ring_of, weights=x * y[following] - x[following] * y) / 2  # shells > 0, holes < 0
+    return _largest_regions(rings, ring_label, pixel[ring_head], area, regions)
 
 
 def _components(flat: np.ndarray, width: int) -> np.ndarray:
@@ -137,10 +134,12 @@ def _components(flat: np.ndarray, width: int) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def _largest_regions(rings, ring_label, ring_pixel, area, components):
+def _largest_regions(
+    rings: np.ndarray, ring_label: np.ndarray, ring_pixel: np.ndarray, area: np.ndarray, regions: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Per label: its largest shell (by pixels, holes subtracted) with that shell's holes.
 
-    ``ring_pixel`` is a pixel of the region each ring bounds; ``components()`` labels regions."""
+    ``ring_pixel`` is a pixel of the region each ring bounds; ``regions()`` labels the regions."""
     shell = area > 0
     values = np.unique(ring_label)
     shells_per_label = np.bincount(np.searchsorted(values, ring_label[shell]), minlength=len(values))
@@ -150,7 +149,7 @@ def _largest_regions(rings, ring_label, ring_pixel, area, components):
     owner[~shell] = first_shell[np.searchsorted(values, ring_label[~shell])]
     several = np.isin(ring_label, values[shells_per_label > 1])
     if (several & ~shell).any():  # islands and holes: a hole belongs to the shell of its region
-        region = components()[ring_pixel]
+        region = regions()[ring_pixel]
         by_region = dict(zip(region[shell & several], shell_index[several[shell_index]]))
         for hole in np.flatnonzero(several & ~shell):
             owner[hole] = by_region[region[hole]]
