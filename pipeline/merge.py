@@ -189,8 +189,38 @@ def _single_polygon(geometry: shapely.Geometry) -> shapely.Polygon:
     return max(parts, key=lambda p: p.area)
 
 
+def seen_whole_elsewhere(bounds: np.ndarray, member_tiles: np.ndarray, tiles: dict[int, Tile]) -> np.ndarray:
+    """Per group of fragments: did a tile none of them came from hold all of it in its window,
+    clear of the window's interior edges? That tile saw the place whole; its detections speak for it.
+
+    ``bounds`` (g, 4) are each group's extent; ``member_tiles`` pairs (group index, tile index).
+    """
+    ids = np.array(sorted(tiles))
+    windows = np.array([tiles[i].bounds for i in ids], float)
+    interior = np.array([tiles[i].interior for i in ids], bool)
+    inside, window = shapely.STRtree(shapely.box(*windows.T)).query(shapely.box(*bounds.T), predicate="within")
+    b, w, edge = bounds[inside], windows[window], interior[window]
+    clear = (
+        (~edge[:, 0] | (b[:, 0] > w[:, 0]))
+        & (~edge[:, 1] | (b[:, 1] > w[:, 1]))
+        & (~edge[:, 2] | (b[:, 2] < w[:, 2]))
+        & (~edge[:, 3] | (b[:, 3] < w[:, 3]))
+    )
+    width = max(int(ids.max()), int(member_tiles[1].max(initial=0))) + 1
+    clear &= ~np.isin(inside * width + ids[window], member_tiles[0] * width + member_tiles[1])
+    seen = np.zeros(len(bounds), bool)
+    seen[inside[clear]] = True
+    return seen
+
+
 def merge_seams(candidates: Detections, tiles: dict[int, Tile], min_iou: float = 0.5) -> Detections:
-    """Resolve seam candidates to one instance per object (deterministic for a given input)."""
+    """Resolve seam candidates to one instance per object (deterministic for a given input).
+
+    Matching candidates form groups. A group keeps its best copy that no tile edge cut. When
+    every member is cut, the union of its fragments is kept, unless another tile saw that place
+    whole (then the piece is an arm cut off an object, or a pixel joined to one at a corner, that
+    the whole view already decided on); a fragment matching nothing must also lie in its tile's core.
+    """
     n = len(candidates)
     if n == 0:
         return candidates
@@ -198,26 +228,33 @@ def merge_seams(candidates: Detections, tiles: dict[int, Tile], min_iou: float =
     graph = coo_matrix((np.ones(pairs.shape[1]), (pairs[0], pairs[1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     sizes = np.bincount(component)
-    lone = sizes[component] == 1
-    kept = [np.flatnonzero(lone & (~candidates.cut | candidates.owned))]
     # per group, members ranked: uncut first, then higher score, lower tile, lower index
     ranked = np.lexsort((candidates.tile, -candidates.score, candidates.cut, component))
     first = ranked[np.flatnonzero(np.diff(component[ranked], prepend=-1))]
-    first = first[sizes[component[first]] > 1]
-    kept.append(first[~candidates.cut[first]])  # the best copy no tile edge cut
-    merged: list[Detections] = []
-    fragments = first[candidates.cut[first]]  # every member cut: union them
+    whole = first[~candidates.cut[first]]  # the best copy no tile edge cut
+    fragments = first[candidates.cut[first]]  # every member cut
+    fragments = fragments[(sizes[component[fragments]] > 1) | candidates.owned[fragments]]
+    groups = component[fragments]  # ascending, as ``first`` is
+    members = starts = np.empty(0, np.intp)
     if len(fragments):
-        groups = component[fragments]
         members = np.flatnonzero(np.isin(component, groups))
         members = members[np.argsort(component[members], kind="stable")]
         starts = np.searchsorted(component[members], groups)
-        for best, group, start in zip(fragments, groups, starts):
-            union = candidates.take(np.array([best]))
-            union.geometry[0] = _single_polygon(shapely.union_all(candidates.geometry[members[start : start + sizes[group]]]))
-            union.cut[0] = False
-            merged.append(union)
-    return Detections.concat([candidates.take(np.sort(np.concatenate(kept)))] + merged)
+        member_bounds = candidates.bounds[members]
+        extent = np.concatenate(
+            [np.minimum.reduceat(member_bounds[:, :2], starts), np.maximum.reduceat(member_bounds[:, 2:], starts)], axis=1
+        )
+        member_tiles = np.stack([np.searchsorted(groups, component[members]), candidates.tile[members]])
+        keep = ~seen_whole_elsewhere(extent, member_tiles, tiles)
+        fragments, groups, starts = fragments[keep], groups[keep], starts[keep]
+    lone = sizes[component[fragments]] == 1
+    merged = [candidates.take(np.sort(np.concatenate([whole, fragments[lone]])))]
+    for best, group, start in zip(fragments[~lone], groups[~lone], starts[~lone]):  # union the fragments
+        union = candidates.take(np.array([best]))
+        union.geometry[0] = _single_polygon(shapely.union_all(candidates.geometry[members[start : start + sizes[group]]]))
+        union.cut[0] = False
+        merged.append(union)
+    return Detections.concat(merged)
 
 
 def assign_order(detections: Detections) -> Detections:
