@@ -119,12 +119,13 @@ SEAMLINE_WORKER_ENV: dict[str, str | None] = {"MALLOC_TRIM_THRESHOLD_": None}
 
 
 @contextlib.contextmanager
-def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None = None):
+def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None = None, config: dict | None = None):
     """A ``LocalCluster`` like ``workflows.cluster.connect`` (processes, 127.0.0.1), dashboard on
     a free port. Dask starts workers with ``OMP/MKL/OPENBLAS_NUM_THREADS=1`` and
     ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``); ``env`` overrides
     them (``None`` as a value: unset in the worker). By default (``env=None``) the overrides of
-    ``connect``: ``SEAMLINE_WORKER_ENV``; ``env={}`` keeps Dask's defaults."""
+    ``connect``: ``SEAMLINE_WORKER_ENV``; ``env={}`` keeps Dask's defaults. ``config``: Dask
+    settings the nannies hand their workers."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -133,7 +134,7 @@ def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None 
     # os.environ after spawning: clear them around the start and restore them afterwards
     saved = {k: os.environ.pop(k, None) for k in WORKER_ENV}
     os.environ.update({k: str(v) for k, v in env.items() if v is not None})
-    settings = {f"distributed.nanny.pre-spawn-environ.{k}": None for k, v in env.items() if v is None}
+    settings = {f"distributed.nanny.pre-spawn-environ.{k}": None for k, v in env.items() if v is None} | (config or {})
     try:
         with dask.config.set(settings):
             cluster = LocalCluster(
@@ -150,13 +151,14 @@ def worker_env(client) -> dict[str, str | None]:
     return next(iter(client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENV}).values()))
 
 
-def cluster_run(client, image: Path, model_dir: Path, out: Path, tiling: Tiling) -> dict:
-    """One image through ``workflows.run.run_images``, as ``seamline run`` does; its summary."""
+def cluster_run(client, image: Path, model_dir: Path, out: Path, tiling: Tiling, labels: bool = True) -> dict:
+    """One image through ``workflows.run.run_images``, as ``seamline run`` does (``labels``: also
+    labels.zarr, as without ``--no-zarr``); its summary."""
     from models.card import load_card
     from workflows.run import run_images
 
     card = load_card(model_dir)
-    report = run_images(client, [image], model_dir, card, out, tiling, show_progress=False)
+    report = run_images(client, [image], model_dir, card, out, tiling, show_progress=False, labels=labels)
     if not report.ok:
         raise RuntimeError(report.failed)
     return next(iter(report.done.values()))

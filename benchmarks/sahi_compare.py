@@ -13,7 +13,8 @@ Tools, each run by this script in a fresh subprocess (``--tool``), so imports, m
 memory peaks are separate; the parent samples the process tree's RSS every 50 ms:
 
 - ``seamline``: ``workflows.run.run_images`` on a LocalCluster of 1 worker process × 2 threads
-  (what ``seamline run`` starts, ``MALLOC_TRIM_THRESHOLD_`` unset), GeoPackage written;
+  (what ``seamline run --no-zarr`` starts, ``MALLOC_TRIM_THRESHOLD_`` unset), GeoPackage written
+  (SAHI writes no label raster either); ``seamline-zarr``: the same plus labels.zarr (``seamline run``);
 - ``seamline-sync``: the same Dask graph with the synchronous scheduler, in one process;
 - ``sahi-greedynmm`` / ``sahi-nms``: ``sahi.predict.get_sliced_prediction`` with
   ``TorchVisionDetectionModel`` wrapping the very torch module ``models.inference.Segmenter`` loads
@@ -52,7 +53,7 @@ import shapely
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, fmt_bytes, label_polygons, located_errors, machine, run_measured, table, true_positives  # noqa: E402
 
-TOOLS = ["seamline", "seamline-sync", "sahi-greedynmm", "sahi-nms"]
+TOOLS = ["seamline", "seamline-zarr", "seamline-sync", "sahi-greedynmm", "sahi-nms"]
 MONUSEG = ROOT.parent / "shared" / "data" / "nuclei-monuseg2018"
 
 
@@ -65,7 +66,7 @@ def _result(started: float, work: float, polygons: list, out: Path, extra: dict 
     print(json.dumps({"work_s": work, "process_s": time.perf_counter() - started, "self_peak": peak, **(extra or {})}))
 
 
-def run_seamline(images: list[Path], model: str, out: Path, sync: bool, started: float) -> None:
+def run_seamline(images: list[Path], model: str, out: Path, sync: bool, labels: bool, started: float) -> None:
     import pyogrio
 
     from models.card import load_card
@@ -94,7 +95,7 @@ def run_seamline(images: list[Path], model: str, out: Path, sync: bool, started:
 
         with local_cluster(1, 2) as client:
             start = time.perf_counter()
-            report = run_images(client, images, model_dir, card, work_dir, tiling, show_progress=False)
+            report = run_images(client, images, model_dir, card, work_dir, tiling, show_progress=False, labels=labels)
             work = time.perf_counter() - start
         if not report.ok:
             raise RuntimeError(report.failed)
@@ -257,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["real", "synthetic"], choices=["real", "synthetic"])
     parser.add_argument("--size", type=int, default=4096, help="side of the generated scene")
-    parser.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
+    parser.add_argument("--tools", nargs="+", default=[t for t in TOOLS if t != "seamline-zarr"], choices=TOOLS)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats (tool order alternates); medians")
     parser.add_argument("--raw-sahi", action="store_true", help="score SAHI's contours as returned (no 0.5 px growth)")
     parser.add_argument("--tool", choices=TOOLS, help=argparse.SUPPRESS)
@@ -269,7 +270,7 @@ def main() -> None:
     if args.tool:  # a child: run one tool and report
         started = time.perf_counter()
         if args.tool.startswith("seamline"):
-            run_seamline(args.images, args.model, args.out, args.tool == "seamline-sync", started)
+            run_seamline(args.images, args.model, args.out, args.tool == "seamline-sync", args.tool == "seamline-zarr", started)
         else:
             run_sahi(args.images, args.model, args.out, args.tool.split("-")[1].upper(), args.raw_sahi, started)
         return

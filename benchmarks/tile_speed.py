@@ -6,18 +6,22 @@ hit all alike), medians reported:
 - model only: ``models.inference.Segmenter`` on tiles preloaded in memory, same batch size (the
   ceiling): one call at a time with torch using all cores or one thread, and as many calls side by
   side as there are cores, one torch thread each (how a CPU worker with several threads runs);
-- end to end, synchronous scheduler: the image's Dask graph (read, segment, merge, write) run in
-  this process with ``scheduler="sync"``, with all cores and with one torch thread;
+- end to end, synchronous scheduler: the image's Dask graph (read, segment, merge, write the
+  GeoPackage; no labels.zarr) run in this process with ``scheduler="sync"``, with all cores and with
+  one torch thread;
 - end to end, LocalCluster: ``workflows.run.run_images`` (what ``seamline run`` calls) on a
   ``LocalCluster`` of one worker process with a thread per core, as ``seamline run`` starts it
   (Dask's ``MALLOC_TRIM_THRESHOLD_`` unset, as ``workflows.cluster.connect`` does). Dask starts
   workers with ``OMP_NUM_THREADS=1``, so each worker thread runs its own inference on one core;
-  with ``--malloc-variant`` the same cluster with Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``
-  runs beside it (glibc then returns, and torch re-faults, every large freed block).
+  and one worker process per core, one thread each (``seamline run --workers N``). With
+  ``--variants`` the 1-worker cluster also runs with Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``
+  (glibc then returns, and torch re-faults, every large freed block), without labels.zarr
+  (``--no-zarr``) and with Dask's sampling profiler off (it walks every thread's stack every 10 ms, holding the GIL).
 
 Efficiency = model-only time / end-to-end time with the same layout (calls side by side × torch
 threads each), on the same tiles of a generated GeoTIFF scene.
-Clusters are started and warmed up (model loaded in the worker) before timing.
+Each cluster is started and warmed up (model loaded in every worker) before its timed run and
+closed after it, so no idle cluster shares the CPU with the other runs.
 
     python benchmarks/tile_speed.py [--model synthetic-shapes] [--size 2048] [--batch-size 4] [--repeats 3]
 """
@@ -25,11 +29,11 @@ Clusters are started and warmed up (model loaded in the worker) before timing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import dask
@@ -53,8 +57,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
-    parser.add_argument("--malloc-variant", action="store_true",
-                        help="also a cluster whose worker keeps Dask's MALLOC_TRIM_THRESHOLD_=65536")
+    parser.add_argument("--variants", action="store_true",
+                        help="also clusters with Dask's MALLOC_TRIM_THRESHOLD_=65536 and with Dask's profiler off")
     parser.add_argument("--no-cluster", action="store_true", help="model only and synchronous scheduler only")
     args = parser.parse_args()
 
@@ -62,7 +66,7 @@ def main() -> None:
     card = load_card(model_dir)
     segmenter = Segmenter(model_dir, args.device)
     tiling = Tiling(card.tile_size, card.overlap, args.batch_size)
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "scene.tif"
         write_scene(path, seed=1, height=args.size, width=args.size)
         source = open_raster(path)
@@ -73,44 +77,62 @@ def main() -> None:
 
         batches = [pixels[b : b + args.batch_size] for b in range(0, len(pixels), args.batch_size)]
 
-        def model_only(side_by_side: int = 1) -> int:
-            with ThreadPoolExecutor(side_by_side) as pool:
-                found = sum(len(r) for tiles_found in pool.map(segmenter, batches) for r in tiles_found)
+        def timed(run, *args) -> tuple[int, float]:
+            start = time.perf_counter()
+            found = run(*args)
             if segmenter.device.type == "cuda":
                 torch.cuda.synchronize()
-            return found
+            return found, time.perf_counter() - start
 
-        def synchronous(out: Path) -> int:
+        def model_only(out: Path, side_by_side: int = 1) -> tuple[int, float]:
+            def run() -> int:
+                with ThreadPoolExecutor(side_by_side) as pool:
+                    return sum(len(r) for tiles_found in pool.map(segmenter, batches) for r in tiles_found)
+            return timed(run)
+
+        def synchronous(out: Path) -> tuple[int, float]:
             graph = image_graph(source, str(model_dir), card.classes, out, tiling)
-            (summary,) = dask.compute(graph.result, scheduler="sync")
-            return summary["instances"]
+            return timed(lambda: dask.compute(graph.result, scheduler="sync")[0]["instances"])
+
+        def on_cluster(out: Path, workers: int, threads: int, env, config, labels: bool) -> tuple[int, float]:
+            """Started, warmed up (model loaded in every worker) and closed around the timed run, so
+            that no idle cluster shares the CPU with the other runs."""
+            with local_cluster(workers, threads, env, config) as client:
+                assert worker_torch_threads(client) == cluster_threads, "the efficiency column assumes this layout"
+                for warm_up in range(workers):
+                    cluster_run(client, path, model_dir, out.with_name(f"{out.name}-warm-{warm_up}"), tiling)
+                return timed(lambda: cluster_run(client, path, model_dir, out, tiling, labels)["instances"])
 
         cores = os.cpu_count() or 1
+        cluster_threads = 1 if segmenter.device.type == "cpu" else cores  # Dask's workers: OMP_NUM_THREADS=1
         runs: dict[str, tuple[tuple[int, int], object]] = {  # name: ((calls side by side, torch threads), run)
-            f"model only, 1 call × {cores} torch threads": ((1, cores), lambda out: model_only()),
-            "model only, 1 call × 1 torch thread": ((1, 1), lambda out: model_only()),
-            f"model only, {cores} calls side by side × 1 torch thread": ((cores, 1), lambda out: model_only(cores)),
+            f"model only, 1 call × {cores} torch threads": ((1, cores), model_only),
+            "model only, 1 call × 1 torch thread": ((1, 1), model_only),
+            f"model only, {cores} calls side by side × 1 torch thread": ((cores, 1), partial(model_only, side_by_side=cores)),
             f"end to end, sync scheduler, {cores} torch threads": ((1, cores), synchronous),
             "end to end, sync scheduler, 1 torch thread": ((1, 1), synchronous),
         }
         if not args.no_cluster:
-            clusters = {f"end to end, LocalCluster 1 worker × {cores} threads (seamline run)": None}
-            if args.malloc_variant:
-                clusters[f"end to end, LocalCluster 1 worker × {cores} threads, Dask's MALLOC_TRIM_THRESHOLD_=65536"] = {}
-            for name, env in clusters.items():
-                client = stack.enter_context(local_cluster(1, cores, env))
-                cluster_run(client, path, model_dir, Path(tmp) / f"warm-{len(runs)}", tiling)  # loads the model
-                run = lambda out, client=client: cluster_run(client, path, model_dir, out, tiling)["instances"]
-                threads = worker_torch_threads(client)
-                runs[name] = ((cores if segmenter.device.type == "cpu" else 1, threads), run)
+            one = f"end to end, LocalCluster 1 worker × {cores} threads"
+            clusters = {  # name: (workers, threads each, worker env, Dask config, labels.zarr)
+                f"{one} (seamline run)": (1, cores, None, None, True),
+                f"end to end, LocalCluster {cores} workers × 1 thread (seamline run --workers {cores})": (cores, 1, None, None, True),
+            }
+            if args.variants:
+                clusters[f"{one}, no labels.zarr (seamline run --no-zarr)"] = (1, cores, None, None, False)
+                clusters[f"{one}, Dask's MALLOC_TRIM_THRESHOLD_=65536"] = (1, cores, {}, None, True)
+                clusters[f"{one}, Dask's profiler off"] = (1, cores, None, {"distributed.worker.profile.enabled": False}, True)
+            for name, (workers, threads, *setup) in clusters.items():
+                side_by_side = workers * threads if segmenter.device.type == "cpu" else workers
+                runs[name] = ((side_by_side, cluster_threads), partial(on_cluster, workers=workers, threads=threads,
+                                                                       env=setup[0], config=setup[1], labels=setup[2]))
         times: dict[str, list[float]] = {name: [] for name in runs}
         found: dict[str, int] = {}
         for repeat in range(args.repeats):
             for k, (name, ((_, threads), run)) in enumerate(runs.items()):
                 torch.set_num_threads(threads)  # this process's runs; a cluster's worker has its own
-                start = time.perf_counter()
-                found[name] = run(Path(tmp) / f"out-{repeat}-{k}")
-                times[name].append((time.perf_counter() - start) / len(tiles))
+                found[name], seconds = run(Path(tmp) / f"out-{repeat}-{k}")
+                times[name].append(seconds / len(tiles))
 
     device = torch.cuda.get_device_name() if segmenter.device.type == "cuda" else "CPU"
     print(f"machine: {machine()}; device {device}")

@@ -63,14 +63,14 @@ def label_graph(source, merged: Delayed, class_names: list[str], out_dir: Path, 
                 foreground: list, density_cell: int) -> Delayed:
     """Tasks writing ``labels.zarr``: create, one task per group of chunks that any segmented tile
     touches (in parallel, each its own chunks), then pyramid + density + rename."""
-    chunk = tiling.tile_size
+    chunk, per_task = tiling.tile_size, 4
     mpp = source.mpp * source.pixel_scale if source.mpp else None
     store = delayed(create_label_store, pure=True)(
         out_dir / "labels.zarr", source.height, source.width, chunk, class_names, source.transform, source.crs_wkt, mpp,
-        dask_key_name=f"labels-create-{token}",
+        per_task, dask_key_name=f"labels-create-{token}",
     )
     blocks = []
-    for i, (rows, cols) in enumerate(label_blocks(source.height, source.width, chunk, per_task=4)):
+    for i, (rows, cols) in enumerate(label_blocks(source.height, source.width, chunk, per_task)):
         if any(t.rows.start < rows.stop and t.rows.stop > rows.start and t.cols.start < cols.stop and t.cols.stop > cols.start
                for t in foreground):
             blocks.append(delayed(_label_block, pure=True)(store, merged, rows, cols, dask_key_name=(f"labels-{token}", i)))

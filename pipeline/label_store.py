@@ -14,9 +14,10 @@ GeoPackage, and it still counts.
 
 Lifecycle, shaped for Dask: ``create_label_store`` once (a hidden temporary sibling of the final
 path); ``write_label_block`` for every region of ``label_blocks``, in any order and in parallel
-processes (a region is whole chunks, so no two tasks write one chunk file); then
-``finalise_label_store`` once: pyramid, density, metadata, rename into place. A run that never
-finalises leaves only the hidden temporary directory.
+processes (a region is whole chunks, so no two tasks write one chunk file), each also writing the
+pyramid levels at which its region is still whole chunks (from the raster in memory); then
+``finalise_label_store`` once: the coarser levels, density, metadata, rename into place. A run that
+never finalises leaves only the hidden temporary directory.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from pipeline.detections import Detections
 from pipeline.grid import Span
 
 LABELS, CLASSES, DENSITY = "labels", "classes", "density"
-COMPRESSORS = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+# level 1 writes ~25 % faster than level 5 and the stores stay as small (label rasters are mostly runs)
+COMPRESSORS = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 CONFIG = {"write_empty_chunks": False}
 SPATIAL = {
     "name": "spatial",
@@ -81,14 +83,24 @@ def _open(store: Path, name: str) -> zarr.Array:
     return zarr.open_array(store, path=name, mode="r+").with_config(CONFIG)
 
 
+def block_levels(chunk: int, per_task: int, height: int, width: int) -> int:
+    """How many pyramid levels (level 0 included) the block tasks write: those at which every
+    region of ``label_blocks`` is still whole chunks."""
+    levels, most = 1, len(pyramid_shapes(height, width, chunk))
+    while per_task % 2**levels == 0 and levels < most:
+        levels += 1
+    return levels
+
+
 def create_label_store(
     path: Path, height: int, width: int, chunk: int, class_names: list[str],
-    transform: Affine, crs_wkt: str | None, mpp: float | None,
+    transform: Affine, crs_wkt: str | None, mpp: float | None, per_task: int = 4,
 ) -> Path:
     """Create the empty store as a hidden temporary sibling of ``path`` and return its path.
 
     ``transform`` maps label pixels (column, row) to CRS units for georeferenced rasters, to
-    level-0 pixels for slides; ``mpp`` is the level-0 microns per pixel of a slide.
+    level-0 pixels for slides; ``mpp`` is the level-0 microns per pixel of a slide. Blocks will
+    be ``label_blocks(..., per_task)``.
     """
     if min(height, width, chunk) < 1:
         raise ValueError(f"label store of {height}×{width} pixels in chunks of {chunk}: all must be positive")
@@ -107,12 +119,16 @@ def create_label_store(
         "geotransform": list(transform.to_gdal()),
         "mpp": mpp,
         "chunk": chunk,
+        "block_levels": block_levels(chunk, per_task, height, width),
         "class_names": list(class_names),
         "instance_id": "labels value = instance_id of the instances layer (1-based row); 0 = background",
         "overlap": "a pixel covered by several instances belongs to the highest score, then the highest id",
     })
+    shapes = pyramid_shapes(height, width, chunk)[: root.attrs["block_levels"]]
     for name, dtype in ((LABELS, "uint32"), (CLASSES, "uint8")):
-        _create_level(root.create_group(name), 0, (height, width), chunk, dtype, transform)
+        group = root.create_group(name)
+        for k, shape in enumerate(shapes):
+            _create_level(group, k, shape, chunk, dtype, transform)
     return tmp
 
 
@@ -135,36 +151,59 @@ def _check_region(shape: tuple[int, ...], chunk: int, rows: Span, cols: Span) ->
             )
 
 
+def _geojson_polygons(geometry: np.ndarray) -> list:
+    """GeoJSON-like mappings of the polygons among ``geometry`` (coordinates extracted vectorised:
+    shapely's ``__geo_interface__`` builds Python tuples vertex by vertex); other types as they are."""
+    out = list(geometry)
+    polygon = np.flatnonzero(shapely.get_type_id(geometry) == 3)
+    rings, owner = shapely.get_rings(geometry[polygon], return_index=True)
+    coords = np.split(shapely.get_coordinates(rings), np.cumsum(shapely.get_num_coordinates(rings))[:-1])
+    first = np.searchsorted(owner, np.arange(len(polygon) + 1))
+    for k, i in enumerate(polygon):
+        out[i] = {"type": "Polygon", "coordinates": coords[first[k] : first[k + 1]]}
+    return out
+
+
 def write_label_block(store: Path, detections: Detections, rows: Span, cols: Span) -> int:
     """Rasterise every instance over one region of whole chunks into ``labels/0`` and
-    ``classes/0`` (pixel centres inside the polygon); return the number of labelled pixels."""
+    ``classes/0`` (pixel centres inside the polygon), and the levels the store's blocks write;
+    return the number of labelled pixels."""
     labels = _open(store, f"{LABELS}/0")
-    _check_region(labels.shape, labels.chunks[0], rows, cols)
+    chunk = labels.chunks[0]
+    _check_region(labels.shape, chunk, rows, cols)
+    levels = zarr.open_group(store, mode="r").attrs["block_levels"]
+    for k, shape in enumerate(pyramid_shapes(*labels.shape, chunk)[1:levels], start=1):
+        try:
+            _check_region(shape, chunk, Span(rows.start >> k, -(-rows.stop >> k)), Span(cols.start >> k, -(-cols.stop >> k)))
+        except ValueError as err:
+            raise ValueError(f"pyramid level {k}: {err} (blocks come from label_blocks with create_label_store's per_task)") from None
     xmin, ymin, xmax, ymax = detections.bounds.T
     hit = np.flatnonzero((xmax > cols.start) & (xmin < cols.stop) & (ymax > rows.start) & (ymin < rows.stop))
     if len(hit) == 0:
         return 0
     hit = hit[np.lexsort((hit, detections.score[hit]))]  # burnt in this order: the last one wins
     block = features.rasterize(
-        zip(detections.geometry[hit], (hit + 1).tolist()),
+        zip(_geojson_polygons(detections.geometry[hit]), (hit + 1).tolist()),
         out_shape=(rows.length, cols.length),
         transform=Affine.translation(cols.start, rows.start),
         fill=0,
         all_touched=False,
         dtype="uint32",
     )
-    classes = np.concatenate([[0], detections.label.astype(np.int64) + 1]).astype(np.uint8)
-    labels[rows.start : rows.stop, cols.start : cols.stop] = block
-    _open(store, f"{CLASSES}/0")[rows.start : rows.stop, cols.start : cols.stop] = classes[block]
+    lookup = np.concatenate([[0], detections.label.astype(np.int64) + 1]).astype(np.uint8)
+    for k in range(levels):
+        level = block[:: 2**k, :: 2**k]
+        r, c = rows.start >> k, cols.start >> k
+        window = (slice(r, r + level.shape[0]), slice(c, c + level.shape[1]))
+        (labels if k == 0 else _open(store, f"{LABELS}/{k}"))[window] = level
+        _open(store, f"{CLASSES}/{k}")[window] = lookup[level]
     return int(np.count_nonzero(block))
 
 
-def pyramid_shapes(height: int, width: int, chunk: int, levels: int | None = None) -> list[tuple[int, int]]:
-    """Shapes of levels 0, 1, …: ``levels`` of them, or by default halving until a side is ≤ ``chunk``."""
-    if levels is not None and levels < 1:
-        raise ValueError(f"{levels} pyramid levels: need at least 1")
+def pyramid_shapes(height: int, width: int, chunk: int) -> list[tuple[int, int]]:
+    """Shapes of levels 0, 1, …, halving until a side is ≤ ``chunk``."""
     shapes = [(height, width)]
-    while (len(shapes) < levels) if levels is not None else min(shapes[-1]) > chunk:
+    while min(shapes[-1]) > chunk:
         shapes.append((-(-shapes[-1][0] // 2), -(-shapes[-1][1] // 2)))
     return shapes
 
@@ -244,17 +283,17 @@ def move_into_place(tmp: Path, final: Path) -> None:
 
 def finalise_label_store(
     store: Path, final_path: Path, detections: Detections, class_names: list[str],
-    cell_size: int = 256, levels: int | None = None, move: bool = True,
+    cell_size: int = 256, move: bool = True,
 ) -> dict:
-    """Build the pyramid, the density grid and the metadata, then rename ``store`` to ``final_path``
-    (with ``move=False`` the caller renames it, e.g. together with an image's other outputs)."""
+    """Build the rest of the pyramid, the density grid and the metadata, then rename ``store`` to
+    ``final_path`` (with ``move=False`` the caller renames it, e.g. with an image's other outputs)."""
     root = zarr.open_group(store, mode="r+")
     transform = Affine(*root.attrs["spatial:transform"])
     mpp, chunk = root.attrs["mpp"], root.attrs["chunk"]
     height, width = root[f"{LABELS}/0"].shape
-    shapes = pyramid_shapes(height, width, chunk, levels)
+    shapes = pyramid_shapes(height, width, chunk)
     for name, names in ((LABELS, None), (CLASSES, class_names)):
-        for k in range(1, len(shapes)):
+        for k in range(root.attrs["block_levels"], len(shapes)):
             _downsample(store, name, k, shapes[k], transform)
         root[name].attrs.update(_multiscales(name, len(shapes), transform, mpp, names))
     density = density_grid(detections, len(class_names), height, width, cell_size)

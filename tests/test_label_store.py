@@ -27,7 +27,7 @@ from pipeline.label_store import (
 )
 from tests.helpers import label_polygons
 
-HEIGHT, WIDTH, CHUNK, PER_TASK, CELL = 300, 420, 32, 3, 64
+HEIGHT, WIDTH, CHUNK, PER_TASK, CELL = 300, 420, 32, 4, 64  # blocks write levels 0-2, finalise 3-4
 NAMES = list(CLASSES)
 TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4100000.0)
 CRS_WKT = CRS.from_epsg(32633).to_wkt()
@@ -86,7 +86,7 @@ def build(
     path: Path, detections: Detections, pool: ProcessPoolExecutor | None = None, seed: int = 0
 ) -> tuple[Path, int]:
     """Create, write every block (shuffled, or through ``pool``) and return (temporary store, pixels)."""
-    store = create_label_store(path, HEIGHT, WIDTH, CHUNK, NAMES, TRANSFORM, CRS_WKT, None)
+    store = create_label_store(path, HEIGHT, WIDTH, CHUNK, NAMES, TRANSFORM, CRS_WKT, None, PER_TASK)
     blocks = label_blocks(HEIGHT, WIDTH, CHUNK, PER_TASK)
     if pool is None:
         order = np.random.default_rng(seed).permutation(len(blocks))
@@ -210,18 +210,19 @@ def test_attributes_describe_counts_crs_and_scales(scene, built):
 
 
 def test_empty_slide_stores_nothing_and_uses_microns(tmp_path):
-    store = create_label_store(tmp_path / "labels.zarr", HEIGHT, WIDTH, CHUNK, NAMES, Affine.scale(2.0), None, 0.25)
+    store = create_label_store(tmp_path / "labels.zarr", HEIGHT, WIDTH, CHUNK, NAMES, Affine.scale(2.0), None, 0.25, 2)
     for rows, cols in label_blocks(HEIGHT, WIDTH, CHUNK, 2):
         assert write_label_block(store, Detections.empty(), rows, cols) == 0
-    summary = finalise_label_store(store, tmp_path / "labels.zarr", Detections.empty(), NAMES, levels=2)
+    summary = finalise_label_store(store, tmp_path / "labels.zarr", Detections.empty(), NAMES)
     group = zarr.open_group(tmp_path / "labels.zarr", mode="r")
-    assert summary["levels"] == 2 and not group["labels/1"][:].any() and not group["density"][:].any()
-    for level in ("labels/0", "labels/1", "classes/0", "classes/1"):
-        assert not stored_chunks(tmp_path / "labels.zarr" / level)
+    assert summary["levels"] == 5 and not group["labels/1"][:].any() and not group["density"][:].any()
+    for name in ("labels", "classes"):
+        for k in range(5):
+            assert not stored_chunks(tmp_path / "labels.zarr" / name / str(k))
     ome = group["classes"].attrs["ome"]
     assert ome["multiscales"][0]["axes"][0]["unit"] == "micrometer"
     scales = [d["coordinateTransformations"][0]["scale"] for d in ome["multiscales"][0]["datasets"]]
-    assert scales == [[0.5, 0.5], [1.0, 1.0]]
+    assert scales == [[0.5 * 2**k, 0.5 * 2**k] for k in range(5)]
     assert [p["class"] for p in ome["image-label"]["properties"]] == NAMES
     assert "proj:wkt2" not in group.attrs and summary["counts"] == dict.fromkeys(NAMES, 0)
 
@@ -273,7 +274,7 @@ def test_every_level_opens_in_xarray(tmp_path):
         cut=np.zeros(len(ids), bool), owned=np.ones(len(ids), bool),
     )
     final = tmp_path / "labels.zarr"
-    store = create_label_store(final, 300, 420, 64, ["a", "b", "c"], Affine.identity(), None, None)
+    store = create_label_store(final, 300, 420, 64, ["a", "b", "c"], Affine.identity(), None, None, per_task=2)
     for rows, cols in label_blocks(300, 420, 64, 2):
         write_label_block(store, detections, rows, cols)
     finalise_label_store(store, final, detections, ["a", "b", "c"], cell_size=50)
