@@ -164,6 +164,19 @@ def cluster_run(client, image: Path, model_dir: Path, out: Path, tiling: Tiling,
     return next(iter(report.done.values()))
 
 
+def fresh_cluster_run(workers: int, threads: int, image: Path, model_dir: Path, out: Path, tiling: Tiling,
+                      labels: bool = True, env: dict | None = None, config: dict | None = None) -> tuple[dict, float, int]:
+    """Start a ``local_cluster``, warm it up (one run per worker, so every worker has loaded the
+    model), time one ``cluster_run`` and close it: no idle cluster shares the CPU with other runs.
+    Returns (summary, seconds, torch threads per worker)."""
+    with local_cluster(workers, threads, env, config) as client:
+        for warm_up in range(workers):
+            cluster_run(client, image, model_dir, out.with_name(f"{out.name}-warm-{warm_up}"), tiling)
+        start = time.perf_counter()
+        summary = cluster_run(client, image, model_dir, out, tiling, labels)
+        return summary, time.perf_counter() - start, worker_torch_threads(client)
+
+
 def worker_torch_threads(client) -> int:
     import torch
 

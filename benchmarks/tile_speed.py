@@ -40,7 +40,7 @@ import dask
 import numpy as np
 import torch
 
-from common import cluster_run, local_cluster, machine, table, worker_torch_threads
+from common import fresh_cluster_run, machine, table
 from models.card import load_card
 from models.inference import Segmenter
 from models.registry import resolve_model_dir
@@ -95,13 +95,9 @@ def main() -> None:
             return timed(lambda: dask.compute(graph.result, scheduler="sync")[0]["instances"])
 
         def on_cluster(out: Path, workers: int, threads: int, env, config, labels: bool) -> tuple[int, float]:
-            """Started, warmed up (model loaded in every worker) and closed around the timed run, so
-            that no idle cluster shares the CPU with the other runs."""
-            with local_cluster(workers, threads, env, config) as client:
-                assert worker_torch_threads(client) == cluster_threads, "the efficiency column assumes this layout"
-                for warm_up in range(workers):
-                    cluster_run(client, path, model_dir, out.with_name(f"{out.name}-warm-{warm_up}"), tiling)
-                return timed(lambda: cluster_run(client, path, model_dir, out, tiling, labels)["instances"])
+            summary, seconds, torch_threads = fresh_cluster_run(workers, threads, path, model_dir, out, tiling, labels, env, config)
+            assert torch_threads == cluster_threads, "the efficiency column assumes this layout"
+            return summary["instances"], seconds
 
         cores = os.cpu_count() or 1
         cluster_threads = 1 if segmenter.device.type == "cpu" else cores  # Dask's workers: OMP_NUM_THREADS=1

@@ -1,7 +1,7 @@
 """Worker scaling: the same image on LocalClusters of 1 and 2 worker processes.
 
-Clusters (all started, and warmed up with one full run so every worker has loaded the model,
-before timing; Dask gives each worker ``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, so each worker
+Clusters (each started and warmed up, so every worker has loaded the model, before its timed run,
+and closed after it, so no idle cluster shares the CPU; Dask gives each worker ``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, so each worker
 thread runs its own inference on one torch thread; malloc trimming off, as ``seamline run`` starts
 them):
 
@@ -9,7 +9,7 @@ them):
 - 1 worker × 2 threads — what ``seamline run`` starts by default on 2 cores;
 - 2 workers × 1 thread.
 
-Each repeat runs the image once on every cluster through ``workflows.run.run_images`` (what
+Each repeat runs the image once on every layout through ``workflows.run.run_images`` (what
 ``seamline run`` calls), in alternating order; medians are reported. Speed-up = the 1-worker
 time ÷ the 2-worker time. On 2 cores shared with other users, expect < 2.
 
@@ -19,14 +19,12 @@ time ÷ the 2-worker time. On 2 cores shared with other users, expect < 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common import cluster_run, local_cluster, machine, table
+from common import fresh_cluster_run, machine, table
 from models.card import load_card
 from models.registry import resolve_model_dir
 from pipeline.graph import Tiling
@@ -49,22 +47,18 @@ def main() -> None:
     tiling = Tiling(card.tile_size, card.overlap, args.batch_size)
     tiles = len(TileGrid(args.size, args.size, card.tile_size, card.overlap))
     print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         image = tmp / "scene.tif"
         write_scene(image, seed=3, height=args.size, width=args.size)
-        clients = {}
-        for name, (workers, threads) in CONFIGS.items():
-            clients[name] = stack.enter_context(local_cluster(workers, threads))
-            cluster_run(clients[name], image, model_dir, tmp / f"warm-{workers}-{threads}", tiling)
         times: dict[str, list[float]] = {name: [] for name in CONFIGS}
         found: dict[str, int] = {}
         for repeat in range(args.repeats):
             order = list(CONFIGS) if repeat % 2 == 0 else list(CONFIGS)[::-1]
-            for name in order:
-                start = time.perf_counter()
-                found[name] = cluster_run(clients[name], image, model_dir, tmp / f"out-{repeat}-{len(found)}", tiling)["instances"]
-                times[name].append(time.perf_counter() - start)
+            for k, name in enumerate(order):
+                summary, seconds, _ = fresh_cluster_run(*CONFIGS[name], image, model_dir, tmp / f"out-{repeat}-{k}", tiling)
+                found[name] = summary["instances"]
+                times[name].append(seconds)
     median = {name: float(np.median(t)) for name, t in times.items()}
     one_core = median["1 worker × 1 thread"]
     rows = [[name, f"{median[name]:.1f}", ", ".join(f"{t:.1f}" for t in times[name]), f"{median[name] / tiles:.3f}",
