@@ -77,9 +77,9 @@ def main() -> None:
 
         batches = [pixels[b : b + args.batch_size] for b in range(0, len(pixels), args.batch_size)]
 
-        def timed(run, *args) -> tuple[int, float]:
+        def timed(run) -> tuple[int, float]:
             start = time.perf_counter()
-            found = run(*args)
+            found = run()
             if segmenter.device.type == "cuda":
                 torch.cuda.synchronize()
             return found, time.perf_counter() - start
@@ -100,7 +100,7 @@ def main() -> None:
             return summary["instances"], seconds
 
         cores = os.cpu_count() or 1
-        cluster_threads = 1 if segmenter.device.type == "cpu" else cores  # Dask's workers: OMP_NUM_THREADS=1
+        cluster_threads = 1  # Dask starts workers with OMP_NUM_THREADS=1
         runs: dict[str, tuple[tuple[int, int], object]] = {  # name: ((calls side by side, torch threads), run)
             f"model only, 1 call × {cores} torch threads": ((1, cores), model_only),
             "model only, 1 call × 1 torch thread": ((1, 1), model_only),

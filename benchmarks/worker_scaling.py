@@ -1,9 +1,9 @@
 """Worker scaling: the same image on LocalClusters of 1 and 2 worker processes.
 
 Clusters (each started and warmed up, so every worker has loaded the model, before its timed run,
-and closed after it, so no idle cluster shares the CPU; Dask gives each worker ``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, so each worker
-thread runs its own inference on one torch thread; malloc trimming off, as ``seamline run`` starts
-them):
+and closed after it, so no idle cluster shares the CPU; Dask gives each worker
+``OMP_NUM_THREADS=MKL_NUM_THREADS=1``, so each worker thread runs its own inference on one torch
+thread; malloc trimming off, as ``seamline run`` starts them):
 
 - 1 worker × 1 thread — one core's worth;
 - 1 worker × 2 threads — what ``seamline run`` starts by default on 2 cores;

@@ -240,7 +240,7 @@ def merge_seams(candidates: Detections, tiles: dict[int, Tile], min_iou: float =
         members = np.flatnonzero(np.isin(component, groups))
         members = members[np.argsort(component[members], kind="stable")]
         starts = np.searchsorted(component[members], groups)
-        member_bounds = candidates.bounds[members]
+        member_bounds = shapely.bounds(candidates.geometry[members])
         extent = np.concatenate(
             [np.minimum.reduceat(member_bounds[:, :2], starts), np.maximum.reduceat(member_bounds[:, 2:], starts)], axis=1
         )
