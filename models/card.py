@@ -75,6 +75,9 @@ class ModelCard(BaseModel):
     mask_nms_metric: Literal["iou", "ios"] = Field(
         "iou", description="iou: intersection over union; ios: intersection over the smaller mask (nested fragments)"
     )
+    test_time_flips: bool = Field(
+        False, description="segment each tile as is and under three flips, fused (models/tta.py); ~4x the model time"
+    )
     max_detections: int = Field(300, ge=1, le=10000)
     anchor_sizes: list[int] = [16, 32, 64, 128, 256]
     description: str = ""

@@ -20,6 +20,7 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from models.builders import build_model
 from models.card import ModelCard, load_card
+from models.tta import flip_tta
 from models.weights import load_weights
 
 
@@ -80,10 +81,13 @@ class Segmenter:
             batch = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
             images = list(batch.permute(0, 3, 1, 2).float().div_(255))
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                image_list, _ = self.model.transform(images)
-                features = self.model.backbone(image_list.tensors)
-                proposals, _ = self.model.rpn(image_list, features)
-                detections, _ = self.model.roi_heads(features, proposals, image_list.image_sizes)
+                if self.card.test_time_flips:
+                    detections = flip_tta(self.model, images, self.card.score_threshold)
+                else:
+                    image_list, _ = self.model.transform(images)
+                    features = self.model.backbone(image_list.tensors)
+                    proposals, _ = self.model.rpn(image_list, features)
+                    detections, _ = self.model.roi_heads(features, proposals, image_list.image_sizes)
             return [self._to_instances(d, height, width) for d in detections]
 
     def _to_instances(self, det: dict[str, torch.Tensor], height: int, width: int) -> TileInstances:

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+from models.card import load_card, save_card
+from models.inference import Segmenter
+from models.registry import resolve_model_dir
+from models.synthetic import make_scene
+from models.tta import FLIPS, _flip_boxes, _fuse, flip_tta
+
+
+def test_fused_score_is_the_mean_over_views_and_the_box_score_weighted():
+    boxes = torch.tensor([[10.0, 10, 30, 30], [12, 10, 32, 30], [11, 10, 31, 30], [60, 60, 80, 80]])
+    scores = torch.tensor([0.8, 0.6, 0.4, 0.9])
+    labels = torch.tensor([1, 1, 1, 1])
+    view = torch.tensor([0, 1, 1, 2])  # view 1 matched the first object twice: only its best counts
+    fused_boxes, fused_scores, fused_labels = _fuse(boxes, scores, labels, view, 0.5, 100)
+    order = torch.argsort(fused_scores, descending=True)
+    assert torch.allclose(fused_scores[order], torch.tensor([(0.8 + 0.6) / 4, 0.9 / 4]))
+    expected_x0 = (10 * 0.8 + 12 * 0.6 + 11 * 0.4) / (0.8 + 0.6 + 0.4)
+    assert torch.allclose(fused_boxes[order][0], torch.tensor([expected_x0, 10, expected_x0 + 20, 30]))
+    assert torch.equal(fused_boxes[order][1], boxes[3])
+    assert fused_labels.tolist() == [1, 1]
+
+
+def test_another_class_is_another_object():
+    boxes = torch.tensor([[10.0, 10, 30, 30], [10, 10, 30, 30]])
+    _, scores, labels = _fuse(boxes, torch.tensor([0.8, 0.7]), torch.tensor([1, 2]), torch.tensor([0, 1]), 0.5, 100)
+    assert sorted(labels.tolist()) == [1, 2]
+    assert torch.allclose(torch.sort(scores).values, torch.tensor([0.7 / 4, 0.8 / 4]))
+
+
+def test_flipping_boxes_twice_returns_them():
+    boxes = torch.tensor([[3.0, 5, 20, 9]])
+    for lr, ud in FLIPS:
+        flipped = _flip_boxes(boxes, lr, ud, 64, 48)
+        assert torch.equal(_flip_boxes(flipped, lr, ud, 64, 48), boxes)
+    assert torch.equal(_flip_boxes(boxes, True, False, 64, 48), torch.tensor([[28.0, 5, 45, 9]]))
+
+
+def test_flip_tta_is_equivariant_under_the_flips_it_averages():
+    """The four flips form a group: segmenting a mirrored tile gives the mirrored result."""
+    segmenter = Segmenter(resolve_model_dir("synthetic-shapes"), device="cpu")
+    image = torch.from_numpy(make_scene(5, 512, 512).image).permute(2, 0, 1).float() / 255
+    threshold = segmenter.card.score_threshold
+    plain = flip_tta(segmenter.model, [image], threshold)[0]
+    mirrored = flip_tta(segmenter.model, [image.flip(-1)], threshold)[0]
+    assert len(plain["scores"]) > 5 and len(plain["scores"]) == len(mirrored["scores"])
+    a, b = torch.argsort(plain["scores"]), torch.argsort(mirrored["scores"])
+    assert torch.allclose(plain["scores"][a], mirrored["scores"][b], atol=1e-4)
+    assert torch.allclose(_flip_boxes(mirrored["boxes"][b], True, False, 512, 512), plain["boxes"][a], atol=0.05)
+    assert torch.equal(plain["labels"][a], mirrored["labels"][b])
+    assert torch.allclose(mirrored["masks"][b].flip(-1), plain["masks"][a], atol=1e-3)
+
+
+@pytest.mark.parametrize("flips", [False, True])
+def test_segmenter_with_flips_from_the_card_finds_the_objects(tmp_path, flips):
+    from models.train_synthetic import mask_f1
+
+    shipped = resolve_model_dir("synthetic-shapes")
+    card = load_card(shipped).model_copy(update={"test_time_flips": flips})
+    save_card(card, tmp_path)
+    (tmp_path / card.weights).symlink_to(shipped / card.weights)
+    segmenter = Segmenter(tmp_path, device="cpu")
+    found = segmenter(make_scene(123, 512, 512).image[None])[0]
+    assert len(found) and np.all(found.scores >= card.score_threshold)
+    assert mask_f1(segmenter, range(2), 512) >= 0.8
