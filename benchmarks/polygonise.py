@@ -44,7 +44,7 @@ def before(mask: np.ndarray, row: int, col: int) -> shapely.Polygon | None:
 
 def model_tiles(model: str) -> tuple[list, int]:
     """(per-tile lists of (row, col, mask), tile size) from the model's own outputs."""
-    segmenter = Segmenter(resolve_model_dir(model), "cpu")
+    segmenter = Segmenter(resolve_model_dir(model), "cpu", flips=False)  # polygonisation is timed, not the model
     size = segmenter.card.tile_size
     if model == "nuclei-he":
         import rasterio

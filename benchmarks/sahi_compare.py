@@ -16,6 +16,8 @@ memory peaks are separate; the parent samples the process tree's RSS every 50 ms
   (what ``seamline run --no-zarr`` starts, ``MALLOC_TRIM_THRESHOLD_`` unset), GeoPackage written
   (SAHI writes no label raster either); ``seamline-zarr``: the same plus labels.zarr (``seamline run``);
 - ``seamline-sync``: the same Dask graph with the synchronous scheduler, in one process;
+- every Seamline tool runs without flip test-time augmentation (``nuclei-he``'s card turns it on): SAHI
+  calls the module once per slice;
 - ``sahi-greedynmm`` / ``sahi-nms``: ``sahi.predict.get_sliced_prediction`` with
   ``TorchVisionDetectionModel`` wrapping the very torch module ``models.inference.Segmenter`` loads
   (same weights, card thresholds), slice size and overlap ratio = the card's tile size and overlap,
@@ -75,7 +77,7 @@ def run_seamline(images: list[Path], model: str, out: Path, sync: bool, labels: 
 
     model_dir = resolve_model_dir(model)
     card = load_card(model_dir)
-    tiling = Tiling(card.tile_size, card.overlap, batch_size=4)
+    tiling = Tiling(card.tile_size, card.overlap, batch_size=4, test_time_flips=False)  # SAHI runs the module once per slice
     work_dir = out.parent / f"{out.stem}-gpkg"
     if sync:
         import dask

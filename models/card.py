@@ -75,6 +75,9 @@ class ModelCard(BaseModel):
     mask_nms_metric: Literal["iou", "ios"] = Field(
         "iou", description="iou: intersection over union; ios: intersection over the smaller mask (nested fragments)"
     )
+    mask_nms_across_classes: bool = Field(
+        False, description="mask NMS compares masks of any two classes (one object, two class guesses)"
+    )
     test_time_flips: bool = Field(
         False, description="segment each tile as is and under three flips, fused (models/tta.py); ~4x the model time"
     )

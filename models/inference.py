@@ -55,9 +55,10 @@ def default_device() -> torch.device:
 class Segmenter:
     """A model loaded once, ready to segment uint8 tiles of shape (batch, height, width, channels)."""
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None) -> None:
+    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None, flips: bool | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.card: ModelCard = load_card(self.model_dir)
+        self.flips = self.card.test_time_flips if flips is None else flips  # models/tta.py
         self.device = torch.device(device) if device is not None else default_device()
         model = build_model(self.card)
         load_weights(model, self.model_dir / self.card.weights, f"{self.card.architecture} with {len(self.card.classes)} classes")
@@ -81,7 +82,7 @@ class Segmenter:
             batch = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
             images = list(batch.permute(0, 3, 1, 2).float().div_(255))
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                if self.card.test_time_flips:
+                if self.flips:
                     detections = flip_tta(self.model, images, self.card.score_threshold)
                 else:
                     image_list, _ = self.model.transform(images)
@@ -98,7 +99,8 @@ class Segmenter:
         scores = det["scores"].float().cpu().numpy()
         if self.card.mask_nms_threshold is not None and len(keep):
             kept = [crops[i] for i in keep]
-            keep = keep[mask_nms(kept, labels[keep], scores[keep], self.card.mask_nms_threshold, self.card.mask_nms_metric)]
+            classes = np.zeros_like(labels[keep]) if self.card.mask_nms_across_classes else labels[keep]
+            keep = keep[mask_nms(kept, classes, scores[keep], self.card.mask_nms_threshold, self.card.mask_nms_metric)]
         return TileInstances(
             boxes=boxes.cpu().numpy()[keep],
             labels=labels[keep],
@@ -170,6 +172,6 @@ def mask_nms(
 
 
 @lru_cache(maxsize=4)
-def cached_segmenter(model_dir: str, device: str | None = None) -> Segmenter:
-    """One ``Segmenter`` per model and process: Dask workers load a model once and reuse it."""
-    return Segmenter(model_dir, device)
+def cached_segmenter(model_dir: str, device: str | None = None, flips: bool | None = None) -> Segmenter:
+    """One ``Segmenter`` per model (and flip setting) and process: Dask workers load a model once and reuse it."""
+    return Segmenter(model_dir, device, flips)

@@ -32,6 +32,7 @@ class Tiling:
     batch_size: int = 4
     match_iou: float = 0.5
     tissue_mask: bool = True
+    test_time_flips: bool | None = None  # None: as the model card says
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -147,7 +148,8 @@ def image_graph(
         chunk = foreground[start : start + tiling.batch_size]
         pixels = delayed(read_batch, pure=True)(source, chunk, tiling.tile_size, dask_key_name=(f"read-{token}", b))
         with dask.annotate(resources={"GPU": 1} if gpu else {}):
-            segment = (segment_batch, pixels, model_dir) if kept is None else (segment_and_keep, pixels, model_dir, str(kept))
+            flips = tiling.test_time_flips
+            segment = (segment_batch, pixels, model_dir, flips) if kept is None else (segment_and_keep, pixels, model_dir, flips, str(kept))
             batches.append(delayed(segment[0], pure=True)(*segment[1:], dask_key_name=(f"segment-{token}", b)))
     merged = delayed(merge_image, pure=True)(batches, grid, tiling.match_iou, dask_key_name=f"merge-{token}")
     background = {"tiles_background": len(tiles) - len(foreground), "batches_resumed": resumed, **(tissue or {})}

@@ -213,13 +213,40 @@ def seen_whole_elsewhere(bounds: np.ndarray, member_tiles: np.ndarray, tiles: di
     return seen
 
 
+def overruled_by_core_owner(candidates: Detections, index: np.ndarray, tiles: dict[int, Tile]) -> np.ndarray:
+    """Per candidate ``index[i]``: does a detection of the tile whose core holds its box centre
+    cover at least half of it? That tile saw the place further from its window's edges (a model
+    that stops a few pixels short of a window edge leaves an uncut sliver of an object there)."""
+    if len(index) == 0:
+        return np.zeros(0, bool)
+    ids = np.array(sorted(tiles))
+    cores = np.array([tiles[i].core_bounds for i in ids], float)
+    b = candidates.bounds[index]
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    at, core = shapely.STRtree(shapely.box(*cores.T)).query(shapely.points(cx, cy), predicate="intersects")
+    x0, y0, x1, y1 = cores[core].T
+    inside = (cx[at] >= x0) & (cx[at] < x1) & (cy[at] >= y0) & (cy[at] < y1)  # cores are half-open, as ``owned``
+    owner = np.full(len(index), -1)
+    owner[at[inside]] = ids[core[inside]]
+    k, other = shapely.STRtree(candidates.geometry).query(candidates.geometry[index], predicate="intersects")
+    keep = (candidates.tile[other] == owner[k]) & (candidates.tile[other] != candidates.tile[index[k]])
+    k, other = k[keep], other[keep]
+    covered = shapely.area(shapely.intersection(candidates.geometry[index[k]], candidates.geometry[other]))
+    covered = covered >= 0.5 * shapely.area(candidates.geometry[index[k]])
+    overruled = np.zeros(len(index), bool)
+    overruled[k[covered]] = True
+    return overruled
+
+
 def merge_seams(candidates: Detections, tiles: dict[int, Tile], min_iou: float = 0.5) -> Detections:
     """Resolve seam candidates to one instance per object (deterministic for a given input).
 
-    Matching candidates form groups. A group keeps its best copy that no tile edge cut. When
-    every member is cut, the union of its fragments is kept, unless another tile saw that place
-    whole (then the piece is an arm cut off an object, or a pixel joined to one at a corner, that
-    the whole view already decided on); a fragment matching nothing must also lie in its tile's core.
+    Matching candidates form groups. A group keeps its best copy that no tile edge cut (one in its
+    tile's core before a higher score); a lone one
+    outside its tile's core goes when the tile whose core holds it has it covered. When every
+    member is cut, the union of its fragments is kept, unless another tile saw that place whole
+    (then the piece is an arm cut off an object, or a pixel joined to one at a corner, that the
+    whole view already decided on); a fragment matching nothing must also lie in its tile's core.
     """
     n = len(candidates)
     if n == 0:
@@ -228,10 +255,13 @@ def merge_seams(candidates: Detections, tiles: dict[int, Tile], min_iou: float =
     graph = coo_matrix((np.ones(pairs.shape[1]), (pairs[0], pairs[1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     sizes = np.bincount(component)
-    # per group, members ranked: uncut first, then higher score, lower tile, lower index
-    ranked = np.lexsort((candidates.tile, -candidates.score, candidates.cut, component))
+    # per group, members ranked: uncut first, then those their tile's core holds (seen furthest
+    # from the window's edges), then higher score, lower tile, lower index
+    ranked = np.lexsort((candidates.tile, -candidates.score, ~candidates.owned, candidates.cut, component))
     first = ranked[np.flatnonzero(np.diff(component[ranked], prepend=-1))]
     whole = first[~candidates.cut[first]]  # the best copy no tile edge cut
+    stray = (sizes[component[whole]] == 1) & ~candidates.owned[whole]
+    whole = np.setdiff1d(whole, whole[stray][overruled_by_core_owner(candidates, whole[stray], tiles)])
     fragments = first[candidates.cut[first]]  # every member cut
     fragments = fragments[(sizes[component[fragments]] > 1) | candidates.owned[fragments]]
     groups = component[fragments]  # ascending, as ``first`` is

@@ -54,11 +54,12 @@ def read_batch(source: RasterSource, tiles: list[Tile], tile_size: int) -> TileB
     return TileBatch(tiles=tiles, pixels=pixels, has_data=has_data)
 
 
-def segment_batch(batch: TileBatch, model_dir: str, device: str | None = None) -> BatchResult:
-    """Run the model (loaded once per process) on the tiles with data; polygonise; split."""
+def segment_batch(batch: TileBatch, model_dir: str, flips: bool | None = None, device: str | None = None) -> BatchResult:
+    """Run the model (loaded once per process) on the tiles with data; polygonise; split.
+    ``flips``: flip test-time augmentation on or off (None: as the model card says)."""
     from models.inference import cached_segmenter  # torch: imported by workers, never by the client
 
-    segmenter = cached_segmenter(model_dir, device)
+    segmenter = cached_segmenter(model_dir, device, flips)
     run = np.flatnonzero(batch.has_data)
     finals, candidates = [], []
     for k, instances in zip(run, segmenter(batch.pixels[run])):
@@ -74,11 +75,11 @@ def segment_batch(batch: TileBatch, model_dir: str, device: str | None = None) -
     )
 
 
-def segment_and_keep(batch: TileBatch, model_dir: str, keep: str) -> BatchResult:
+def segment_and_keep(batch: TileBatch, model_dir: str, flips: bool | None, keep: str) -> BatchResult:
     """``segment_batch``, then the result saved at ``keep`` so a rerun can skip this batch."""
     from pipeline.batch_cache import save_batch
 
-    result = segment_batch(batch, model_dir)
+    result = segment_batch(batch, model_dir, flips)
     save_batch(Path(keep), result)
     return result
 

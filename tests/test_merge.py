@@ -1,6 +1,7 @@
 """The seam merge on perfect per-tile detections: every object exactly once, exact geometry."""
 
 import numpy as np
+import pytest
 import shapely
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -79,3 +80,34 @@ def test_random_layouts_come_out_exactly_once(seed, tile, overlap_fraction, heig
     # each object as its polygon defines it, once
     result = merged_from_perfect_tiles(scene.labels, scene.classes, tile, int(tile * overlap_fraction))
     assert_exact(result, four_connected(scene.labels), scene.classes)
+
+
+def _tile_result(tile, masks):
+    """A tile's detections from (row, col, mask) in window pixels, as a segment task returns them."""
+    from models.inference import MaskCrop, TileInstances
+
+    crops = [MaskCrop(r, c, m) for r, c, m in masks]
+    boxes = np.array([[c, r, c + m.shape[1], r + m.shape[0]] for r, c, m in masks], np.float32).reshape(-1, 4)
+    instances = TileInstances(boxes, np.zeros(len(crops), np.int16), np.ones(len(crops), np.float32), crops)
+    final, candidates = split_seam_candidates(tile_detections(instances, tile), tile)
+    return BatchResult(final, candidates, 1, 0)
+
+
+@pytest.mark.parametrize("width", [2, 3])  # IoU with the whole one in the shared pixels: 0.4 (no match), 0.6
+def test_a_sliver_stopping_short_of_the_window_edge_yields_to_the_tile_that_owns_it(width):
+    """The model in the left tile sees the object reach its window edge but draws it short: an
+    uncut sliver outside that tile's core. The right tile, whose core holds it, has it whole."""
+    left, right = TileGrid(100, 184, 100, 16).tiles  # windows x 0-100 and 84-184, cores split at x 92
+    sliver = (40, 95, np.ones((20, width), bool))  # from x 95 in the left window
+    whole = (40, 11, np.ones((20, 16), bool))  # x 95-111 in the right window
+    merged = merge_image([_tile_result(left, [sliver]), _tile_result(right, [whole])], [left, right]).detections
+    assert len(merged) == 1 and merged.geometry[0].equals(shapely.box(95, 40, 111, 60))
+
+    # the right tile found nothing there: the sliver is all there is, and stays
+    alone = merge_image([_tile_result(left, [sliver]), _tile_result(right, [])], [left, right]).detections
+    assert len(alone) == 1 and alone.geometry[0].equals(shapely.box(95, 40, 95 + width, 60))
+
+    # a different object beside it in the right tile only touches it: both stay
+    beside = (40, 14, np.ones((20, 10), bool))  # x 98-108
+    both = merge_image([_tile_result(left, [sliver]), _tile_result(right, [beside])], [left, right]).detections
+    assert len(both) == 2

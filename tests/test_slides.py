@@ -38,7 +38,7 @@ def test_real_svs_slide_end_to_end_in_level0_pixels_with_qupath_export(shared_da
     assert open_slide(path, target_mpp=0.25, mpp=0.25).mpp == 0.25  # --mpp overrides the file
     model = resolve_model_dir("nuclei-he")
     card = load_card(model)
-    graph = image_graph(source, str(model), card.classes, tmp_path / "out", Tiling(card.tile_size, card.overlap, 4))
+    graph = image_graph(source, str(model), card.classes, tmp_path / "out", Tiling(card.tile_size, card.overlap, 4, test_time_flips=False))
     (summary,) = dask.compute(graph.result, scheduler="sync")
     frame = gpd.read_file(tmp_path / "out" / "instances.gpkg", layer="instances")
     assert summary["instances"] == len(frame) > 200
@@ -118,7 +118,7 @@ def test_pyramid_level_selection_finds_the_same_nuclei(shared_data, tmp_path):
     def run(path, model, name):
         card = load_card(model)
         source = open_image(path, target_mpp=card.resolution)
-        graph = image_graph(source, str(model), card.classes, tmp_path / name, Tiling(card.tile_size, card.overlap, 4, tissue_mask=False))
+        graph = image_graph(source, str(model), card.classes, tmp_path / name, Tiling(card.tile_size, card.overlap, 4, tissue_mask=False, test_time_flips=False))
         dask.compute(graph.result, scheduler="sync")
         return source, gpd.read_file(tmp_path / name / "instances.gpkg", layer="instances")
 
@@ -195,7 +195,7 @@ def test_resampling_to_the_model_resolution_keeps_level0_coordinates(shared_data
     def run(model, name):
         card = load_card(model)
         source = open_image(path, target_mpp=card.resolution)
-        graph = image_graph(source, str(model), card.classes, tmp_path / name, Tiling(card.tile_size, card.overlap, 4))
+        graph = image_graph(source, str(model), card.classes, tmp_path / name, Tiling(card.tile_size, card.overlap, 4, test_time_flips=False))
         dask.compute(graph.result, scheduler="sync")
         return source, gpd.read_file(tmp_path / name / "instances.gpkg", layer="instances")
 

@@ -65,3 +65,30 @@ def test_segmenter_with_flips_from_the_card_finds_the_objects(tmp_path, flips):
     found = segmenter(make_scene(123, 512, 512).image[None])[0]
     assert len(found) and np.all(found.scores >= card.score_threshold)
     assert mask_f1(segmenter, range(2), 512) >= 0.8
+
+
+def test_tiling_overrides_the_cards_flip_setting(tmp_path):
+    """``seamline run --flips`` on a card without flips gives what a card with flips gives."""
+    import dask
+    import pyogrio
+    from affine import Affine
+
+    from pipeline.graph import Tiling, image_graph
+    from pipeline.sources import open_raster
+    from pipeline.synthetic_raster import write_geotiff
+
+    shipped = resolve_model_dir("synthetic-shapes")
+    path = write_geotiff(make_scene(11, 640, 640).image, tmp_path / "scene.tif", crs=None, transform=Affine.identity())
+    outputs = {}
+    for name, card_flips, run_flips in (("card", True, None), ("override", False, True), ("plain", True, False)):
+        model = tmp_path / f"model-{name}"
+        card = load_card(shipped).model_copy(update={"test_time_flips": card_flips})
+        save_card(card, model)
+        (model / card.weights).symlink_to(shipped / card.weights)
+        tiling = Tiling(card.tile_size, card.overlap, 4, test_time_flips=run_flips)
+        dask.compute(image_graph(open_raster(path), str(model), card.classes, tmp_path / name, tiling).result, scheduler="sync")
+        outputs[name] = pyogrio.read_dataframe(tmp_path / name / "instances.gpkg", layer="instances")
+    assert len(outputs["card"]) > 10
+    assert outputs["card"].geometry.values.tolist() == outputs["override"].geometry.values.tolist()
+    assert outputs["card"]["score"].tolist() == outputs["override"]["score"].tolist()
+    assert outputs["card"]["score"].tolist() != outputs["plain"]["score"].tolist()

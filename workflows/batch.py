@@ -80,6 +80,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
         workflow.tiling.tile_size or card.tile_size,
         card.overlap if workflow.tiling.overlap is None else workflow.tiling.overlap,
         workflow.tiling.batch_size,
+        test_time_flips=workflow.tiling.test_time_flips,
     )
     if tiling.overlap >= tiling.tile_size // 2:
         raise ValueError(f"tiling.overlap {tiling.overlap} must be less than half the tile size {tiling.tile_size}")

@@ -54,6 +54,7 @@ def run(
     force: Annotated[bool, typer.Option(help="Workflow runs: reprocess every image, even those the ledger has as up to date.")] = False,
     zarr: Annotated[bool, typer.Option(help="Also write labels.zarr (instance and class rasters, pyramid, density grids).")] = True,
     density_cell: Annotated[int, typer.Option(help="Density grid cell in pixels (labels.zarr).")] = 256,
+    flips: Annotated[Optional[bool], typer.Option("--flips/--no-flips", help="Flip test-time augmentation (4 views per tile, ~4x model time); default from the model card.")] = None,
 ) -> None:
     """Segment IMAGES tile by tile, merge across seams, write GeoPackage + counts per image.
 
@@ -67,6 +68,7 @@ def run(
             tile_size=tile_size or card.tile_size,
             overlap=card.overlap if overlap is None else overlap,
             batch_size=batch_size,
+            test_time_flips=flips,
         )
         if tiling.tile_size % 32 or not 64 <= tiling.tile_size <= 4096:
             raise ValueError(f"tile size {tiling.tile_size} must be a multiple of 32 between 64 and 4096")
@@ -219,6 +221,7 @@ def evaluate(
     only: Annotated[Optional[str], typer.Option(help="Comma-separated image names to score (e.g. a model's validation split).")] = None,
     tile_size: Optional[int] = None, overlap: Optional[int] = None,
     calibrate: Annotated[bool, typer.Option(help="Write the F1-maximising score threshold found on these images into the model card (calibrate on images the model will not be judged on).")] = False,
+    flips: Annotated[Optional[bool], typer.Option("--flips/--no-flips", help="Flip test-time augmentation (4 views per tile, ~4x model time); default from the model card.")] = None,
 ) -> None:
     """Run the full pipeline on whole annotated images and score it (mAP, F1, PQ, AJI, counts)."""
     from workflows.evaluate import evaluate as run_evaluation
@@ -229,7 +232,7 @@ def evaluate(
         samples = [s for s in samples if s.name in wanted]
     model_dir = resolve_model_dir(model)
     card = load_card(model_dir)
-    tiling = Tiling(tile_size or card.tile_size, card.overlap if overlap is None else overlap, batch_size=4)
+    tiling = Tiling(tile_size or card.tile_size, card.overlap if overlap is None else overlap, batch_size=4, test_time_flips=flips)
     report = run_evaluation(samples, model_dir, card, out, tiling)
     console.print(f"F1@0.5 {report['summary']['f1']:.3f}  PQ {report['summary']['pq']:.3f}  AJI {report['summary']['aji']:.3f}  "
                   f"mask mAP {report['coco']['mask_map']:.3f}  → {out / 'report.md'}")
