@@ -21,7 +21,8 @@ memory peaks are separate; the parent samples the process tree's RSS every 50 ms
 - ``sahi-greedynmm`` / ``sahi-nms``: ``sahi.predict.get_sliced_prediction`` with
   ``TorchVisionDetectionModel`` wrapping the very torch module ``models.inference.Segmenter`` loads
   (same weights, card thresholds), slice size and overlap ratio = the card's tile size and overlap,
-  ``postprocess_type`` GREEDYNMM or NMS, match metric IOS at 0.5, class-aware, detections whose
+  ``postprocess_type`` GREEDYNMM or NMS, match metric IOS at 0.5, class-agnostic when the card's mask NMS
+  is (``mask_nms_across_classes``), detections whose
   mask SAHI cannot turn into a polygon dropped first (SAHI raises on them),
   ``perform_standard_pred=False`` (a whole-image pass would feed 4096² pixels to a model trained on
   tiles; on large scenes it does not fit at all).
@@ -171,7 +172,7 @@ def run_sahi(images: list[Path], model: str, out: Path, postprocess: str, raw: b
             pixels, detector, slice_height=card.tile_size, slice_width=card.tile_size,
             overlap_height_ratio=card.overlap / card.tile_size, overlap_width_ratio=card.overlap / card.tile_size,
             perform_standard_pred=False, postprocess_type=postprocess, postprocess_match_metric="IOS",
-            postprocess_match_threshold=0.5, postprocess_class_agnostic=False, verbose=0,
+            postprocess_match_threshold=0.5, postprocess_class_agnostic=card.mask_nms_across_classes, verbose=0,
         )
         ratio = card.overlap / card.tile_size
         windows.append(get_slice_bboxes(source.height, source.width, card.tile_size, card.tile_size, False, ratio, ratio))

@@ -181,3 +181,24 @@ def test_card_round_trips_through_yaml(tmp_path):
     card = small_card(resolution=0.5, resolution_unit="m")
     save_card(card, tmp_path)
     assert load_card(tmp_path) == card
+
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_mask_nms_across_classes_keeps_one_of_an_object_given_two_classes(tmp_path, across):
+    shipped = resolve_model_dir("synthetic-shapes")
+    card = load_card(shipped).model_copy(update={"mask_nms_threshold": 0.5, "mask_nms_across_classes": across})
+    save_card(card, tmp_path)
+    (tmp_path / card.weights).symlink_to(shipped / card.weights)
+    segmenter = Segmenter(tmp_path, device="cpu")
+    masks = torch.zeros(3, 1, 28, 28)
+    masks[:, :, 4:24, 4:24] = 1.0
+    detections = {  # one square guessed as two classes, and another class's square elsewhere
+        "boxes": torch.tensor([[10.0, 10, 50, 50], [11, 10, 51, 50], [100, 100, 140, 140]]),
+        "labels": torch.tensor([1, 2, 2]),
+        "scores": torch.tensor([0.9, 0.8, 0.7]),
+        "masks": masks,
+    }
+    found = segmenter._to_instances(detections, 256, 256)
+    expected = [0.9, 0.7] if across else [0.9, 0.8, 0.7]
+    assert np.allclose(found.scores, expected)
