@@ -41,6 +41,7 @@ def _flip_masks(masks: torch.Tensor, lr: bool, ud: bool) -> torch.Tensor:
 def _fuse(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, view: torch.Tensor,
           iou_threshold: float, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One detection per object from the detections of all views of one tile."""
+    boxes, scores = boxes.float(), scores.float()  # autocast may hand over half precision
     if len(boxes) == 0:
         return boxes, scores, labels
     keep = batched_nms(boxes, scores, labels, iou_threshold)[:limit]

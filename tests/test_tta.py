@@ -53,6 +53,15 @@ def test_flip_tta_is_equivariant_under_the_flips_it_averages():
     assert torch.allclose(mirrored["masks"][b].flip(-1), plain["masks"][a], atol=1e-3)
 
 
+
+def test_a_blank_tile_beside_a_busy_one_gives_nothing():
+    segmenter = Segmenter(resolve_model_dir("synthetic-shapes"), device="cpu")
+    busy = torch.from_numpy(make_scene(5, 256, 256).image).permute(2, 0, 1).float() / 255
+    blank, found = flip_tta(segmenter.model, [torch.zeros_like(busy), busy], segmenter.card.score_threshold)
+    assert len(blank["scores"]) == 0 and blank["masks"].shape[0] == 0
+    assert len(found["scores"]) > 0 and found["masks"].shape[1:] == (1, 28, 28)
+
+
 @pytest.mark.parametrize("flips", [False, True])
 def test_segmenter_with_flips_from_the_card_finds_the_objects(tmp_path, flips):
     from models.train_synthetic import mask_f1
