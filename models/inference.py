@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from models.builders import build_model
@@ -139,7 +140,9 @@ def mask_nms(
 ) -> np.ndarray:
     """Indices (in input order) of the masks kept by greedy mask NMS: in score order, a mask goes
     when its overlap with a kept mask of the same class reaches ``threshold``; overlap is IoU, or
-    with ``metric="ios"`` intersection over the smaller mask."""
+    with ``metric="ios"`` intersection over the smaller mask. Each mask is judged by its largest
+    4-connected region, the part its polygon keeps (``pipeline.polygons``)."""
+    crops = [largest_region(c) for c in crops]
     n = len(crops)
     top = np.array([c.row for c in crops])
     left = np.array([c.col for c in crops])
@@ -169,6 +172,14 @@ def mask_nms(
             if inter and inter / base >= threshold:
                 suppressed[j] = True
     return np.flatnonzero(~suppressed)
+
+
+def largest_region(crop: MaskCrop) -> MaskCrop:
+    """The crop with only its largest 4-connected region (ties: the first in raster order)."""
+    regions, count = ndimage.label(crop.mask)
+    if count <= 1:
+        return crop
+    return MaskCrop(crop.row, crop.col, regions == np.argmax(np.bincount(regions.ravel())[1:]) + 1)
 
 
 @lru_cache(maxsize=4)

@@ -7,7 +7,7 @@ import yaml
 
 from models.builders import build_model
 from models.card import ModelCard, ModelCardError, load_card, save_card
-from models.inference import MaskCrop, Segmenter, mask_nms, paste_masks_in_boxes
+from models.inference import MaskCrop, Segmenter, largest_region, mask_nms, paste_masks_in_boxes
 from models.registry import resolve_model_dir
 from models.weights import ModelWeightsError, load_weights, save_weights
 
@@ -126,6 +126,23 @@ def test_mask_nms_is_greedy_by_score_within_a_class():
     assert mask_nms(crops[:2], labels[:2], np.array([0.5, 0.5]), 0.5).tolist() == [0]
 
 
+def test_mask_nms_judges_a_mask_by_the_region_its_polygon_keeps():
+    """A mask over one object plus stray blobs elsewhere becomes that object's polygon: it is a
+    duplicate of the object's own mask although the whole masks' IoU is below the threshold."""
+    whole = _square(10, 10, 20)  # 400 px
+    spread = np.zeros((60, 60), bool)
+    spread[0:20, 0:21] = True  # 420 px over the object (rows 10-30, cols 10-31)
+    spread[30:44, 30:44] = True  # two stray blobs of 196 px
+    spread[46:60, 46:60] = True
+    crops = [whole, MaskCrop(10, 10, spread)]
+    whole_iou = 400 / (400 + spread.sum() - 400)
+    assert whole_iou < 0.5
+    assert mask_nms(crops, np.zeros(2, np.int16), np.array([0.9, 0.8]), 0.5).tolist() == [0]
+    from pipeline.polygons import mask_to_polygon
+
+    assert mask_to_polygon(spread, 10, 10).area == 420  # what the second mask would have become
+
+
 def test_mask_nms_from_the_card_removes_overlapping_outputs(tmp_path):
     """An untrained model's outputs overlap heavily; the card's threshold removes exactly those."""
     from models.synthetic import make_scene
@@ -142,9 +159,9 @@ def test_mask_nms_from_the_card_removes_overlapping_outputs(tmp_path):
         (directory / card.weights).symlink_to(tmp_path / "weights.safetensors")
         found[name] = Segmenter(directory, device="cpu")(make_scene(7, 256, 256).image[None])[0]
 
-    def masks(instances):
+    def masks(instances):  # what each becomes: its largest region (see the test below)
         out = []
-        for crop in instances.masks:
+        for crop in map(largest_region, instances.masks):
             full = np.zeros((256, 256), bool)
             full[crop.row : crop.row + crop.mask.shape[0], crop.col : crop.col + crop.mask.shape[1]] = crop.mask
             out.append(full)
