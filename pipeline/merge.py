@@ -242,11 +242,11 @@ def merge_seams(candidates: Detections, tiles: dict[int, Tile], min_iou: float =
     """Resolve seam candidates to one instance per object (deterministic for a given input).
 
     Matching candidates form groups. A group keeps its best copy that no tile edge cut (one in its
-    tile's core before a higher score); a lone one
-    outside its tile's core goes when the tile whose core holds it has it covered. When every
-    member is cut, the union of its fragments is kept, unless another tile saw that place whole
-    (then the piece is an arm cut off an object, or a pixel joined to one at a corner, that the
-    whole view already decided on); a fragment matching nothing must also lie in its tile's core.
+    tile's core before a higher score); a lone one outside its tile's core goes when the tile whose
+    core holds it has it covered. When every member is cut, the union of its fragments is kept,
+    unless another tile saw that place whole (then the piece is an arm cut off an object, or a
+    pixel joined to one at a corner, that the whole view already decided on); a fragment matching
+    nothing must also lie in its tile's core.
     """
     n = len(candidates)
     if n == 0:
