@@ -18,9 +18,10 @@ FLIPS = ((False, False), (True, False), (False, True), (True, True))  # (left-ri
 VIEW_SCORE_FLOOR = 0.05  # per-view detections kept for fusion (the fused score is then thresholded)
 
 
-def _flip_images(images: torch.Tensor, lr: bool, ud: bool) -> torch.Tensor:
+def _flip(pixels: torch.Tensor, lr: bool, ud: bool) -> torch.Tensor:
+    """Images or mask maps (..., H, W) under a flip."""
     dims = [d for d, on in ((-1, lr), (-2, ud)) if on]
-    return images.flip(dims) if dims else images
+    return pixels.flip(dims) if dims else pixels
 
 
 def _flip_boxes(boxes: torch.Tensor, lr: bool, ud: bool, height: int, width: int) -> torch.Tensor:
@@ -31,11 +32,6 @@ def _flip_boxes(boxes: torch.Tensor, lr: bool, ud: bool, height: int, width: int
     if ud:
         y0, y1 = height - y1, height - y0
     return torch.stack([x0, y0, x1, y1], -1)
-
-
-def _flip_masks(masks: torch.Tensor, lr: bool, ud: bool) -> torch.Tensor:
-    dims = [d for d, on in ((-1, lr), (-2, ud)) if on]
-    return masks.flip(dims) if dims else masks
 
 
 def _fuse(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, view: torch.Tensor,
@@ -72,7 +68,7 @@ def flip_tta(model: MaskRCNN, images: list[torch.Tensor], score_threshold: float
     heads.score_thresh = floor
     try:
         for lr, ud in FLIPS:
-            image_list, _ = model.transform(list(_flip_images(stacked, lr, ud)))
+            image_list, _ = model.transform(list(_flip(stacked, lr, ud)))
             features = model.backbone(image_list.tensors)
             proposals, _ = model.rpn(image_list, features)
             box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_list.image_sizes))
@@ -98,7 +94,7 @@ def flip_tta(model: MaskRCNN, images: list[torch.Tensor], score_threshold: float
         labels = torch.cat([f["labels"] for f in fused])
         probabilities = logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()[:, None]
         for i, part in enumerate(probabilities.split([len(f["labels"]) for f in fused])):
-            part = _flip_masks(part, lr, ud)
+            part = _flip(part, lr, ud)
             masks[i] = part if masks[i] is None else masks[i] + part
     for f, m in zip(fused, masks):
         f["masks"] = m / len(FLIPS)

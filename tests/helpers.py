@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import shapely
 
+from models.card import ModelCard, load_card, save_card
 from models.inference import MaskCrop, TileInstances
+from models.registry import resolve_model_dir
 from pipeline.grid import Tile
 from pipeline.polygons import mask_to_polygon
 
@@ -92,3 +96,12 @@ def seam_errors(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
         per_truth = np.bincount(j[covers], minlength=len(truth))
         splits = int((per_truth >= 2).sum())
     return duplicates, splits
+
+
+def model_variant(directory: Path, model: str, **changes) -> ModelCard:
+    """A model directory at ``directory``: the shipped ``model``'s card with ``changes``, its weights linked."""
+    shipped = resolve_model_dir(model)
+    card = load_card(shipped).model_copy(update=changes)
+    save_card(card, directory)
+    (directory / card.weights).symlink_to(shipped / card.weights)
+    return card

@@ -10,6 +10,7 @@ from models.card import ModelCard, ModelCardError, load_card, save_card
 from models.inference import MaskCrop, Segmenter, largest_region, mask_nms, paste_masks_in_boxes
 from models.registry import resolve_model_dir
 from models.weights import ModelWeightsError, load_weights, save_weights
+from tests.helpers import model_variant
 
 
 def small_card(**changes) -> ModelCard:
@@ -203,10 +204,7 @@ def test_card_round_trips_through_yaml(tmp_path):
 
 @pytest.mark.parametrize("across", [False, True])
 def test_mask_nms_across_classes_keeps_one_of_an_object_given_two_classes(tmp_path, across):
-    shipped = resolve_model_dir("synthetic-shapes")
-    card = load_card(shipped).model_copy(update={"mask_nms_threshold": 0.5, "mask_nms_across_classes": across})
-    save_card(card, tmp_path)
-    (tmp_path / card.weights).symlink_to(shipped / card.weights)
+    model_variant(tmp_path, "synthetic-shapes", mask_nms_threshold=0.5, mask_nms_across_classes=across)
     segmenter = Segmenter(tmp_path, device="cpu")
     masks = torch.zeros(3, 1, 28, 28)
     masks[:, :, 4:24, 4:24] = 1.0

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.card import load_card, save_card
 from models.inference import Segmenter
 from models.registry import resolve_model_dir
 from models.synthetic import make_scene
 from models.tta import FLIPS, _flip_boxes, _fuse, flip_tta
+from tests.helpers import model_variant
 
 
 def test_fused_score_is_the_mean_over_views_and_the_box_score_weighted():
@@ -66,10 +66,7 @@ def test_a_blank_tile_beside_a_busy_one_gives_nothing():
 def test_segmenter_with_flips_from_the_card_finds_the_objects(tmp_path, flips):
     from models.train_synthetic import mask_f1
 
-    shipped = resolve_model_dir("synthetic-shapes")
-    card = load_card(shipped).model_copy(update={"test_time_flips": flips})
-    save_card(card, tmp_path)
-    (tmp_path / card.weights).symlink_to(shipped / card.weights)
+    card = model_variant(tmp_path, "synthetic-shapes", test_time_flips=flips)
     segmenter = Segmenter(tmp_path, device="cpu")
     found = segmenter(make_scene(123, 512, 512).image[None])[0]
     assert len(found) and np.all(found.scores >= card.score_threshold)
@@ -86,14 +83,11 @@ def test_tiling_overrides_the_cards_flip_setting(tmp_path):
     from pipeline.sources import open_raster
     from pipeline.synthetic_raster import write_geotiff
 
-    shipped = resolve_model_dir("synthetic-shapes")
     path = write_geotiff(make_scene(11, 640, 640).image, tmp_path / "scene.tif", crs=None, transform=Affine.identity())
     outputs = {}
     for name, card_flips, run_flips in (("card", True, None), ("override", False, True), ("plain", True, False)):
         model = tmp_path / f"model-{name}"
-        card = load_card(shipped).model_copy(update={"test_time_flips": card_flips})
-        save_card(card, model)
-        (model / card.weights).symlink_to(shipped / card.weights)
+        card = model_variant(model, "synthetic-shapes", test_time_flips=card_flips)
         tiling = Tiling(card.tile_size, card.overlap, 4, test_time_flips=run_flips)
         dask.compute(image_graph(open_raster(path), str(model), card.classes, tmp_path / name, tiling).result, scheduler="sync")
         outputs[name] = pyogrio.read_dataframe(tmp_path / name / "instances.gpkg", layer="instances")

@@ -36,6 +36,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+FlipsOption = Annotated[Optional[bool], typer.Option("--flips/--no-flips", help="Flip test-time augmentation (4 views per tile, ~4x model time); default from the model card.")]
+
+
 @app.command()
 def run(
     images: Annotated[list[Path], typer.Argument(help="Images (GeoTIFFs, slides, OME-TIFFs …) to segment, or one workflow YAML file.")],
@@ -54,7 +57,7 @@ def run(
     force: Annotated[bool, typer.Option(help="Workflow runs: reprocess every image, even those the ledger has as up to date.")] = False,
     zarr: Annotated[bool, typer.Option(help="Also write labels.zarr (instance and class rasters, pyramid, density grids).")] = True,
     density_cell: Annotated[int, typer.Option(help="Density grid cell in pixels (labels.zarr).")] = 256,
-    flips: Annotated[Optional[bool], typer.Option("--flips/--no-flips", help="Flip test-time augmentation (4 views per tile, ~4x model time); default from the model card.")] = None,
+    flips: FlipsOption = None,
 ) -> None:
     """Segment IMAGES tile by tile, merge across seams, write GeoPackage + counts per image.
 
@@ -221,7 +224,7 @@ def evaluate(
     only: Annotated[Optional[str], typer.Option(help="Comma-separated image names to score (e.g. a model's validation split).")] = None,
     tile_size: Optional[int] = None, overlap: Optional[int] = None,
     calibrate: Annotated[bool, typer.Option(help="Write the F1-maximising score threshold found on these images into the model card (calibrate on images the model will not be judged on).")] = False,
-    flips: Annotated[Optional[bool], typer.Option("--flips/--no-flips", help="Flip test-time augmentation (4 views per tile, ~4x model time); default from the model card.")] = None,
+    flips: FlipsOption = None,
 ) -> None:
     """Run the full pipeline on whole annotated images and score it (mAP, F1, PQ, AJI, counts)."""
     from workflows.evaluate import evaluate as run_evaluation
