@@ -24,6 +24,7 @@ from affine import Affine
 from PIL import Image
 
 from pipeline.grid import Span
+from pipeline.handles import open_cached
 from pipeline.sources import SourceError, image_stem
 
 TOLERANCE = 1.2
@@ -158,7 +159,7 @@ class SlideSource:
 
 
 def _openslide_region(path: str, level: int, downsample: float, left: int, top: int, width: int, height: int) -> np.ndarray:
-    with openslide.OpenSlide(path) as slide:
+    with open_cached(path, openslide.OpenSlide) as slide:
         region = slide.read_region((round(left * downsample), round(top * downsample)), level, (width, height))
     return np.asarray(region)
 
@@ -190,7 +191,7 @@ def _as_rgba(data: np.ndarray, axes: str) -> np.ndarray:
 
 
 def _tiff_region(path: str, level: int, downsample: float, left: int, top: int, width: int, height: int) -> np.ndarray:
-    with tifffile.TiffFile(path) as tif:
+    with open_cached(path, tifffile.TiffFile) as tif:
         array, axes = _tiff_level(tif, level)
         index = tuple(
             slice(top, top + height) if a == "Y" else slice(left, left + width) if a == "X" else slice(None) for a in axes

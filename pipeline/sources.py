@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from pipeline.grid import Span
+from pipeline.handles import open_cached
 
 OVERVIEW_SIZE = 1024
 
@@ -164,34 +165,46 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     )
 
 
+def _open_quietly(path: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
 def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 pixels (h, w, channels), valid mask (h, w)) for one window of the image."""
-    unique = sorted(set(source.bands))
+    """(uint8 pixels (h, w, channels), valid mask (h, w)) for one window of the image. 8-bit
+    bands are decoded straight into the pixel-interleaved array (no band-first copy)."""
+    shape = (rows.length, cols.length)
+    bands = list(source.bands)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(source.path) as dataset:
-                if source.factor == 1.0:
-                    window = Window(cols.start, rows.start, cols.length, rows.length)
-                    data = dataset.read(unique, window=window)
-                    valid = dataset.dataset_mask(window=window) > 0
-                else:
-                    sx, sy = dataset.width / source.width, dataset.height / source.height
-                    window = Window(cols.start * sx, rows.start * sy, cols.length * sx, rows.length * sy)
-                    shape = (rows.length, cols.length)
-                    data = dataset.read(unique, window=window, out_shape=(len(unique), *shape), resampling=Resampling.bilinear)
-                    valid = dataset.dataset_mask(window=window, out_shape=shape, resampling=Resampling.nearest) > 0
+        with open_cached(source.path, _open_quietly) as dataset:
+            if source.factor == 1.0:
+                window = Window(cols.start, rows.start, cols.length, rows.length)
+            else:
+                sx, sy = dataset.width / source.width, dataset.height / source.height
+                window = Window(cols.start * sx, rows.start * sy, cols.length * sx, rows.length * sy)
+            resampling = dict(resampling=Resampling.bilinear) if source.factor != 1.0 else {}
+            if source.value_range is None:
+                pixels = np.empty((*shape, len(bands)), np.uint8)
+                dataset.read(bands, window=window, out=pixels.transpose(2, 0, 1), **resampling)
+            else:
+                data = dataset.read(bands, window=window, out_shape=(len(bands), *shape), **resampling)
+            if all(dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands):
+                valid = np.ones(shape, bool)
+            else:
+                nearest = dict(out_shape=shape, resampling=Resampling.nearest) if source.factor != 1.0 else {}
+                valid = dataset.dataset_mask(window=window, **nearest) > 0
     except RasterioIOError as err:
         raise SourceError(f"{source.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} ({err})") from err
-    data = data[[unique.index(b) for b in source.bands]]
     if source.value_range is not None:
         data = data.astype(np.float32)
         valid &= np.isfinite(data).all(0)
         lo = np.array([r[0] for r in source.value_range], np.float32)[:, None, None]
         hi = np.array([r[1] for r in source.value_range], np.float32)[:, None, None]
         data = np.clip(np.nan_to_num((data - lo) / (hi - lo) * 255, nan=0.0), 0, 255).round()
-    pixels = np.ascontiguousarray(data.transpose(1, 2, 0), dtype=np.uint8)
-    pixels[~valid] = 0
+        pixels = np.ascontiguousarray(data.transpose(1, 2, 0), dtype=np.uint8)
+    if not valid.all():
+        pixels[~valid] = 0
     return pixels, valid
 
 
@@ -205,7 +218,7 @@ def valid_overview(source: RasterSource, max_size: int = 2048) -> tuple[np.ndarr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(source.path) as dataset:
-            if all(flags == [rasterio.enums.MaskFlags.all_valid] for flags in dataset.mask_flag_enums):
+            if all(flags == [MaskFlags.all_valid] for flags in dataset.mask_flag_enums):
                 return np.ones(shape, bool), scale
             mask = dataset.dataset_mask(out_shape=shape, resampling=Resampling.average) > 0
     return ndimage.binary_dilation(mask, iterations=2), source.width / shape[1]
