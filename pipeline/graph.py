@@ -145,8 +145,8 @@ def image_graph(
             batches.append(delayed(load_batch, pure=True)(kept, dask_key_name=(f"resume-{token}", b)))
             resumed += 1
             continue
-        chunk = foreground[start : start + tiling.batch_size]
-        pixels = delayed(read_batch, pure=True)(source, chunk, tiling.tile_size, dask_key_name=(f"read-{token}", b))
+        indices = tuple(t.index for t in foreground[start : start + tiling.batch_size])  # tiles travel as indices
+        pixels = delayed(read_batch, pure=True)(source, grid, indices, dask_key_name=(f"read-{token}", b))
         with dask.annotate(resources={"GPU": 1} if gpu else {}):
             flips = tiling.test_time_flips
             segment = (segment_batch, pixels, model_dir, flips) if kept is None else (segment_and_keep, pixels, model_dir, flips, str(kept))

@@ -104,20 +104,31 @@ class TileGrid:
 
     @property
     def tiles(self) -> list[Tile]:
-        row_windows = axis_windows(self.height, self.tile_size, self.overlap)
-        col_windows = axis_windows(self.width, self.tile_size, self.overlap)
-        row_cores, col_cores = axis_cores(row_windows), axis_cores(col_windows)
-        tiles = []
-        for r, (rows, core_rows) in enumerate(zip(row_windows, row_cores)):
-            top = row_windows[r - 1].stop - rows.start if r > 0 else 0
-            bottom = rows.stop - row_windows[r + 1].start if r + 1 < len(row_windows) else 0
-            for c, (cols, core_cols) in enumerate(zip(col_windows, col_cores)):
-                left = col_windows[c - 1].stop - cols.start if c > 0 else 0
-                right = cols.stop - col_windows[c + 1].start if c + 1 < len(col_windows) else 0
-                tiles.append(
-                    Tile(len(tiles), r, c, rows, cols, core_rows, core_cols, (left, top, right, bottom))
-                )
-        return tiles
+        axes = self._axes()
+        return [self._tile(axes, r, c) for r in range(len(axes[0])) for c in range(len(axes[2]))]
+
+    def tile(self, index: int) -> Tile:
+        """The ``index``-th tile (row-major), built alone: tasks get indices, not tile lists."""
+        axes = self._axes()
+        if not 0 <= index < len(axes[0]) * len(axes[2]):
+            raise IndexError(f"tile {index} of a grid of {len(axes[0]) * len(axes[2])}")
+        return self._tile(axes, *divmod(index, len(axes[2])))
+
+    def _axes(self) -> tuple[list[Span], list[Span], list[Span], list[Span]]:
+        rows = axis_windows(self.height, self.tile_size, self.overlap)
+        cols = axis_windows(self.width, self.tile_size, self.overlap)
+        return rows, axis_cores(rows), cols, axis_cores(cols)
+
+    @staticmethod
+    def _tile(axes, r: int, c: int) -> Tile:
+        row_windows, row_cores, col_windows, col_cores = axes
+        rows, cols = row_windows[r], col_windows[c]
+        top = row_windows[r - 1].stop - rows.start if r > 0 else 0
+        bottom = rows.stop - row_windows[r + 1].start if r + 1 < len(row_windows) else 0
+        left = col_windows[c - 1].stop - cols.start if c > 0 else 0
+        right = cols.stop - col_windows[c + 1].start if c + 1 < len(col_windows) else 0
+        index = r * len(col_windows) + c
+        return Tile(index, r, c, rows, cols, row_cores[r], col_cores[c], (left, top, right, bottom))
 
     def __len__(self) -> int:
         return len(axis_windows(self.height, self.tile_size, self.overlap)) * len(

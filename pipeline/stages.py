@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +43,12 @@ class ImageResult:
     stats: dict = field(default_factory=dict)
 
 
-def read_batch(source: RasterSource, tiles: list[Tile], tile_size: int) -> TileBatch:
-    """Read the windows of ``tiles``; a tile with no valid pixel is flagged, not dropped."""
+def read_batch(source: RasterSource, grid: TileGrid, indices: Sequence[int]) -> TileBatch:
+    """Read the windows of the grid's tiles ``indices``; a tile with no valid pixel is flagged,
+    not dropped."""
+    tiles = [grid.tile(i) for i in indices]
     channels = len(source.bands)
-    pixels = np.zeros((len(tiles), tile_size, tile_size, channels), np.uint8)
+    pixels = np.zeros((len(tiles), grid.tile_size, grid.tile_size, channels), np.uint8)
     has_data = np.zeros(len(tiles), bool)
     for i, tile in enumerate(tiles):
         data, valid = source.read(tile.rows, tile.cols)

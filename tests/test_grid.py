@@ -52,3 +52,11 @@ def test_shared_edges_and_exclusive_zone():
 def test_absurd_parameters_are_refused(args):
     with pytest.raises(TileGridError):
         TileGrid(*args)
+
+
+@pytest.mark.parametrize("height, width, tile, overlap", [(1000, 700, 256, 32), (300, 5000, 512, 64), (100, 100, 512, 64)])
+def test_a_tile_built_alone_is_the_same_tile_as_in_the_whole_grid(height, width, tile, overlap):
+    grid = TileGrid(height, width, tile, overlap)
+    assert [grid.tile(t.index) for t in grid.tiles] == grid.tiles
+    with pytest.raises(IndexError):
+        grid.tile(len(grid))
