@@ -11,14 +11,17 @@ are set to 0 and tiles without valid pixels are not sent to the model.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import MaskFlags, Resampling
+from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -165,7 +168,19 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     )
 
 
+GDAL_BLOCK_CACHE = 128 * 2**20  # bytes
+
+
+@cache
+def _bound_block_cache() -> None:
+    """Kept handles (``pipeline.handles``) keep their decoded blocks in GDAL's cache, 5 % of RAM by
+    default: a 20k² run grew by 1.2 GB. Bound it, unless the environment sets ``GDAL_CACHEMAX``."""
+    if "GDAL_CACHEMAX" not in os.environ and get_gdal_config("GDAL_CACHEMAX") > GDAL_BLOCK_CACHE:
+        set_gdal_config("GDAL_CACHEMAX", GDAL_BLOCK_CACHE)
+
+
 def _open_quietly(path: str):
+    _bound_block_cache()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         return rasterio.open(path)
