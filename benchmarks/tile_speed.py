@@ -24,6 +24,7 @@ Each cluster is started and warmed up (model loaded in every worker) before its 
 closed after it, so no idle cluster shares the CPU with the other runs.
 
     python benchmarks/tile_speed.py [--model synthetic-shapes] [--size 2048] [--batch-size 4] [--repeats 3]
+    python benchmarks/tile_speed.py --size 8192 --headline    # only the efficiency of `seamline run`
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true",
                         help="also clusters with Dask's MALLOC_TRIM_THRESHOLD_=65536 and with Dask's profiler off")
     parser.add_argument("--no-cluster", action="store_true", help="model only and synchronous scheduler only")
+    parser.add_argument("--headline", action="store_true",
+                        help="only the headline pair: model only, one call per core side by side, against seamline run's cluster")
     args = parser.parse_args()
 
     model_dir = resolve_model_dir(args.model)
@@ -108,12 +111,15 @@ def main() -> None:
             f"end to end, sync scheduler, {cores} torch threads": ((1, cores), synchronous),
             "end to end, sync scheduler, 1 torch thread": ((1, 1), synchronous),
         }
+        if args.headline:
+            runs = {name: run for name, run in runs.items() if name.endswith("side by side × 1 torch thread")}
         if not args.no_cluster:
             one = f"end to end, LocalCluster 1 worker × {cores} threads"
             clusters = {  # name: (workers, threads each, worker env, Dask config, labels.zarr)
                 f"{one} (seamline run)": (1, cores, None, None, True),
-                f"end to end, LocalCluster {cores} workers × 1 thread (seamline run --workers {cores})": (cores, 1, None, None, True),
             }
+            if not args.headline:
+                clusters[f"end to end, LocalCluster {cores} workers × 1 thread (seamline run --workers {cores})"] = (cores, 1, None, None, True)
             if args.variants:
                 clusters[f"{one}, no labels.zarr (seamline run --no-zarr)"] = (1, cores, None, None, False)
                 clusters[f"{one}, Dask's MALLOC_TRIM_THRESHOLD_=65536"] = (1, cores, {}, None, True)
