@@ -209,7 +209,7 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
             else:
                 nearest = dict(out_shape=shape, resampling=Resampling.nearest) if source.factor != 1.0 else {}
                 valid = dataset.dataset_mask(window=window, **nearest) > 0
-    except RasterioIOError as err:
+    except OSError as err:  # RasterioIOError, or a file gone since it was opened
         raise SourceError(f"{source.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} ({err})") from err
     if source.value_range is not None:
         data = data.astype(np.float32)

@@ -6,7 +6,7 @@ from rasterio.env import get_gdal_config, set_gdal_config
 
 from pipeline.grid import Span
 from pipeline.handles import HANDLES_PER_THREAD, open_cached
-from pipeline.sources import GDAL_BLOCK_CACHE, _bound_block_cache, open_raster, read_window
+from pipeline.sources import GDAL_BLOCK_CACHE, SourceError, _bound_block_cache, open_raster, read_window
 from pipeline.synthetic_raster import write_geotiff
 
 
@@ -95,3 +95,12 @@ def test_gdal_block_cache_is_bounded_unless_the_user_sets_it(tmp_path, monkeypat
     finally:
         set_gdal_config("GDAL_CACHEMAX", GDAL_BLOCK_CACHE)
         _bound_block_cache.cache_clear()
+
+
+def test_a_file_gone_since_it_was_opened_fails_with_its_name(tmp_path):
+    path = write_geotiff(np.zeros((64, 64, 3), np.uint8), tmp_path / "gone.tif")
+    source = open_raster(path)
+    read_window(source, Span(0, 32), Span(0, 32))
+    path.unlink()
+    with pytest.raises(SourceError, match="gone.tif: read failed"):
+        read_window(source, Span(0, 32), Span(0, 32))
