@@ -63,7 +63,9 @@ class Segmenter:
         self.device = torch.device(device) if device is not None else default_device()
         model = build_model(self.card)
         load_weights(model, self.model_dir / self.card.weights, f"{self.card.architecture} with {len(self.card.classes)} classes")
-        self.model = model.eval().to(self.device)
+        # channels-last convolutions: 8–9 % less time per tile on this CPU (BENCHMARKS.md); CUDA unmeasured, left as is
+        memory_format = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
+        self.model = model.eval().to(self.device, memory_format=memory_format)
         # CUDA: one batch at a time (batches are the parallelism there); CPU: threads infer side by
         # side, each on its own core (2 threads × 1 torch thread ran 2.1× one thread, BENCHMARKS.md)
         self._lock = threading.Lock() if self.device.type == "cuda" else contextlib.nullcontext()

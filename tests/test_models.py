@@ -217,3 +217,19 @@ def test_mask_nms_across_classes_keeps_one_of_an_object_given_two_classes(tmp_pa
     found = segmenter._to_instances(detections, 256, 256)
     expected = [0.9, 0.7] if across else [0.9, 0.8, 0.7]
     assert np.allclose(found.scores, expected)
+
+
+def test_channels_last_inference_finds_what_the_plain_model_finds():
+    from models.synthetic import make_scene
+
+    segmenter = Segmenter(resolve_model_dir(), device="cpu")
+    assert segmenter.model.backbone.body.stem[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = Segmenter(resolve_model_dir(), device="cpu")
+    plain.model = plain.model.to(memory_format=torch.contiguous_format)
+    tiles = np.stack([make_scene(seed, 256, 256).image for seed in (3, 4)])
+    for fast, reference in zip(segmenter(tiles), plain(tiles)):
+        assert len(fast) == len(reference) > 0
+        np.testing.assert_allclose(fast.boxes, reference.boxes, atol=0.05)
+        np.testing.assert_allclose(fast.scores, reference.scores, atol=1e-3)
+        for a, b in zip(fast.masks, reference.masks):
+            assert (a.row, a.col) == (b.row, b.col) and (a.mask != b.mask).sum() <= 2
