@@ -165,16 +165,23 @@ def cluster_run(client, image: Path, model_dir: Path, out: Path, tiling: Tiling,
 
 
 def fresh_cluster_run(workers: int, threads: int, image: Path, model_dir: Path, out: Path, tiling: Tiling,
-                      labels: bool = True, env: dict | None = None, config: dict | None = None) -> tuple[dict, float, int]:
+                      labels: bool = True, env: dict | None = None, config: dict | None = None) -> tuple[dict, float, int, float]:
     """Start a ``local_cluster``, warm it up (one run per worker, so every worker has loaded the
     model), time one ``cluster_run`` and close it: no idle cluster shares the CPU with other runs.
-    Returns (summary, seconds, torch threads per worker)."""
+    Returns (summary, seconds, torch threads per worker, seconds after the last segment task ended:
+    merge, labels.zarr and GeoPackage, which no tile overlaps)."""
+    from distributed import get_task_stream
+
     with local_cluster(workers, threads, env, config) as client:
         for warm_up in range(workers):
             cluster_run(client, image, model_dir, out.with_name(f"{out.name}-warm-{warm_up}"), tiling)
-        start = time.perf_counter()
-        summary = cluster_run(client, image, model_dir, out, tiling, labels)
-        return summary, time.perf_counter() - start, worker_torch_threads(client)
+        with get_task_stream(client) as stream:
+            start = time.time()
+            summary = cluster_run(client, image, model_dir, out, tiling, labels)
+            end = time.time()
+        last_tile = max(part["stop"] for task in stream.data if str(task["key"]).lstrip("('").startswith("segment")
+                        for part in task["startstops"] if part["action"] == "compute")
+        return summary, end - start, worker_torch_threads(client), end - last_tile
 
 
 def worker_torch_threads(client) -> int:

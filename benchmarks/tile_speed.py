@@ -24,7 +24,7 @@ Each cluster is started and warmed up (model loaded in every worker) before its 
 closed after it, so no idle cluster shares the CPU with the other runs.
 
     python benchmarks/tile_speed.py [--model synthetic-shapes] [--size 2048] [--batch-size 4] [--repeats 3]
-    python benchmarks/tile_speed.py --size 8192 --headline    # only the efficiency of `seamline run`
+    python benchmarks/tile_speed.py --size 8192 --headline    # only the efficiency of `seamline run`, with and without labels.zarr
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def main() -> None:
                         help="also clusters with Dask's MALLOC_TRIM_THRESHOLD_=65536 and with Dask's profiler off")
     parser.add_argument("--no-cluster", action="store_true", help="model only and synchronous scheduler only")
     parser.add_argument("--headline", action="store_true",
-                        help="only the headline pair: model only, one call per core side by side, against seamline run's cluster")
+                        help="only the headline runs: model only, one call per core side by side, against seamline run's "
+                             "cluster with and without labels.zarr")
     args = parser.parse_args()
 
     model_dir = resolve_model_dir(args.model)
@@ -98,8 +99,9 @@ def main() -> None:
             return timed(lambda: dask.compute(graph.result, scheduler="sync")[0]["instances"])
 
         def on_cluster(out: Path, workers: int, threads: int, env, config, labels: bool) -> tuple[int, float]:
-            summary, seconds, torch_threads = fresh_cluster_run(workers, threads, path, model_dir, out, tiling, labels, env, config)
+            summary, seconds, torch_threads, tail = fresh_cluster_run(workers, threads, path, model_dir, out, tiling, labels, env, config)
             assert torch_threads == cluster_threads, "the efficiency column assumes this layout"
+            tails[out.name] = tail
             return summary["instances"], seconds
 
         cores = os.cpu_count() or 1
@@ -118,10 +120,11 @@ def main() -> None:
             clusters = {  # name: (workers, threads each, worker env, Dask config, labels.zarr)
                 f"{one} (seamline run)": (1, cores, None, None, True),
             }
+            if args.headline or args.variants:
+                clusters[f"{one}, no labels.zarr (seamline run --no-zarr)"] = (1, cores, None, None, False)
             if not args.headline:
                 clusters[f"end to end, LocalCluster {cores} workers × 1 thread (seamline run --workers {cores})"] = (cores, 1, None, None, True)
             if args.variants:
-                clusters[f"{one}, no labels.zarr (seamline run --no-zarr)"] = (1, cores, None, None, False)
                 clusters[f"{one}, Dask's MALLOC_TRIM_THRESHOLD_=65536"] = (1, cores, {}, None, True)
                 clusters[f"{one}, Dask's profiler off"] = (1, cores, None, {"distributed.worker.profile.enabled": False}, True)
             for name, (workers, threads, *setup) in clusters.items():
@@ -130,11 +133,15 @@ def main() -> None:
                                                                        env=setup[0], config=setup[1], labels=setup[2]))
         times: dict[str, list[float]] = {name: [] for name in runs}
         found: dict[str, int] = {}
+        tails: dict[str, float] = {}  # output folder: seconds after the last tile (cluster runs)
+        after_last_tile: dict[str, list[float]] = {name: [] for name in runs}
         for repeat in range(args.repeats):
             for k, (name, ((_, threads), run)) in enumerate(runs.items()):
                 torch.set_num_threads(threads)  # this process's runs; a cluster's worker has its own
                 found[name], seconds = run(Path(tmp) / f"out-{repeat}-{k}")
                 times[name].append(seconds / len(tiles))
+                if f"out-{repeat}-{k}" in tails:
+                    after_last_tile[name].append(tails[f"out-{repeat}-{k}"] / seconds)
 
     device = torch.cuda.get_device_name() if segmenter.device.type == "cuda" else "CPU"
     print(f"machine: {machine()}; device {device}")
@@ -147,11 +154,14 @@ def main() -> None:
         layout = runs[name][0]
         what = "detections" if name.startswith("model only") else "instances"
         efficiency = f"{ceiling[layout] / median:.2f}" if layout in ceiling else "–"
+        tail = f"{np.median(after_last_tile[name]):.0%}" if after_last_tile[name] else "–"
         rows.append([name, f"{layout[0]} × {layout[1]}", f"{median:.3f}", ", ".join(f"{t:.3f}" for t in runs_s),
-                     f"{1 / median:.2f}", efficiency, f"{found[name]} {what}"])
-    print(table(["run", "calls × torch threads", "s/tile (median)", "runs", "tiles/s", "efficiency", "found"], rows))
+                     f"{1 / median:.2f}", efficiency, tail, f"{found[name]} {what}"])
+    print(table(["run", "calls × torch threads", "s/tile (median)", "runs", "tiles/s", "efficiency", "after last tile",
+                 "found"], rows))
     print("efficiency = model-only s/tile with the same calls side by side × torch threads ÷ that run's s/tile "
-          "(same tiles, same batch size)")
+          "(same tiles, same batch size); after last tile = share of the run's time after its last segment task "
+          "ended (merge, labels.zarr, GeoPackage)")
 
 
 if __name__ == "__main__":
