@@ -170,6 +170,7 @@ def fresh_cluster_run(workers: int, threads: int, image: Path, model_dir: Path, 
     model), time one ``cluster_run`` and close it: no idle cluster shares the CPU with other runs.
     Returns (summary, seconds, torch threads per worker, seconds after the last segment task ended:
     merge, labels.zarr and GeoPackage, which no tile overlaps)."""
+    from dask.utils import key_split
     from distributed import get_task_stream
 
     with local_cluster(workers, threads, env, config) as client:
@@ -179,7 +180,7 @@ def fresh_cluster_run(workers: int, threads: int, image: Path, model_dir: Path, 
             start = time.time()
             summary = cluster_run(client, image, model_dir, out, tiling, labels)
             end = time.time()
-        last_tile = max(part["stop"] for task in stream.data if str(task["key"]).lstrip("('").startswith("segment")
+        last_tile = max(part["stop"] for task in stream.data if key_split(task["key"]) == "segment"
                         for part in task["startstops"] if part["action"] == "compute")
         return summary, end - start, worker_torch_threads(client), end - last_tile
 

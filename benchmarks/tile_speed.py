@@ -81,28 +81,27 @@ def main() -> None:
 
         batches = [pixels[b : b + args.batch_size] for b in range(0, len(pixels), args.batch_size)]
 
-        def timed(run) -> tuple[int, float]:
+        def timed(run) -> tuple[int, float, None]:
             start = time.perf_counter()
             found = run()
             if segmenter.device.type == "cuda":
                 torch.cuda.synchronize()
-            return found, time.perf_counter() - start
+            return found, time.perf_counter() - start, None
 
-        def model_only(out: Path, side_by_side: int = 1) -> tuple[int, float]:
+        def model_only(out: Path, side_by_side: int = 1) -> tuple[int, float, None]:
             def run() -> int:
                 with ThreadPoolExecutor(side_by_side) as pool:
                     return sum(len(r) for tiles_found in pool.map(segmenter, batches) for r in tiles_found)
             return timed(run)
 
-        def synchronous(out: Path) -> tuple[int, float]:
+        def synchronous(out: Path) -> tuple[int, float, None]:
             graph = image_graph(source, str(model_dir), card.classes, out, tiling)
             return timed(lambda: dask.compute(graph.result, scheduler="sync")[0]["instances"])
 
-        def on_cluster(out: Path, workers: int, threads: int, env, config, labels: bool) -> tuple[int, float]:
+        def on_cluster(out: Path, workers: int, threads: int, env, config, labels: bool) -> tuple[int, float, float]:
             summary, seconds, torch_threads, tail = fresh_cluster_run(workers, threads, path, model_dir, out, tiling, labels, env, config)
             assert torch_threads == cluster_threads, "the efficiency column assumes this layout"
-            tails[out.name] = tail
-            return summary["instances"], seconds
+            return summary["instances"], seconds, tail
 
         cores = os.cpu_count() or 1
         cluster_threads = 1  # Dask starts workers with OMP_NUM_THREADS=1
@@ -133,15 +132,14 @@ def main() -> None:
                                                                        env=setup[0], config=setup[1], labels=setup[2]))
         times: dict[str, list[float]] = {name: [] for name in runs}
         found: dict[str, int] = {}
-        tails: dict[str, float] = {}  # output folder: seconds after the last tile (cluster runs)
-        after_last_tile: dict[str, list[float]] = {name: [] for name in runs}
+        after_last_tile: dict[str, list[float]] = {name: [] for name in runs}  # cluster runs: share of their time
         for repeat in range(args.repeats):
             for k, (name, ((_, threads), run)) in enumerate(runs.items()):
                 torch.set_num_threads(threads)  # this process's runs; a cluster's worker has its own
-                found[name], seconds = run(Path(tmp) / f"out-{repeat}-{k}")
+                found[name], seconds, tail = run(Path(tmp) / f"out-{repeat}-{k}")
                 times[name].append(seconds / len(tiles))
-                if f"out-{repeat}-{k}" in tails:
-                    after_last_tile[name].append(tails[f"out-{repeat}-{k}"] / seconds)
+                if tail is not None:
+                    after_last_tile[name].append(tail / seconds)
 
     device = torch.cuda.get_device_name() if segmenter.device.type == "cuda" else "CPU"
     print(f"machine: {machine()}; device {device}")
