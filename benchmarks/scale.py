@@ -1,7 +1,8 @@
 """Scale: time and peak memory against image size, end to end with ``seamline run``.
 
-For each ``--sizes`` side, a generated scene (``pipeline.synthetic_raster.write_scene``, a tiled,
-deflate-compressed, georeferenced GeoTIFF; same seed, same object density) is segmented by the
+For each ``--sizes`` side, a generated scene (``pipeline.synthetic_raster.write_tiled_scene``: one
+5000² block of objects repeated across a tiled, deflate-compressed, georeferenced GeoTIFF, so every
+size has the same content per tile and none needs the image in memory) is segmented by the
 real command line — ``seamline run SCENE --model synthetic-shapes`` on its default LocalCluster of
 one worker process × 2 threads — in a fresh process tree per size, with the shipped model (no
 stand-in detector: inference is real). The parent samples the RSS of the ``seamline`` process
@@ -11,8 +12,8 @@ stand-in detector: inference is real). The parent samples the RSS of the ``seaml
 Expected: time = fixed start-up + a constant cost per tile (a line through the points), and peak
 memory flat: a worker holds one batch of tiles, the model and the polygons, never the image.
 
-    python benchmarks/scale.py                          # 2048², 4096², 8192²
-    python benchmarks/scale.py --sizes 1024 2048 --repeats 3
+    python benchmarks/scale.py                          # 5000², 20000², 50000² (~25 min on 2 cores)
+    python benchmarks/scale.py --sizes 2048 4096 --repeats 3
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from common import fmt_bytes, machine, run_measured, table
 from models.card import load_card
 from models.registry import resolve_model_dir
 from pipeline.grid import TileGrid
-from pipeline.synthetic_raster import write_scene
+from pipeline.synthetic_raster import write_tiled_scene
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
     parser.add_argument("--model", default="synthetic-shapes")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
@@ -50,11 +51,9 @@ def main() -> None:
         scenes = {}
         for size in args.sizes:
             start = time.perf_counter()
-            scene = write_scene(tmp / f"scene-{size}.tif", seed=5, height=size, width=size)
-            scenes[size] = scene.count
-            print(f"generated {size}² scene ({scene.count:,} objects, {(tmp / f'scene-{size}.tif').stat().st_size / 2**20:.0f} MiB "
+            scenes[size] = write_tiled_scene(tmp / f"scene-{size}.tif", seed=5, side=size)
+            print(f"generated {size}² scene ({scenes[size]:,} objects, {(tmp / f'scene-{size}.tif').stat().st_size / 2**20:.0f} MiB "
                   f"GeoTIFF) in {time.perf_counter() - start:.0f} s", flush=True)
-            del scene
         runs: dict[int, list[dict]] = {size: [] for size in args.sizes}
         for repeat in range(args.repeats):
             for size in args.sizes:

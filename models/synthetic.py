@@ -76,10 +76,12 @@ def make_scene(
     density: float = 1.0,
     size_range: tuple[float, float] = (10.0, 150.0),
     gap: int = 3,
+    margin: int = 0,
 ) -> Scene:
     """A scene whose objects never touch: sizes log-uniform in ``size_range``.
 
-    ``density`` scales the number of placement attempts (1.0 ≈ one object per 110² pixels).
+    ``density`` scales the number of placement attempts (1.0 ≈ one object per 110² pixels);
+    objects keep ``margin`` pixels from the image edge.
     """
     rng = np.random.default_rng(seed)
     image = textured_background(rng, height, width)
@@ -92,9 +94,9 @@ def make_scene(
         size = float(np.exp(rng.uniform(lo, hi)))
         mask = shape_mask(CLASSES[kind], size, rng.uniform(0.45, 1.0), rng.uniform(0, np.pi))
         h, w = mask.shape
-        if h >= height or w >= width:
+        if h >= height - 2 * margin or w >= width - 2 * margin:
             continue
-        r, c = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
+        r, c = int(rng.integers(margin, height - h - margin)), int(rng.integers(margin, width - w - margin))
         r0, c0 = max(r - gap, 0), max(c - gap, 0)
         if labels[r0 : r + h + gap, c0 : c + w + gap].any():
             continue

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.windows import Window
 
 from models.synthetic import Scene, make_scene
 
@@ -34,6 +35,30 @@ def write_geotiff(
     with rasterio.open(path, "w", **profile) as dataset:
         dataset.write(image.transpose(2, 0, 1))
     return path
+
+
+def write_tiled_scene(path: str | Path, seed: int, side: int, block: int = 5000) -> int:
+    """Write a ``side`` × ``side`` scene too large to hold in memory: one generated ``block`` ×
+    ``block`` scene (objects kept 2 px from its edges, so copies never touch) repeated across the
+    image, cut off at the right and bottom. Returns the number of whole objects in the image."""
+    scene = make_scene(seed, block, block, margin=2)
+    whole = np.zeros(scene.count + 1, bool)  # objects of the last partial row/column that fit
+    profile = dict(
+        driver="GTiff", height=side, width=side, count=3, dtype="uint8", crs=DEFAULT_CRS,
+        transform=DEFAULT_TRANSFORM, compress="deflate", tiled=True, blockxsize=256, blockysize=256,
+        BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
+    )
+    count = 0
+    with rasterio.open(path, "w", **profile) as dataset:
+        for row in range(0, side, block):
+            for col in range(0, side, block):
+                h, w = min(block, side - row), min(block, side - col)
+                dataset.write(scene.image[:h, :w].transpose(2, 0, 1), window=Window(col, row, w, h))
+                cut = np.unique(np.concatenate([scene.labels[h:, :].ravel(), scene.labels[:, w:].ravel()]))
+                whole[:] = True
+                whole[cut] = False
+                count += int(whole[1:].sum())
+    return count
 
 
 def write_scene(path: str | Path, seed: int, height: int, width: int, **scene_kwargs) -> Scene:
