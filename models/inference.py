@@ -184,7 +184,16 @@ def largest_region(crop: MaskCrop) -> MaskCrop:
     return MaskCrop(crop.row, crop.col, regions == np.argmax(np.bincount(regions.ravel())[1:]) + 1)
 
 
-@lru_cache(maxsize=4)
+_loading = threading.Lock()
+
+
 def cached_segmenter(model_dir: str, device: str | None = None, flips: bool | None = None) -> Segmenter:
-    """One ``Segmenter`` per model (and flip setting) and process: Dask workers load a model once and reuse it."""
+    """One ``Segmenter`` per model (and flip setting) and process: Dask workers load a model once
+    and reuse it, also when all their threads ask for it at the first tasks."""
+    with _loading:
+        return _segmenter(model_dir, device, flips)
+
+
+@lru_cache(maxsize=4)
+def _segmenter(model_dir: str, device: str | None, flips: bool | None) -> Segmenter:
     return Segmenter(model_dir, device, flips)

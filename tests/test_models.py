@@ -195,6 +195,33 @@ def test_shipped_model_detects_synthetic_objects():
     assert mask_f1(segmenter, range(3), 512) >= 0.8
 
 
+def test_worker_threads_asking_at_once_share_one_loaded_model(tmp_path, monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models import inference
+
+    model_variant(tmp_path / "fresh", "synthetic-shapes")  # a path no earlier test cached
+    loads = []
+
+    class CountedSegmenter(Segmenter):
+        def __init__(self, *args, **kwargs):
+            loads.append(threading.get_ident())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "Segmenter", CountedSegmenter)
+    start = threading.Barrier(4)
+
+    def ask(_):
+        start.wait()
+        return inference.cached_segmenter(str(tmp_path / "fresh"), "cpu")
+
+    with ThreadPoolExecutor(4) as pool:
+        segmenters = list(pool.map(ask, range(4)))
+    assert len(loads) == 1
+    assert all(s is segmenters[0] for s in segmenters)
+
+
 def test_card_round_trips_through_yaml(tmp_path):
     card = small_card(resolution=0.5, resolution_unit="m")
     save_card(card, tmp_path)
