@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,11 +135,14 @@ def train(
     log_every: int = 20,
     progress: bool = True,
     init: Path | None = None,
+    checkpoint_minutes: float = 5.0,
 ) -> list[dict]:
     """Train for ``minutes`` (cosine schedule over that budget) or ``max_steps``; write the model directory.
 
     Writes ``model.yaml``, weights (safetensors), ``checkpoint.pt`` (tensors only, for ``resume``),
     ``training_log.csv`` and ``loss.png`` when matplotlib is installed. Returns the loss log.
+    ``checkpoint.pt`` and the log are also written every ``checkpoint_minutes`` while training, so a
+    run that dies loses at most that much (``resume`` continues it, schedule included).
     ``init`` fine-tunes from another model directory: every tensor whose name and shape fit is
     copied (class-specific heads are re-initialised when the classes differ).
     """
@@ -159,6 +163,7 @@ def train(
         log = _read_log(out_dir / "training_log.csv")
     loader = DataLoader(crops, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     budget, start, warmup = minutes * 60, time.time() - spent, 200
+    saved = time.time()
     amp = torch.device(device).type == "cuda"
     from rich.progress import Progress
 
@@ -187,16 +192,27 @@ def train(
             row.update({k: round(v.item(), 4) for k, v in losses.items()})
             if step % log_every == 0:
                 log.append(row)
+            if time.time() - saved >= checkpoint_minutes * 60:
+                _save_checkpoint(checkpoint, model, optimiser, step, time.time() - start)
+                _write_log(out_dir, log)
+                saved = time.time()
     if row is not None and (not log or log[-1]["step"] != step):
         log.append(row)  # the last step is always logged
     model.eval().cpu()
-    state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": torch.tensor(step),
-             "seconds": torch.tensor(time.time() - start)}
-    torch.save(state, checkpoint)
+    _save_checkpoint(checkpoint, model, optimiser, step, time.time() - start)
     save_weights(model, out_dir / card.weights)
     save_card(card, out_dir)
     _write_log(out_dir, log)
     return log
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer, step: int, seconds: float) -> None:
+    """Tensors only (``torch.load(weights_only=True)`` reads it back), written under a temporary name, then renamed."""
+    state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": torch.tensor(step),
+             "seconds": torch.tensor(seconds)}
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
 def _initialise_from(model: torch.nn.Module, model_dir: Path) -> None:

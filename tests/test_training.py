@@ -45,3 +45,36 @@ def test_loss_falls_and_checkpoint_resumes(tmp_path):
     assert [row["step"] for row in log][-5:] == [61, 62, 63, 64, 65]
     segmenter = Segmenter(tmp_path / "m", device="cpu")
     assert segmenter(np.zeros((1, 128, 128, 3), np.uint8))[0].boxes.shape[1] == 4
+
+
+class DiesAfter(torch.utils.data.IterableDataset):
+    """The crops of ``crops`` until ``items`` have been drawn, then the error a lost data source raises."""
+
+    def __init__(self, crops, items):
+        self.crops, self.items = crops, items
+
+    def __iter__(self):
+        for n, item in enumerate(self.crops):
+            if n == self.items:
+                raise OSError("data source lost")
+            yield item
+
+
+def test_a_run_that_dies_resumes_from_its_last_periodic_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    card = ModelCard(name="tiny", architecture="maskrcnn_compact", classes=["ellipse", "rectangle", "triangle"],
+                     tile_size=128, overlap=16, anchor_sizes=[8, 16, 32, 64, 128])
+    crops = RandomCrops(tiny_samples(), crop=128, seed=1)
+    settings = dict(minutes=10, batch_size=2, lr=0.01, workers=0, log_every=1, progress=False)
+    try:
+        train(card, DiesAfter(crops, 2 * 7), tmp_path / "m", max_steps=20, checkpoint_minutes=0, **settings)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the data source should have failed")
+    state = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)
+    assert int(state["step"]) == 7
+    assert not list((tmp_path / "m").glob(".*partial"))
+    log = train(card, crops, tmp_path / "m", max_steps=10, resume=True, **settings)
+    assert [row["step"] for row in log] == list(range(1, 11))
+    assert int(torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["step"]) == 10

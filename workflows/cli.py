@@ -184,6 +184,7 @@ def train(
     anchors: Annotated[str, typer.Option(help="Five anchor sizes in pixels, one per FPN level.")] = "16,32,64,128,256",
     max_detections: Annotated[int, typer.Option(help="Detections per tile (dense nuclei need hundreds).")] = 500,
     pack_only: Annotated[bool, typer.Option(help="Only write OUT/train-pack.npz and OUT/model.yaml, for `python -m models.training` on a machine with torch alone (e.g. a GPU box).")] = False,
+    checkpoint_minutes: Annotated[float, typer.Option(help="Write OUT/checkpoint.pt this often while training (--resume continues from it).")] = 5.0,
 ) -> None:
     """Train (or fine-tune) a Mask R-CNN on annotated images; writes a model directory."""
     import torch
@@ -212,7 +213,7 @@ def train(
     crops = RandomCrops(pack, tile_size, stain=stain)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train_model(card, crops, out, minutes, batch_size, lr, device, workers, resume,
-                init=resolve_model_dir(init) if init else None)
+                init=resolve_model_dir(init) if init else None, checkpoint_minutes=checkpoint_minutes)
     console.print(f"model written to {out}; validation images: {', '.join(s.name for s in held_out) or 'none'}")
 
 
