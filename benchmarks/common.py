@@ -151,38 +151,39 @@ def worker_env(client) -> dict[str, str | None]:
     return next(iter(client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENV}).values()))
 
 
-def cluster_run(client, image: Path, model_dir: Path, out: Path, tiling: Tiling, labels: bool = True) -> dict:
-    """One image through ``workflows.run.run_images``, as ``seamline run`` does (``labels``: also
-    labels.zarr, as without ``--no-zarr``); its summary."""
+def cluster_run(client, images: list[Path], model_dir: Path, out: Path, tiling: Tiling, labels: bool = True) -> int:
+    """Images through ``workflows.run.run_images`` in one run, as ``seamline run`` does (``labels``:
+    also labels.zarr, as without ``--no-zarr``); the instances found in all of them."""
     from models.card import load_card
     from workflows.run import run_images
 
     card = load_card(model_dir)
-    report = run_images(client, [image], model_dir, card, out, tiling, show_progress=False, labels=labels)
+    report = run_images(client, images, model_dir, card, out, tiling, show_progress=False, labels=labels)
     if not report.ok:
         raise RuntimeError(report.failed)
-    return next(iter(report.done.values()))
+    return sum(summary["instances"] for summary in report.done.values())
 
 
-def fresh_cluster_run(workers: int, threads: int, image: Path, model_dir: Path, out: Path, tiling: Tiling,
-                      labels: bool = True, env: dict | None = None, config: dict | None = None) -> tuple[dict, float, int, float]:
-    """Start a ``local_cluster``, warm it up (one run per worker, so every worker has loaded the
-    model), time one ``cluster_run`` and close it: no idle cluster shares the CPU with other runs.
-    Returns (summary, seconds, torch threads per worker, seconds after the last segment task ended:
-    merge, labels.zarr and GeoPackage, which no tile overlaps)."""
+def fresh_cluster_run(workers: int, threads: int, images: list[Path], model_dir: Path, out: Path, tiling: Tiling,
+                      labels: bool = True, env: dict | None = None, config: dict | None = None) -> tuple[int, float, int, float]:
+    """Start a ``local_cluster``, warm it up (a run of the first image per worker, so every worker
+    has loaded the model), time one ``cluster_run`` of all ``images`` and close it: no idle cluster
+    shares the CPU with other runs. Returns (instances, seconds, torch threads per worker, seconds
+    after the last segment task ended: the last image's merge, labels.zarr and GeoPackage, which no
+    tile overlaps)."""
     from dask.utils import key_split
     from distributed import get_task_stream
 
     with local_cluster(workers, threads, env, config) as client:
         for warm_up in range(workers):
-            cluster_run(client, image, model_dir, out.with_name(f"{out.name}-warm-{warm_up}"), tiling)
+            cluster_run(client, images[:1], model_dir, out.with_name(f"{out.name}-warm-{warm_up}"), tiling)
         with get_task_stream(client) as stream:
             start = time.time()
-            summary = cluster_run(client, image, model_dir, out, tiling, labels)
+            found = cluster_run(client, images, model_dir, out, tiling, labels)
             end = time.time()
         last_tile = max(part["stop"] for task in stream.data if key_split(task["key"]) == "segment"
                         for part in task["startstops"] if part["action"] == "compute")
-        return summary, end - start, worker_torch_threads(client), end - last_tile
+        return found, end - start, worker_torch_threads(client), end - last_tile
 
 
 def worker_torch_threads(client) -> int:

@@ -93,7 +93,7 @@ def run_seamline(images: list[Path], model: str, out: Path, sync: bool, labels: 
             summaries += dask.compute(graph.result, scheduler="sync")
         work = time.perf_counter() - start
     else:
-        from common import cluster_run, local_cluster
+        from common import local_cluster
         from workflows.run import run_images
 
         with local_cluster(1, 2) as client:

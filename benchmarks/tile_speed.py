@@ -19,12 +19,15 @@ hit all alike), medians reported:
   (``--no-zarr``) and with Dask's sampling profiler off (it walks every thread's stack every 10 ms, holding the GIL).
 
 Efficiency = model-only time / end-to-end time with the same layout (calls side by side × torch
-threads each), on the same tiles of a generated GeoTIFF scene.
+threads each), on the same tiles of a generated GeoTIFF scene. With ``--images N``, N scenes (seeds
+1…N) go through one run, as an archive does: each image's merge and writes then overlap the next
+image's tiles, and only the last image's tail follows its last tile.
 Each cluster is started and warmed up (model loaded in every worker) before its timed run and
 closed after it, so no idle cluster shares the CPU with the other runs.
 
     python benchmarks/tile_speed.py [--model synthetic-shapes] [--size 2048] [--batch-size 4] [--repeats 3]
     python benchmarks/tile_speed.py --size 8192 --headline    # only the efficiency of `seamline run`, with and without labels.zarr
+    python benchmarks/tile_speed.py --size 4096 --images 4 --headline    # the same over four images in one run
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--images", type=int, default=1, help="scenes of --size in one run (an archive)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
@@ -71,11 +75,13 @@ def main() -> None:
     segmenter = Segmenter(model_dir, args.device)
     tiling = Tiling(card.tile_size, card.overlap, args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "scene.tif"
-        write_scene(path, seed=1, height=args.size, width=args.size)
-        source = open_raster(path)
-        tiles = TileGrid(args.size, args.size, card.tile_size, card.overlap).tiles
-        pixels = np.stack([read_window(source, t.rows, t.cols)[0] for t in tiles])
+        paths = [Path(tmp) / f"scene-{seed}.tif" for seed in range(1, args.images + 1)]
+        for seed, path in enumerate(paths, start=1):
+            write_scene(path, seed=seed, height=args.size, width=args.size)
+        sources = [open_raster(path) for path in paths]
+        grid = TileGrid(args.size, args.size, card.tile_size, card.overlap).tiles
+        tiles = [(source, t) for source in sources for t in grid]
+        pixels = np.stack([read_window(source, t.rows, t.cols)[0] for source, t in tiles])
         for warm_up in range(3):
             segmenter(pixels[warm_up * args.batch_size : (warm_up + 1) * args.batch_size])
 
@@ -95,13 +101,13 @@ def main() -> None:
             return timed(run)
 
         def synchronous(out: Path) -> tuple[int, float, None]:
-            graph = image_graph(source, str(model_dir), card.classes, out, tiling)
-            return timed(lambda: dask.compute(graph.result, scheduler="sync")[0]["instances"])
+            graphs = [image_graph(source, str(model_dir), card.classes, out / str(k), tiling) for k, source in enumerate(sources)]
+            return timed(lambda: sum(s["instances"] for s in dask.compute(*[g.result for g in graphs], scheduler="sync")))
 
         def on_cluster(out: Path, workers: int, threads: int, env, config, labels: bool) -> tuple[int, float, float]:
-            summary, seconds, torch_threads, tail = fresh_cluster_run(workers, threads, path, model_dir, out, tiling, labels, env, config)
+            instances, seconds, torch_threads, tail = fresh_cluster_run(workers, threads, paths, model_dir, out, tiling, labels, env, config)
             assert torch_threads == cluster_threads, "the efficiency column assumes this layout"
-            return summary["instances"], seconds, tail
+            return instances, seconds, tail
 
         cores = os.cpu_count() or 1
         cluster_threads = 1  # Dask starts workers with OMP_NUM_THREADS=1
@@ -143,7 +149,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if segmenter.device.type == "cuda" else "CPU"
     print(f"machine: {machine()}; device {device}")
-    print(f"model {card.name} ({card.architecture}); scene {args.size}x{args.size}: {len(tiles)} tiles of "
+    print(f"model {card.name} ({card.architecture}); {args.images} scene(s) of {args.size}x{args.size}: {len(tiles)} tiles of "
           f"{card.tile_size}² (overlap ≥ {card.overlap}), batch {args.batch_size}, {args.repeats} interleaved repeats")
     ceiling = {layout: float(np.median(times[name])) for name, (layout, _) in runs.items() if name.startswith("model only")}
     rows = []

@@ -56,8 +56,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = list(CONFIGS) if repeat % 2 == 0 else list(CONFIGS)[::-1]
             for k, name in enumerate(order):
-                summary, seconds, *_ = fresh_cluster_run(*CONFIGS[name], image, model_dir, tmp / f"out-{repeat}-{k}", tiling)
-                found[name] = summary["instances"]
+                found[name], seconds, *_ = fresh_cluster_run(*CONFIGS[name], [image], model_dir, tmp / f"out-{repeat}-{k}", tiling)
                 times[name].append(seconds)
     median = {name: float(np.median(t)) for name, t in times.items()}
     one_core = median["1 worker × 1 thread"]
