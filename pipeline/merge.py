@@ -170,14 +170,22 @@ def match_pairs(candidates: Detections, tiles: dict[int, Tile], min_iou: float) 
     slow = np.flatnonzero(~fast)
     if len(slow):
         box = shapely.box(*common[slow].T)
-        ga = shapely.intersection(geometry[left[slow]], box)
-        gb = shapely.intersection(geometry[right[slow]], box)
+        ga = _polygonal(shapely.intersection(geometry[left[slow]], box))
+        gb = _polygonal(shapely.intersection(geometry[right[slow]], box))
         inter[slow] = shapely.area(shapely.intersection(ga, gb))
         area_a[slow], area_b[slow] = shapely.area(ga), shapely.area(gb)
     union = area_a + area_b - inter
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     match = iou >= min_iou
     return np.stack([left[match], right[match]])
+
+
+def _polygonal(geometry: np.ndarray) -> np.ndarray:
+    """Each geometry's polygonal part. A polygon clipped to a window whose edge it runs along
+    outside becomes a collection with a line, which GEOS cannot intersect with an empty polygon."""
+    mixed = shapely.get_type_id(geometry) == shapely.GeometryType.GEOMETRYCOLLECTION
+    geometry[mixed] = shapely.buffer(geometry[mixed], 0)
+    return geometry
 
 
 def _single_polygon(geometry: shapely.Geometry) -> shapely.Polygon:

@@ -111,3 +111,21 @@ def test_a_sliver_stopping_short_of_the_window_edge_yields_to_the_tile_that_owns
     beside = (40, 14, np.ones((20, 10), bool))  # x 98-108
     both = merge_image([_tile_result(left, [sliver]), _tile_result(right, [beside])], [left, right]).detections
     assert len(both) == 2
+
+
+def test_a_clip_that_leaves_a_line_along_the_window_edge_does_not_break_the_merge(monkeypatch):
+    """Found at 20,000²: a candidate whose outline runs along the shared window's edge from outside
+    clips to a polygon plus a line, and GEOS refused to intersect that with an empty clip."""
+    from pipeline import merge
+    from pipeline.detections import Detections
+
+    tiles = {t.index: t for t in TileGrid(184, 184, 100, 16).tiles}  # windows 0-100 and 84-184; shared corner 84-100
+    a = shapely.union(shapely.box(50, 50, 100, 90), shapely.box(50, 90, 84, 95))  # tile 0; runs along x = 84
+    b = shapely.union(shapely.box(101, 84, 150, 150), shapely.box(84, 101, 150, 150))  # tile 3; misses the corner
+    assert shapely.intersection(a, shapely.box(84, 84, 100, 100)).geom_type == "GeometryCollection"
+    candidates = Detections(
+        geometry=np.array([a, b], object), label=np.zeros(2, np.int16), score=np.ones(2, np.float32),
+        tile=np.array([0, 3], np.int32), cut=np.ones(2, bool), owned=np.ones(2, bool),
+    )
+    monkeypatch.setattr(merge, "MAX_TERMS_PER_PAIR", 0)  # every pair through GEOS
+    assert merge.match_pairs(candidates, tiles, 0.5).shape == (2, 0)
