@@ -92,6 +92,26 @@ def test_catalogue_equals_the_per_image_outputs(run):
         assert row["crs"] == summary["crs"] and dict(row["counts"]) == summary["counts"] and row["instances"] == summary["instances"]
 
 
+def test_a_partition_is_written_a_row_group_at_a_time_and_equals_the_one_shot_frame(run, tmp_path, monkeypatch):
+    from workflows import catalogue
+
+    out, truth = run
+    shutil.copytree(out / "alpha", tmp_path / "alpha")
+    monkeypatch.setattr(catalogue, "ROW_GROUP_ROWS", 7)
+    reads = []
+    real_read = pyogrio.read_dataframe
+    monkeypatch.setattr(catalogue.pyogrio, "read_dataframe", lambda *a, **k: reads.append(k["max_features"]) or real_read(*a, **k))
+    part = partition_path(build_catalogue(tmp_path), "alpha")
+    frame = truth["alpha"]
+    assert set(reads) == {7} and len(reads) == -(-len(frame) // 7)
+    assert pq.read_metadata(part).num_row_groups == len(reads)
+    stored = gpd.read_parquet(part)
+    assert stored.crs == frame.crs and stored["instance_id"].tolist() == frame["instance_id"].tolist()
+    assert stored.geometry.geom_equals_exact(frame.geometry, tolerance=0).all()
+    geo = json.loads(pq.read_metadata(part).metadata[b"geo"])
+    assert np.allclose(geo["columns"]["geometry"]["bbox"], frame.total_bounds)  # the whole image's, not one group's
+
+
 def test_duckdb_reads_the_catalogue(run):
     out, truth = run
     files = str(out / "catalogue" / "*" / "*.parquet")

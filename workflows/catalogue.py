@@ -90,13 +90,26 @@ def partition_path(catalogue: Path, image_id: str) -> Path:
     return catalogue / f"image_id={quote(image_id, safe='')}" / PARTITION_FILE
 
 
-def partition_frame(output: ImageOutput) -> gpd.GeoDataFrame:
-    """An image's instances with the catalogue's columns and types (``area_um2`` null for rasters)."""
-    frame = pyogrio.read_dataframe(output.geopackage, layer=INSTANCES_LAYER)
+def partition_frame(output: ImageOutput, start: int = 0, rows: int | None = None) -> gpd.GeoDataFrame:
+    """An image's instances (``rows`` of them from row ``start``; all by default) with the
+    catalogue's columns and types (``area_um2`` null for rasters)."""
+    frame = pyogrio.read_dataframe(output.geopackage, layer=INSTANCES_LAYER, skip_features=start, max_features=rows)
     frame["image_id"] = output.image_id
     if "area_um2" not in frame:
         frame["area_um2"] = np.nan
     return frame[[*COLUMNS, "geometry"]].astype(COLUMNS)
+
+
+def _geoparquet_table(frame: gpd.GeoDataFrame, bounds: list[float] | None) -> pa.Table:
+    """``frame`` as GeoParquet 1.1 (WKB, ``bbox`` covering column) as geopandas writes it; the
+    ``geo`` metadata's extent is ``bounds``, the whole image's, when given."""
+    from geopandas.io.arrow import _geopandas_to_arrow  # what GeoDataFrame.to_parquet writes, a table at a time
+
+    table = _geopandas_to_arrow(frame, index=False, schema_version="1.1.0", write_covering_bbox=True)
+    geo = json.loads(table.schema.metadata[b"geo"])
+    if bounds is not None:
+        geo["columns"]["geometry"]["bbox"] = bounds
+    return table.replace_schema_metadata({**table.schema.metadata, b"geo": json.dumps(geo).encode()})
 
 
 @contextmanager
@@ -117,11 +130,22 @@ def _is_current(output: ImageOutput, catalogue: Path) -> bool:
 
 
 def _write_partition(output: ImageOutput, catalogue: Path) -> None:
+    """The image's instances as GeoParquet, read and written one row group at a time, so the
+    memory it takes does not grow with the image's instances (a slide can have millions)."""
     stamp = output.geopackage.stat().st_mtime_ns  # taken before reading: a later change shows as a mismatch
+    info = pyogrio.read_info(output.geopackage, layer=INSTANCES_LAYER)
+    count = info["features"]
+    bounds = [float(b) for b in info["total_bounds"]] if count else None
     with _atomic(partition_path(catalogue, output.image_id)) as tmp:
-        partition_frame(output).to_parquet(
-            tmp, index=False, schema_version="1.1.0", write_covering_bbox=True, row_group_size=ROW_GROUP_ROWS
-        )
+        writer = None
+        try:
+            for start in range(0, max(count, 1), ROW_GROUP_ROWS):
+                table = _geoparquet_table(partition_frame(output, start, ROW_GROUP_ROWS), bounds)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.replace_schema_metadata(writer.schema.metadata), row_group_size=ROW_GROUP_ROWS)
+        finally:
+            if writer is not None:
+                writer.close()
         os.utime(tmp, ns=(stamp, stamp))
 
 
