@@ -79,8 +79,8 @@ def main() -> None:
         for seed, path in enumerate(paths, start=1):
             write_scene(path, seed=seed, height=args.size, width=args.size)
         sources = [open_raster(path) for path in paths]
-        grid = TileGrid(args.size, args.size, card.tile_size, card.overlap).tiles
-        tiles = [(source, t) for source in sources for t in grid]
+        scene_tiles = TileGrid(args.size, args.size, card.tile_size, card.overlap).tiles
+        tiles = [(source, t) for source in sources for t in scene_tiles]
         pixels = np.stack([read_window(source, t.rows, t.cols)[0] for source, t in tiles])
         for warm_up in range(3):
             segmenter(pixels[warm_up * args.batch_size : (warm_up + 1) * args.batch_size])

@@ -181,8 +181,9 @@ def match_pairs(candidates: Detections, tiles: dict[int, Tile], min_iou: float) 
 
 
 def _polygonal(geometry: np.ndarray) -> np.ndarray:
-    """Each geometry's polygonal part. A polygon clipped to a window whose edge it runs along
-    outside becomes a collection with a line, which GEOS cannot intersect with an empty polygon."""
+    """Each geometry's polygonal part, replaced in ``geometry`` (a fresh array of clips). A polygon
+    clipped to a window whose edge it runs along outside becomes a collection with a line, which
+    GEOS cannot intersect with an empty polygon."""
     mixed = shapely.get_type_id(geometry) == shapely.GeometryType.GEOMETRYCOLLECTION
     geometry[mixed] = shapely.buffer(geometry[mixed], 0)
     return geometry

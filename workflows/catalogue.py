@@ -142,6 +142,7 @@ def _write_partition(output: ImageOutput, catalogue: Path) -> None:
             for start in range(0, max(count, 1), ROW_GROUP_ROWS):
                 table = _geoparquet_table(partition_frame(output, start, ROW_GROUP_ROWS), bounds)
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
+                # every row group under the first one's `geo` metadata (whole-image extent, same encoding)
                 writer.write_table(table.replace_schema_metadata(writer.schema.metadata), row_group_size=ROW_GROUP_ROWS)
         finally:
             if writer is not None:
