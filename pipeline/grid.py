@@ -114,6 +114,28 @@ class TileGrid:
             raise IndexError(f"tile {index} of a grid of {len(axes[0]) * len(axes[2])}")
         return self._tile(axes, *divmod(index, len(axes[2])))
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Tile rows and tile columns."""
+        rows, _, cols, _ = self._axes()
+        return len(rows), len(cols)
+
+    def tiles_in_rows(self, rows: Span) -> list[Tile]:
+        """The tiles of tile rows ``rows`` (clipped to the grid), row-major."""
+        axes = self._axes()
+        return [self._tile(axes, r, c) for r in range(max(rows.start, 0), min(rows.stop, len(axes[0]))) for c in range(len(axes[2]))]
+
+    def row_top(self, row: int) -> int:
+        """First pixel row of tile row ``row``'s windows."""
+        return self._axes()[0][row].start
+
+    def row_bands(self, min_tiles: int) -> list[Span]:
+        """Consecutive spans of tile rows, each of at least ``min_tiles`` tiles (the last one may
+        hold fewer): the units an image is merged and written in, top to bottom."""
+        n_rows, n_cols = self.shape
+        step = max(1, -(-min_tiles // n_cols))
+        return [Span(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
     def _axes(self) -> tuple[list[Span], list[Span], list[Span], list[Span]]:
         rows = axis_windows(self.height, self.tile_size, self.overlap)
         cols = axis_windows(self.width, self.tile_size, self.overlap)

@@ -247,8 +247,15 @@ def overruled_by_core_owner(candidates: Detections, index: np.ndarray, tiles: di
     return overruled
 
 
-def merge_seams(candidates: Detections, tiles: dict[int, Tile], min_iou: float = 0.5) -> Detections:
-    """Resolve seam candidates to one instance per object (deterministic for a given input).
+def merge_seams(
+    candidates: Detections, tiles: dict[int, Tile], min_iou: float = 0.5, horizon: float = np.inf
+) -> tuple[Detections, Detections]:
+    """(merged, pending): seam candidates resolved to one instance per object (deterministic for a
+    given input), and those whose group a window still to come may join.
+
+    ``horizon`` is the top row of every window still to come (none: ``inf``). A group with a member
+    reaching below it stays pending: a later candidate can overlap it, or its tile's core owner
+    may not have been seen. Every other group is complete, whatever comes later.
 
     Matching candidates form groups. A group keeps its best copy that no tile edge cut (one in its
     tile's core before a higher score); a lone one outside its tile's core goes when the tile whose
@@ -259,15 +266,19 @@ def merge_seams(candidates: Detections, tiles: dict[int, Tile], min_iou: float =
     """
     n = len(candidates)
     if n == 0:
-        return candidates
+        return candidates, candidates
     pairs = match_pairs(candidates, tiles, min_iou)
     graph = coo_matrix((np.ones(pairs.shape[1]), (pairs[0], pairs[1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     sizes = np.bincount(component)
+    open_group = np.zeros(len(sizes), bool)
+    open_group[component[candidates.bounds[:, 3] > horizon]] = True
+    pending = candidates.take(np.flatnonzero(open_group[component]))
     # per group, members ranked: uncut first, then those their tile's core holds (seen furthest
     # from the window's edges), then higher score, lower tile, lower index
     ranked = np.lexsort((candidates.tile, -candidates.score, ~candidates.owned, candidates.cut, component))
     first = ranked[np.flatnonzero(np.diff(component[ranked], prepend=-1))]
+    first = first[~open_group[component[first]]]
     whole = first[~candidates.cut[first]]  # the best copy no tile edge cut
     stray = (sizes[component[whole]] == 1) & ~candidates.owned[whole]
     whole = np.setdiff1d(whole, whole[stray][overruled_by_core_owner(candidates, whole[stray], tiles)])
@@ -293,7 +304,7 @@ def merge_seams(candidates: Detections, tiles: dict[int, Tile], min_iou: float =
         union.geometry[0] = _single_polygon(shapely.union_all(candidates.geometry[members[start : start + sizes[group]]]))
         union.cut[0] = False
         merged.append(union)
-    return Detections.concat(merged)
+    return Detections.concat(merged), pending
 
 
 def assign_order(detections: Detections) -> Detections:

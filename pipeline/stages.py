@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.detections import Detections
-from pipeline.grid import Tile, TileGrid
+from pipeline.grid import Span, Tile, TileGrid
 from pipeline.merge import assign_order, merge_seams
 from pipeline.segment import split_seam_candidates, tile_detections
 from pipeline.sources import RasterSource
@@ -87,16 +87,67 @@ def segment_and_keep(batch: TileBatch, model_dir: str, flips: bool | None, keep:
     return result
 
 
+@dataclass
+class SeamState:
+    """What an image's merge carries from one band of tile rows to the next."""
+
+    pending: Detections  # seam candidates whose group a later band may still join
+    held: Detections  # merged instances that one from a later band may still sort before
+    numbered: int = 0  # instances released so far: the next one released has id ``numbered + 1``
+
+    @classmethod
+    def start(cls) -> "SeamState":
+        return cls(Detections.empty(), Detections.empty())
+
+
+def _box_centre_row(detections: Detections) -> np.ndarray:
+    b = detections.bounds
+    return np.round((b[:, 1] + b[:, 3]) / 2, 3)  # as ``assign_order`` ranks them
+
+
+def merge_band(
+    state: SeamState, results: list[BatchResult], tiles: dict[int, Tile], horizon: float = np.inf, min_iou: float = 0.5
+) -> tuple[SeamState, Detections]:
+    """Merge one band's batch results with what the bands above left pending; release, in their
+    stable order (``assign_order``), the instances no later band can change or sort before.
+
+    ``horizon`` is the top row of every window still to come (``inf``: this is the last band).
+    ``tiles`` must hold the tiles of every candidate and of the rows around them. Released over
+    all bands, the instances are exactly ``merge_image``'s, in the same order, while memory holds
+    about one band: everything merged later lies at or below the horizon or a pending candidate's
+    top, and so does its box centre.
+    """
+    candidates = Detections.concat([state.pending] + [r.candidates for r in results])
+    merged, pending = merge_seams(candidates, tiles, min_iou, horizon)
+    held = Detections.concat([state.held] + [r.final for r in results] + [merged])
+    limit = np.floor(min(horizon, pending.bounds[:, 1].min(initial=np.inf)))
+    ready = _box_centre_row(held) < limit
+    released = assign_order(held.take(np.flatnonzero(ready)))
+    return SeamState(pending, held.take(np.flatnonzero(~ready)), state.numbered + len(released)), released
+
+
+def merge_grid_band(
+    state: SeamState, results: list[BatchResult], grid: TileGrid, band: Span, min_iou: float = 0.5
+) -> tuple[SeamState, Detections]:
+    """``merge_band`` for the tile rows ``band`` of ``grid`` (bands taken top to bottom): its
+    horizon is the next band's top, and its tiles are the rows within two of any candidate's
+    (windows three rows apart never overlap: the grid keeps the overlap under half a tile)."""
+    n_rows, n_cols = grid.shape
+    horizon = grid.row_top(band.stop) if band.stop < n_rows else np.inf
+    rows = np.concatenate([state.pending.tile] + [r.candidates.tile for r in results]) // n_cols
+    first = int(rows.min(initial=band.start))
+    tiles = {t.index: t for t in grid.tiles_in_rows(Span(first - 2, band.stop + 2))}
+    return merge_band(state, results, tiles, horizon, min_iou)
+
+
 def merge_image(results: list[BatchResult], tiles: list[Tile] | TileGrid, min_iou: float = 0.5) -> ImageResult:
-    """All instances of one image, merged across seams and in their stable order. ``tiles`` may be
-    the grid itself: a slide's 50,000 tiles then never travel through the task graph."""
+    """All instances of one image, merged across seams and in their stable order, in memory (one
+    band: ``merge_band`` with nothing to come). ``tiles`` may be the grid itself."""
     tiles = tiles.tiles if isinstance(tiles, TileGrid) else tiles
-    candidates = Detections.concat([r.candidates for r in results])
-    merged = merge_seams(candidates, {t.index: t for t in tiles}, min_iou)
-    detections = assign_order(Detections.concat([r.final for r in results] + [merged]))
+    _, detections = merge_band(SeamState.start(), results, {t.index: t for t in tiles}, np.inf, min_iou)
     return ImageResult(
         detections=detections,
         tiles=len(tiles),
         tiles_skipped=sum(r.tiles_skipped for r in results),
-        seam_candidates=len(candidates),
+        seam_candidates=sum(len(r.candidates) for r in results),
     )
