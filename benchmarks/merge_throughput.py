@@ -7,9 +7,10 @@ object that meets the window, clipped to it, with neighbouring tiles seeing slig
 copies (one boundary pixel apart; ``--identical-copies`` turns that off), flagged ``cut`` / ``owned`` by the same rules as
 ``pipeline.segment.tile_detections``, then split into final instances and seam candidates by
 ``pipeline.segment.split_seam_candidates`` and grouped into per-batch results as the Dask graph
-does. Timed, in this process: ``pipeline.stages.merge_image`` (seam merge + stable order) and
-``pipeline.writers.write_outputs`` (GeoPackage with spatial index, counts). The merged output
-must hold exactly N instances (checked).
+does. Timed, in this process: ``pipeline.stages.merge_image`` (the whole image's seam merge and
+stable order in memory) and, as the Dask graph runs it, the streamed merge and write (the
+``merge`` step of ``pipeline.streaming`` per band of tile rows, then ``finish_image``: GeoPackage
+with spatial index, counts) with its memory growth. Both must hold exactly N instances (checked).
 
     python benchmarks/merge_throughput.py                     # 1,000,000 instances
     python benchmarks/merge_throughput.py --instances 200000 --before --repeats 3   # old vs new merge
@@ -34,13 +35,14 @@ from affine import Affine
 from common import PeakRSS, fmt_bytes, machine, table
 from models.synthetic import shape_mask
 from pipeline.detections import Detections
-from pipeline.grid import Tile, TileGrid
+from pipeline.graph import MIN_BAND_TILES
+from pipeline.grid import Span, Tile, TileGrid
 from pipeline.polygons import mask_to_polygon
 from pipeline.segment import split_seam_candidates
 from pipeline.sources import RasterSource
 from pipeline.stages import BatchResult, merge_image
 from pipeline.synthetic_raster import DEFAULT_CRS
-from pipeline.writers import instances_frame, write_outputs
+from pipeline.streaming import finish_image, merge_step, start_image
 
 CLASSES = ["a", "b", "c"]
 
@@ -148,19 +150,31 @@ def _largest(geometry: shapely.Geometry) -> shapely.Geometry:
     return max(parts, key=lambda p: p.area) if parts else shapely.Polygon()
 
 
-def batch_results(n: int, tile_size: int, overlap: int, batch_size: int, jitter: bool) -> tuple[int, list[Tile], list[BatchResult]]:
+def batch_results(n: int, tile_size: int, overlap: int, batch_size: int, jitter: bool) -> tuple[TileGrid, dict[Span, list[BatchResult]]]:
+    """Per-band lists of batch results, batches within bands, as ``pipeline.graph`` forms them."""
     scene = Lattice(n)
-    tiles = TileGrid(scene.side, scene.side, tile_size, overlap).tiles
-    results = []
-    for start in range(0, len(tiles), batch_size):
-        finals, candidates = [], []
-        for tile in tiles[start : start + batch_size]:
-            final, candidate = split_seam_candidates(tile_detections(scene, tile, jitter), tile)
-            finals.append(final)
-            candidates.append(candidate)
-        chunk = len(tiles[start : start + batch_size])
-        results.append(BatchResult(Detections.concat(finals), Detections.concat(candidates), chunk, 0))
-    return scene.side, tiles, results
+    grid = TileGrid(scene.side, scene.side, tile_size, overlap)
+    by_band = {}
+    for band in grid.row_bands(MIN_BAND_TILES):
+        tiles, by_band[band] = grid.tiles_in_rows(band), []
+        for start in range(0, len(tiles), batch_size):
+            finals, candidates = [], []
+            for tile in tiles[start : start + batch_size]:
+                final, candidate = split_seam_candidates(tile_detections(scene, tile, jitter), tile)
+                finals.append(final)
+                candidates.append(candidate)
+            chunk = len(tiles[start : start + batch_size])
+            by_band[band].append(BatchResult(Detections.concat(finals), Detections.concat(candidates), chunk, 0))
+    return grid, by_band
+
+
+def streamed(grid: TileGrid, by_band: dict[Span, list[BatchResult]], source: RasterSource, out_dir: Path) -> dict:
+    """What the graph's ``merge`` chain and ``write`` task run, in order, in this process."""
+    parts = out_dir / ".instances-parts.bench"
+    stream = start_image(parts, len(CLASSES), grid.height, grid.width, None)
+    for band, results in by_band.items():
+        stream = merge_step(stream, results, grid, band, 0.5, source, CLASSES, parts, None)
+    return finish_image(stream, source, CLASSES, out_dir, parts, {"tiles": len(grid)}, None, None)
 
 
 def merge_before(results: list[BatchResult], tiles: list[Tile]) -> Detections:
@@ -181,30 +195,6 @@ def identical(a: Detections, b: Detections) -> bool:
     )
 
 
-def compare_writers(detections: Detections, source: RasterSource, repeats: int) -> None:
-    """The GeoPackage layer as ``write_outputs`` writes it, with pyogrio's default (feature by
-    feature) and Arrow (``use_arrow=True``) paths; checks both files read back the same."""
-    import pyogrio
-
-    frame = instances_frame(detections, source, CLASSES)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for repeat in range(repeats):
-            for arrow in ((False, True) if repeat % 2 == 0 else (True, False)):
-                path = Path(tmp) / f"{arrow}-{repeat}.gpkg"
-                start = time.perf_counter()
-                pyogrio.write_dataframe(frame, path, layer="instances", driver="GPKG", geometry_type="Polygon",
-                                        SPATIAL_INDEX="YES", use_arrow=arrow)
-                times[arrow].append(time.perf_counter() - start)
-        a = pyogrio.read_dataframe(Path(tmp) / "False-0.gpkg")
-        b = pyogrio.read_dataframe(Path(tmp) / "True-0.gpkg")
-    same = a.drop(columns="geometry").equals(b.drop(columns="geometry")) and bool(a.geometry.geom_equals_exact(b.geometry, 0).all())
-    plain, arrow = float(np.median(times[False])), float(np.median(times[True]))
-    print(f"instances layer, pyogrio default: {plain:.1f} s (runs {', '.join(f'{t:.1f}' for t in times[False])}); "
-          f"use_arrow=True: {arrow:.1f} s (runs {', '.join(f'{t:.1f}' for t in times[True])}); "
-          f"{plain / arrow:.2f}x; same content: {'yes' if same else 'NO'}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=1_000_000)
@@ -215,29 +205,27 @@ def main() -> None:
     parser.add_argument("--before", action="store_true",
                         help="also time the pre-optimisation merge (benchmarks/merge_before.py) on the same input, "
                              "interleaved, and check both give identical outputs")
-    parser.add_argument("--write-variants", action="store_true",
-                        help="also time the instances layer written by pyogrio with and without use_arrow=True "
-                             "(same frame, interleaved with --repeats), a candidate speed-up for pipeline/writers.py")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; medians are reported")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile merge + write; print the top N functions")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
     start = time.perf_counter()
-    side, tiles, results = batch_results(args.instances, args.tile_size, args.overlap, args.batch_size, not args.identical_copies)
+    grid, by_band = batch_results(args.instances, args.tile_size, args.overlap, args.batch_size, not args.identical_copies)
+    results = [r for band in by_band.values() for r in band]
     generated = time.perf_counter() - start
     finals = sum(len(r.final) for r in results)
     candidates = sum(len(r.candidates) for r in results)
-    print(f"{args.instances:,} instances on a {side:,}² image, {len(tiles):,} tiles of {args.tile_size}² "
-          f"(overlap ≥ {args.overlap}): {finals:,} final in their tile, {candidates:,} seam candidates "
-          f"(generated in {generated:.1f} s)")
+    print(f"{args.instances:,} instances on a {grid.width:,}² image, {len(grid):,} tiles of {args.tile_size}² "
+          f"(overlap ≥ {args.overlap}) in {len(by_band)} bands: {finals:,} final in their tile, {candidates:,} seam "
+          f"candidates (generated in {generated:.1f} s)")
     source = RasterSource(
-        path=f"lattice-{args.instances}.tif", height=side, width=side, bands=(1, 2, 3), dtype="uint8",
+        path=f"lattice-{args.instances}.tif", height=grid.height, width=grid.width, bands=(1, 2, 3), dtype="uint8",
         value_range=None, transform=Affine(0.5, 0, 430000.0, 0, -0.5, 5420000.0), crs_wkt=DEFAULT_CRS,
     )
-    variants = {"merge (now)": lambda: merge_image(results, tiles).detections}
+    variants = {"merge in memory": lambda: merge_image(results, grid).detections}
     if args.before:
-        variants = {"merge (before)": lambda: merge_before(results, tiles), **variants}
+        variants = {"merge before": lambda: merge_before(results, grid.tiles), **variants}
     times: dict[str, list[float]] = {name: [] for name in variants}
     growth: dict[str, list[float]] = {name: [] for name in variants}
     outputs: dict[str, Detections] = {}
@@ -248,53 +236,49 @@ def main() -> None:
             outputs.pop(name, None)
             gc.collect()
             with PeakRSS() as memory:
-                if profiler and name == "merge (now)":
-                    profiler.enable()
                 start = time.perf_counter()
                 outputs[name] = variants[name]()
                 times[name].append(time.perf_counter() - start)
-                if profiler:
-                    profiler.disable()
             growth[name].append(memory.peak - memory.start)
-    merged = outputs["merge (now)"]
-    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
-        if profiler:
-            profiler.enable()
-        start = time.perf_counter()
-        summary = write_outputs(merged, source, CLASSES, Path(tmp) / "out", {"tiles": len(tiles)})
-        write_s = time.perf_counter() - start
-        if profiler:
-            profiler.disable()
-        gpkg_size = Path(summary["outputs"]["geopackage"]).stat().st_size
-    write_growth = memory.peak - memory.start
-    if args.write_variants:
-        compare_writers(merged, source, args.repeats)
-    found = len(merged)
-    rows = []
-    for name in variants:
-        merge_s = float(np.median(times[name]))
-        total = merge_s + write_s
-        rows.append([
-            name, f"{len(outputs[name]):,}", f"{merge_s:.1f} (runs {', '.join(f'{t:.1f}' for t in times[name])})",
-            f"{write_s:.1f}", f"{total:.1f}", f"{found / total:,.0f}",
-            fmt_bytes(max(growth[name])), fmt_bytes(write_growth), fmt_bytes(memory.peak),
-        ])
-    print(table(
-        ["merge", "instances", "merge s", "write s", "merge + write s", "instances/s",
-         "merge RSS growth", "write RSS growth", "peak RSS", ],
-        rows,
-    ))
-    print(f"GeoPackage {fmt_bytes(gpkg_size)}; write = pipeline.writers.write_outputs (GPKG + R-tree + counts)")
-    print(f"exactly once: {'yes' if found == args.instances else f'NO ({found:,} of {args.instances:,})'}")
+    merged = outputs.pop("merge in memory")
+    expected = (len(merged), np.bincount(merged.label, minlength=len(CLASSES)).tolist())
+    before = outputs.pop("merge before", None)
+    same_before = before is not None and identical(before, merged)
+    del merged, before
+    gc.collect()
+    stream_times, stream_growth = [], []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
+            if profiler:
+                profiler.enable()
+            start = time.perf_counter()
+            summary = streamed(grid, by_band, source, Path(tmp) / "out")
+            stream_times.append(time.perf_counter() - start)
+            if profiler:
+                profiler.disable()
+            gpkg_size = Path(summary["outputs"]["geopackage"]).stat().st_size
+        stream_growth.append(memory.peak - memory.start)
+    found = summary["instances"]
+    same = (found, list(summary["counts"].values())) == expected
+    runs = lambda ts: ", ".join(f"{t:.1f}" for t in ts)  # noqa: E731
+    rows = [[name, f"{expected[0]:,}", f"{np.median(times[name]):.1f} (runs {runs(times[name])})", "-",
+             fmt_bytes(max(growth[name]))] for name in variants]
+    total = float(np.median(stream_times))
+    rows.append(["streamed merge + GeoPackage (pipeline)", f"{found:,}", f"{total:.1f} (runs {runs(stream_times)})",
+                 f"{found / total:,.0f}", fmt_bytes(max(stream_growth))])
+    print(table(["run", "instances", "seconds", "instances/s", "RSS growth"], rows))
+    print(f"GeoPackage {fmt_bytes(gpkg_size)}; streamed = pipeline.streaming merge_step per band + finish_image "
+          f"(Parquet parts, then GPKG + R-tree + counts); the in-memory merge writes nothing")
+    print(f"exactly once: {'yes' if found == args.instances else f'NO ({found:,} of {args.instances:,})'}; "
+          f"streamed = in memory (instances, counts per class): {'yes' if same else 'NO'}")
     if args.before:
-        same = identical(outputs["merge (before)"], merged)
-        before_s, now_s = float(np.median(times["merge (before)"])), float(np.median(times["merge (now)"]))
-        print(f"merge speed-up {before_s / now_s:.1f}x; outputs identical to before: {'yes' if same else 'NO'}")
+        before_s, now_s = float(np.median(times["merge before"])), float(np.median(times["merge in memory"]))
+        print(f"merge speed-up {before_s / now_s:.1f}x; outputs identical to before: {'yes' if same_before else 'NO'}")
     if profiler:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)
         print(text.getvalue())
-    if found != args.instances or (args.before and not same):
+    if found != args.instances or not same or (args.before and not same_before):
         raise SystemExit(1)
 
 

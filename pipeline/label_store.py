@@ -163,10 +163,10 @@ def _geojson_polygons(geometry: np.ndarray) -> list:
     return out
 
 
-def write_label_block(store: Path, detections: Detections, rows: Span, cols: Span) -> int:
+def write_label_block(store: Path, detections: Detections, rows: Span, cols: Span, ids: np.ndarray | None = None) -> int:
     """Rasterise every instance over one region of whole chunks into ``labels/0`` and
     ``classes/0`` (pixel centres inside the polygon), and the levels the store's blocks write;
-    return the number of labelled pixels."""
+    return the number of labelled pixels. ``ids`` are the instances' ids (default 1, 2, …)."""
     labels = _open(store, f"{LABELS}/0")
     chunk = labels.chunks[0]
     _check_region(labels.shape, chunk, rows, cols)
@@ -180,16 +180,18 @@ def write_label_block(store: Path, detections: Detections, rows: Span, cols: Spa
     hit = np.flatnonzero((xmax > cols.start) & (xmin < cols.stop) & (ymax > rows.start) & (ymin < rows.stop))
     if len(hit) == 0:
         return 0
-    hit = hit[np.lexsort((hit, detections.score[hit]))]  # burnt in this order: the last one wins
+    ids = np.arange(1, len(detections) + 1) if ids is None else np.asarray(ids, np.int64)
+    hit = hit[np.lexsort((ids[hit], detections.score[hit]))]  # burnt in this order: the last one wins
     block = features.rasterize(
-        zip(_geojson_polygons(detections.geometry[hit]), (hit + 1).tolist()),
+        zip(_geojson_polygons(detections.geometry[hit]), ids[hit].tolist()),
         out_shape=(rows.length, cols.length),
         transform=Affine.translation(cols.start, rows.start),
         fill=0,
         all_touched=False,
         dtype="uint32",
     )
-    lookup = np.concatenate([[0], detections.label.astype(np.int64) + 1]).astype(np.uint8)
+    lookup = np.zeros(int(ids[hit].max()) + 1, np.uint8)
+    lookup[ids[hit]] = detections.label[hit] + 1
     for k in range(levels):
         level = block[:: 2**k, :: 2**k]
         r, c = rows.start >> k, cols.start >> k
@@ -281,11 +283,11 @@ def move_into_place(tmp: Path, final: Path) -> None:
 
 
 def finalise_label_store(
-    store: Path, final_path: Path, detections: Detections, class_names: list[str],
-    cell_size: int = 256, move: bool = True,
+    store: Path, final_path: Path, density: np.ndarray, class_names: list[str], cell_size: int = 256, move: bool = True
 ) -> dict:
-    """Build the rest of the pyramid, the density grid and the metadata, then rename ``store`` to
-    ``final_path`` (with ``move=False`` the caller renames it, e.g. with an image's other outputs)."""
+    """Build the rest of the pyramid, store ``density`` (``density_grid`` of every instance, summed
+    over parts if need be) and the metadata, then rename ``store`` to ``final_path`` (with
+    ``move=False`` the caller renames it, e.g. with an image's other outputs)."""
     root = zarr.open_group(store, mode="r+")
     transform = Affine(*root.attrs["spatial:transform"])
     mpp, chunk = root.attrs["mpp"], root.attrs["chunk"]
@@ -295,7 +297,6 @@ def finalise_label_store(
         for k in range(root.attrs["block_levels"], len(shapes)):
             _downsample(store, name, k, shapes[k], transform)
         root[name].attrs.update(_multiscales(name, len(shapes), transform, mpp, names))
-    density = density_grid(detections, len(class_names), height, width, cell_size)
     root.create_array(
         DENSITY, data=density, chunks=(1, *(min(n, 1024) for n in density.shape[1:])), fill_value=0,
         compressors=COMPRESSORS, dimension_names=("class", "y", "x"), config=CONFIG, overwrite=True,
@@ -305,11 +306,11 @@ def finalise_label_store(
             **_spatial(transform @ Affine.scale(cell_size), density.shape[1:]),
         },
     )
-    counts = np.bincount(detections.label.astype(np.int64), minlength=len(class_names))
+    counts = density.sum(axis=(1, 2), dtype=np.int64)
     summary = {
         "shape": [height, width],
         "levels": len(shapes),
-        "instances": len(detections),
+        "instances": int(counts.sum()),
         "counts": dict(zip(class_names, counts.tolist())),
     }
     root.attrs.update({**summary, "density_cell_size": cell_size})

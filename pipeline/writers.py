@@ -1,4 +1,5 @@
-"""Per-image outputs: GeoPackage of instances (+ counts table), counts as CSV and JSON.
+"""Per-image outputs: GeoPackage of instances (+ counts table), counts as CSV and JSON, written
+from Parquet parts of the instances that the merge released band by band.
 
 Every file is written under a temporary name in its final directory and renamed into place,
 so a reader never sees half a file and a failed write leaves earlier results untouched.
@@ -14,9 +15,10 @@ import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pyogrio
 import shapely
 
@@ -26,6 +28,7 @@ from pipeline.sources import RasterSource
 
 INSTANCES_LAYER = "instances"
 COUNTS_LAYER = "counts"
+BATCH_ROWS = 16_384  # instances streamed into the GeoPackage at a time
 
 
 @contextmanager
@@ -47,63 +50,76 @@ def to_source_crs(geometry: np.ndarray, source: RasterSource) -> np.ndarray:
     return shapely.transform(geometry, lambda xy: xy @ matrix + np.array([c, f]))
 
 
-def instances_frame(detections: Detections, source: RasterSource, class_names: list[str]) -> gpd.GeoDataFrame:
-    """One row per instance, geometry in the source CRS (pixels when it has none)."""
+def instances_table(
+    detections: Detections, first_id: int, source: RasterSource, class_names: list[str]
+) -> pa.Table:
+    """One row per instance, ids from ``first_id``, geometry as WKB in the source CRS (pixels when
+    it has none): the instances layer's columns."""
     geometry = to_source_crs(detections.geometry, source)
-    return gpd.GeoDataFrame(
-        {
-            "instance_id": np.arange(1, len(detections) + 1, dtype=np.int64),
-            "image_id": source.image_id,
-            "class_id": detections.label.astype(np.int32),
-            "class": np.asarray(class_names, dtype=object)[detections.label] if len(detections) else [],
-            "score": detections.score.astype(np.float64).round(5),
-            "area": shapely.area(geometry),
-            "area_px": shapely.area(detections.geometry) * source.pixel_scale**2,
-            **({"area_um2": shapely.area(detections.geometry) * (source.pixel_scale * source.mpp) ** 2} if source.mpp else {}),
-            "tile_id": detections.tile.astype(np.int32),
-        },
-        geometry=gpd.GeoSeries(geometry, crs=source.crs_wkt),
-    )
+    n = len(detections)
+    columns = {
+        "instance_id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
+        "image_id": pa.array([source.image_id] * n, pa.string()),
+        "class_id": pa.array(detections.label.astype(np.int32)),
+        "class": pa.array(np.asarray(class_names, dtype=object)[detections.label.astype(np.intp)], pa.string()),
+        "score": pa.array(detections.score.astype(np.float64).round(5)),
+        "area": pa.array(shapely.area(geometry)),
+        "area_px": pa.array(shapely.area(detections.geometry) * source.pixel_scale**2),
+        **({"area_um2": pa.array(shapely.area(detections.geometry) * (source.pixel_scale * source.mpp) ** 2)} if source.mpp else {}),
+        "tile_id": pa.array(detections.tile.astype(np.int32)),
+        "geometry": pa.array(shapely.to_wkb(geometry), pa.binary()),
+    }
+    return pa.table(columns)
 
 
-def qupath_features(frame: gpd.GeoDataFrame, mpp: float) -> dict:
-    """A GeoJSON FeatureCollection QuPath imports as detections (level-0 pixel coordinates)."""
+def write_part(detections: Detections, first_id: int, source: RasterSource, class_names: list[str], path: Path) -> Path:
+    """Stage consecutive instances (ids from ``first_id``) as a Parquet part of the instances
+    layer, atomically; ``write_outputs`` streams the parts into the GeoPackage."""
+    with atomic_path(path) as tmp:
+        pq.write_table(instances_table(detections, first_id, source, class_names), tmp)
+    return path
+
+
+def _qupath_features(batch: pa.RecordBatch, mpp: float) -> str:
+    """GeoJSON features QuPath imports as detections (level-0 pixel coordinates), comma-joined."""
+    columns = batch.to_pydict()
+    geometry = shapely.from_wkb(batch.column("geometry").to_numpy(zero_copy_only=False))
     features = []
-    for row, geometry in zip(frame.itertuples(index=False), frame.geometry.values):
-        features.append({
+    for k, polygon in enumerate(geometry):
+        features.append(json.dumps({
             "type": "Feature",
-            "id": f"{row.image_id}-{row.instance_id}",
-            "geometry": shapely.geometry.mapping(geometry),
+            "id": f"{columns['image_id'][k]}-{columns['instance_id'][k]}",
+            "geometry": shapely.geometry.mapping(polygon),
             "properties": {
                 "objectType": "detection",
-                "classification": {"name": row[frame.columns.get_loc("class")]},
+                "classification": {"name": columns["class"][k]},
                 "measurements": {
-                    "Area µm^2": float(row.area_um2),
-                    "Perimeter µm": float(geometry.length * mpp),
-                    "Score": float(row.score),
+                    "Area µm^2": float(columns["area_um2"][k]),
+                    "Perimeter µm": float(polygon.length * mpp),
+                    "Score": float(columns["score"][k]),
                 },
             },
-        })
-    return {"type": "FeatureCollection", "features": features}
+        }))
+    return ",".join(features)
 
 
-def counts_frame(detections: Detections, source: RasterSource, class_names: list[str]) -> pd.DataFrame:
+def counts_frame(counts: np.ndarray, source: RasterSource, class_names: list[str]) -> pd.DataFrame:
     """Instances per class, every class listed (zero included)."""
-    counts = np.bincount(detections.label.astype(np.int64), minlength=len(class_names))
-    return pd.DataFrame({"image_id": source.image_id, "class": class_names, "count": counts.astype(np.int64)})
+    return pd.DataFrame({"image_id": source.image_id, "class": class_names, "count": np.asarray(counts, np.int64)})
 
 
 def write_outputs(
-    detections: Detections, source: RasterSource, class_names: list[str], out_dir: Path, extra: dict | None = None,
-    staged: dict[Path, Path] | None = None,
+    parts: list[Path], counts: np.ndarray, source: RasterSource, class_names: list[str], out_dir: Path,
+    extra: dict | None = None, staged: dict[Path, Path] | None = None,
 ) -> dict:
     """Write ``instances.gpkg``, ``counts.csv``, ``counts.json`` (and ``qupath.geojson`` for slides)
-    into ``out_dir``, as one commit: every file is written under a temporary name first and renamed
-    only when all were written, ``counts.json`` last; ``staged`` directories (final: temporary) are
-    moved in with them. A failure anywhere leaves the previous outputs as they were."""
+    into ``out_dir`` from the instance ``parts`` (``write_part``, in id order) and the ``counts`` per
+    class, streaming one record batch at a time. It is one commit: every file is written under a
+    temporary name first and renamed only when all were written, ``counts.json`` last; ``staged``
+    directories (final: temporary) are moved in with them. A failure anywhere leaves the previous
+    outputs as they were."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame = instances_frame(detections, source, class_names)
-    counts = counts_frame(detections, source, class_names)
+    counts_table = counts_frame(counts, source, class_names)
     gpkg = out_dir / "instances.gpkg"
     outputs = {"geopackage": str(gpkg), "counts_csv": str(out_dir / "counts.csv")}
     if source.mpp:
@@ -112,8 +128,8 @@ def write_outputs(
         "image": source.path,
         "image_id": source.image_id,
         "crs": source.crs_wkt,
-        "instances": int(len(detections)),
-        "counts": dict(zip(counts["class"], counts["count"].tolist())),
+        "instances": int(np.sum(counts)),
+        "counts": dict(zip(counts_table["class"], counts_table["count"].tolist())),
         "outputs": outputs,
         **(extra or {}),
     }
@@ -123,15 +139,32 @@ def write_outputs(
     with commit:  # renames happen on a clean exit, in reverse order: counts.json last
         summary_tmp = commit.enter_context(atomic_path(out_dir / "counts.json"))
         gpkg_tmp = commit.enter_context(atomic_path(gpkg))
+        qupath = commit.enter_context(atomic_path(out_dir / "qupath.geojson")).open("w") if source.mpp else None
+        if qupath:
+            commit.callback(qupath.close)  # before its rename: callbacks run last in, first out
+        schema = instances_table(Detections.empty(), 1, source, class_names).schema
+
+        def batches():
+            if qupath:
+                qupath.write('{"type": "FeatureCollection", "features": [')
+            written = 0
+            for part in parts:
+                for batch in pq.ParquetFile(part).iter_batches(batch_size=BATCH_ROWS):
+                    if qupath and batch.num_rows:
+                        qupath.write(("," if written else "") + _qupath_features(batch, source.mpp))
+                    written += batch.num_rows
+                    yield batch
+            if qupath:
+                qupath.write("]}")
+
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="'crs' was not provided")  # pixel space, documented
-            pyogrio.write_dataframe(
-                frame, gpkg_tmp, layer=INSTANCES_LAYER, driver="GPKG", geometry_type="Polygon", SPATIAL_INDEX="YES"
+            pyogrio.write_arrow(
+                pa.RecordBatchReader.from_batches(schema, batches()), gpkg_tmp, layer=INSTANCES_LAYER, driver="GPKG",
+                geometry_name="geometry", geometry_type="Polygon", crs=source.crs_wkt, layer_options={"SPATIAL_INDEX": "YES"},
             )
-            pyogrio.write_dataframe(counts, gpkg_tmp, layer=COUNTS_LAYER, driver="GPKG", append=False)
-        counts.to_csv(commit.enter_context(atomic_path(out_dir / "counts.csv")), index=False)
-        if source.mpp:
-            commit.enter_context(atomic_path(out_dir / "qupath.geojson")).write_text(json.dumps(qupath_features(frame, source.mpp)))
+            pyogrio.write_dataframe(counts_table, gpkg_tmp, layer=COUNTS_LAYER, driver="GPKG", append=False)
+        counts_table.to_csv(commit.enter_context(atomic_path(out_dir / "counts.csv")), index=False)
         summary_tmp.write_text(json.dumps(summary, indent=2))
         for final, tmp in (staged or {}).items():
             move_into_place(tmp, final)

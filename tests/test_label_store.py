@@ -20,6 +20,7 @@ from pipeline.detections import Detections
 from pipeline.grid import Span
 from pipeline.label_store import (
     create_label_store,
+    density_grid,
     finalise_label_store,
     label_blocks,
     stored_chunks,
@@ -57,6 +58,10 @@ def scene_detections(seed: int) -> tuple[Detections, int]:
         tile=np.zeros(n, np.int32), cut=np.zeros(n, bool), owned=np.ones(n, bool),
     )
     return detections, n - 1
+
+
+def density_of(detections: Detections, cell: int = CELL) -> np.ndarray:
+    return density_grid(detections, len(NAMES), HEIGHT, WIDTH, cell)
 
 
 def priority(detections: Detections) -> np.ndarray:
@@ -108,7 +113,7 @@ def built(scene, tmp_path_factory) -> dict:
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         parallel, parallel_pixels = build(root / "parallel" / "labels.zarr", detections, pool)
     summaries = [
-        finalise_label_store(store, store.parent / "labels.zarr", detections, NAMES, cell_size=CELL)
+        finalise_label_store(store, store.parent / "labels.zarr", density_of(detections), NAMES, cell_size=CELL)
         for store in (serial, parallel)
     ]
     return {"summaries": summaries, "pixels": (serial_pixels, parallel_pixels)}
@@ -209,11 +214,28 @@ def test_attributes_describe_counts_crs_and_scales(scene, built):
         group["labels/0"][0, 0] = 1
 
 
+def test_given_ids_label_the_pixels_and_classes_follow_them(scene, tmp_path):
+    """A stream labels its instances by their final ids, not by position in what it holds."""
+    detections, _ = scene
+    ids = 1000 + 3 * np.arange(len(detections))[::-1]
+    store = create_label_store(tmp_path / "labels.zarr", HEIGHT, WIDTH, CHUNK, NAMES, TRANSFORM, CRS_WKT, None, PER_TASK)
+    for rows, cols in label_blocks(HEIGHT, WIDTH, CHUNK, PER_TASK):
+        write_label_block(store, detections, rows, cols, ids)
+    labels = zarr.open_array(store, path="labels/0")[:]
+    classes = zarr.open_array(store, path="classes/0")[:]
+    order = np.lexsort((ids, detections.score))  # equal scores: the higher id wins
+    expected = features.rasterize(zip(detections.geometry[order], ids[order].tolist()), out_shape=(HEIGHT, WIDTH), dtype="uint32")
+    assert (labels == expected).all() and labels.any()
+    by_id = dict(zip(ids.tolist(), (detections.label + 1).tolist()))
+    assert all(classes[labels == i].tolist() == [c] * int((labels == i).sum()) for i, c in by_id.items() if (labels == i).any())
+    assert not classes[labels == 0].any()
+
+
 def test_empty_slide_stores_nothing_and_uses_microns(tmp_path):
     store = create_label_store(tmp_path / "labels.zarr", HEIGHT, WIDTH, CHUNK, NAMES, Affine.scale(2.0), None, 0.25, 2)
     for rows, cols in label_blocks(HEIGHT, WIDTH, CHUNK, 2):
         assert write_label_block(store, Detections.empty(), rows, cols) == 0
-    summary = finalise_label_store(store, tmp_path / "labels.zarr", Detections.empty(), NAMES)
+    summary = finalise_label_store(store, tmp_path / "labels.zarr", density_of(Detections.empty(), 256), NAMES)
     group = zarr.open_group(tmp_path / "labels.zarr", mode="r")
     assert summary["levels"] == 5 and not group["labels/1"][:].any() and not group["density"][:].any()
     for name in ("labels", "classes"):
@@ -238,8 +260,8 @@ def test_rerun_replaces_the_store_and_a_failed_swap_keeps_the_old_one(scene, tmp
     detections, _ = scene
     final = tmp_path / "labels.zarr"
     first = detections.take(np.arange(0, len(detections), 2))
-    finalise_label_store(build(final, detections)[0], final, detections, NAMES, cell_size=CELL)
-    finalise_label_store(build(final, first)[0], final, first, NAMES, cell_size=CELL)
+    finalise_label_store(build(final, detections)[0], final, density_of(detections), NAMES, cell_size=CELL)
+    finalise_label_store(build(final, first)[0], final, density_of(first), NAMES, cell_size=CELL)
     assert [p.name for p in tmp_path.iterdir()] == ["labels.zarr"]
     group = zarr.open_group(final, mode="r")
     assert (group["labels/0"][:] == one_go(first)).all() and group.attrs["instances"] == len(first)
@@ -254,7 +276,7 @@ def test_rerun_replaces_the_store_and_a_failed_swap_keeps_the_old_one(scene, tmp
 
     monkeypatch.setattr(os, "rename", failing)
     with pytest.raises(OSError, match="disk gone"):
-        finalise_label_store(store, final, detections, NAMES, cell_size=CELL)
+        finalise_label_store(store, final, density_of(detections), NAMES, cell_size=CELL)
     group = zarr.open_group(final, mode="r")
     assert (group["labels/0"][:] == one_go(first)).all() and group.attrs["instances"] == len(first)
 
@@ -277,7 +299,7 @@ def test_every_level_opens_in_xarray(tmp_path):
     store = create_label_store(final, 300, 420, 64, ["a", "b", "c"], Affine.identity(), None, None, per_task=2)
     for rows, cols in label_blocks(300, 420, 64, 2):
         write_label_block(store, detections, rows, cols)
-    finalise_label_store(store, final, detections, ["a", "b", "c"], cell_size=50)
+    finalise_label_store(store, final, density_grid(detections, 3, 300, 420, 50), ["a", "b", "c"], cell_size=50)
     labels = xr.open_zarr(final, group="labels", consolidated=False)
     assert labels["0"].dims == ("y", "x") and labels["0"].shape == (300, 420)
     assert labels["1"].dims == ("y_1", "x_1") and labels["1"].shape == (150, 210)

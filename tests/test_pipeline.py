@@ -22,7 +22,8 @@ from pipeline.segment import split_seam_candidates, tile_detections
 from pipeline.sources import open_raster
 from pipeline.stages import BatchResult, merge_image
 from pipeline.synthetic_raster import write_geotiff
-from pipeline.writers import to_source_crs, write_outputs
+from pipeline.streaming import finish_image, merge_step, start_image
+from pipeline.writers import to_source_crs
 from tests.helpers import label_polygons, match_f1, perfect_tile_instances, seam_errors
 
 MODEL = resolve_model_dir()
@@ -102,13 +103,21 @@ def test_perfect_detections_written_exactly_in_crs(tmp_path):
     path = write_geotiff(scene.image, tmp_path / "exact.tif")
     source = open_raster(path)
     grid = TileGrid(700, 900, 256, 32)
-    results = []
+    results = {}
     for tile in grid.tiles:
         dets = tile_detections(perfect_tile_instances(scene.labels, scene.classes, tile), tile)
-        results.append(BatchResult(*split_seam_candidates(dets, tile), 1, 0))
-    merged = merge_image(results, grid.tiles)
-    write_outputs(merged.detections, source, CARD.classes, tmp_path / "out")
+        results[tile.index] = BatchResult(*split_seam_candidates(dets, tile), 1, 0)
+    parts = tmp_path / "out" / ".instances-parts.test"
+    stream = start_image(parts, len(CARD.classes), 700, 900, None)
+    for band in grid.row_bands(4):  # one tile row a band: several parts, objects pending across them
+        in_band = [results[t.index] for t in grid.tiles_in_rows(band)]
+        stream = merge_step(stream, in_band, grid, band, 0.5, source, CARD.classes, parts, None)
+    summary = finish_image(stream, source, CARD.classes, tmp_path / "out", parts, {}, None, None)
+    assert len(stream.parts) == 3 and not parts.exists()
     frame = gpd.read_file(tmp_path / "out" / "instances.gpkg", layer="instances")
+    whole = merge_image(list(results.values()), grid).detections
+    assert summary["instances"] == len(whole) and (frame["instance_id"] == np.arange(1, len(whole) + 1)).all()
+    assert shapely.equals_exact(pixel_geometry(frame, path), whole.geometry, 1e-6).all()  # same ids as in memory
     truth = to_source_crs(np.array(list(label_polygons(scene.labels).values())), source)
     with rasterio.open(path) as dataset:
         cell = abs(dataset.transform.a * dataset.transform.e)
