@@ -20,7 +20,7 @@ from pipeline.sources import RasterSource, valid_overview
 from pipeline.batch_cache import load_batch
 from pipeline.label_store import create_label_store
 from pipeline.stages import read_batch, segment_and_keep, segment_batch
-from pipeline.streaming import LabelRaster, finalise_labels, finish_image, merge_step, start_image
+from pipeline.streaming import LabelRaster, finalise_labels, finish_image, merge_step, start_image, touched_blocks
 from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask
 
 
@@ -47,9 +47,11 @@ class ImageGraph:
     source: RasterSource
     batches: list[Delayed]
     result: Delayed
+    bands: int  # bands of tile rows: the priorities the graph's tiles took
 
 
 MIN_BAND_TILES = 64  # tiles per band of the merge: the instances held at a time scale with it
+MERGE_PRIORITY = 2**30  # merge, labels and write tasks run before any tile that is ready too
 LABEL_CHUNKS_PER_BLOCK = 4  # labels.zarr is rasterised in blocks of 4 × 4 chunks of a tile side
 
 
@@ -79,6 +81,7 @@ def image_graph(
     resume_dir: str | Path | None = None,
     labels: bool = False,
     density_cell: int = 256,
+    priority: int = 0,
 ) -> ImageGraph:
     """Build (not run) the graph that segments ``source`` and writes its outputs to ``out_dir``.
 
@@ -88,7 +91,12 @@ def image_graph(
     the outputs. With ``resume_dir``, every segmented batch is kept there until the outputs are
     written, and batches already there (from an interrupted run with the same configuration) are
     loaded instead of read and segmented again. With ``labels``, ``labels.zarr`` (instance and
-    class rasters with a pyramid, density grids of ``density_cell`` pixels) is written too."""
+    class rasters with a pyramid, density grids of ``density_cell`` pixels) is written too.
+
+    On a distributed scheduler, band ``k``'s tiles run at ``priority - k`` and the merge as soon
+    as it can (the threaded and synchronous schedulers ignore priorities: memory is then not
+    bounded by a band). Images of one run take consecutive ranges (``ImageGraph.bands``), so an
+    archive goes image by image rather than all at once."""
     out_dir = Path(out_dir)
     grid = TileGrid(source.height, source.width, tiling.tile_size, tiling.overlap)
     tiles = grid.tiles
@@ -102,46 +110,49 @@ def image_graph(
             source.crs_wkt, mpp, LABEL_CHUNKS_PER_BLOCK, dask_key_name=f"labels-create-{token}",
         )
         block = tiling.tile_size * LABEL_CHUNKS_PER_BLOCK
-        label_raster = delayed(LabelRaster.for_tiles, pure=True)(
-            store, source.height, source.width, block, foreground, density_cell, dask_key_name=f"labels-blocks-{token}"
-        )
+        touched = touched_blocks(source.height, source.width, block, foreground)
+        label_raster = delayed(LabelRaster, pure=True)(store, block, touched, density_cell, dask_key_name=f"labels-blocks-{token}")
     parts_dir = out_dir / f".instances-parts.{token}"
     stream = delayed(start_image, pure=True)(
         parts_dir, len(class_names), source.height, source.width, label_raster, dask_key_name=f"merge-start-{token}"
     )
     batches, resumed = [], 0
-    for k, band in enumerate(grid.row_bands(MIN_BAND_TILES)):
+    bands = grid.row_bands(MIN_BAND_TILES)
+    for k, band in enumerate(bands):
         in_band = [t for t in foreground if band.start <= t.row < band.stop]
         band_batches = []
         for start in range(0, len(in_band), tiling.batch_size):
             indices = tuple(t.index for t in in_band[start : start + tiling.batch_size])  # tiles travel as indices
             kept = Path(resume_dir) / f"batch-{indices[0]:08d}-{len(indices)}.npz" if resume_dir else None
             b = len(batches) + len(band_batches)
-            if kept is not None and kept.is_file():
-                band_batches.append(delayed(load_batch, pure=True)(kept, dask_key_name=(f"resume-{token}", b)))
-                resumed += 1
-                continue
-            pixels = delayed(read_batch, pure=True)(source, grid, indices, dask_key_name=(f"read-{token}", b))
-            with dask.annotate(resources={"GPU": 1} if gpu else {}):
-                flips = tiling.test_time_flips
-                segment = (segment_batch, pixels, model_dir, flips) if kept is None else (segment_and_keep, pixels, model_dir, flips, str(kept))
-                band_batches.append(delayed(segment[0], pure=True)(*segment[1:], dask_key_name=(f"segment-{token}", b)))
+            with dask.annotate(priority=priority - k):  # bands in order, so the merge can follow them
+                if kept is not None and kept.is_file():
+                    band_batches.append(delayed(load_batch, pure=True)(kept, dask_key_name=(f"resume-{token}", b)))
+                    resumed += 1
+                    continue
+                pixels = delayed(read_batch, pure=True)(source, grid, indices, dask_key_name=(f"read-{token}", b))
+                with dask.annotate(resources={"GPU": 1} if gpu else {}):
+                    flips = tiling.test_time_flips
+                    segment = (segment_batch, pixels, model_dir, flips) if kept is None else (segment_and_keep, pixels, model_dir, flips, str(kept))
+                    band_batches.append(delayed(segment[0], pure=True)(*segment[1:], dask_key_name=(f"segment-{token}", b)))
         batches += band_batches
-        stream = delayed(merge_step, pure=True)(
-            stream, band_batches, grid, band, tiling.match_iou, source, class_names, parts_dir, label_raster,
-            dask_key_name=(f"merge-{token}", k),
-        )
+        with dask.annotate(priority=MERGE_PRIORITY):  # as soon as a band is segmented: it frees its results
+            stream = delayed(merge_step, pure=True)(
+                stream, band_batches, grid, band, tiling.match_iou, source, class_names, parts_dir, label_raster,
+                dask_key_name=(f"merge-{token}", k),
+            )
     extra = {
         "tiles": len(tiles), "tiles_skipped": len(tiles) - len(foreground),
         "tiles_background": len(tiles) - len(foreground), "batches_resumed": resumed, **(tissue or {}),
     }
-    labelled = None
-    if labels:
-        labelled = delayed(finalise_labels, pure=True)(
-            stream, label_raster, class_names, out_dir, dask_key_name=f"labels-finalise-{token}"
+    with dask.annotate(priority=MERGE_PRIORITY):
+        labelled = None
+        if labels:
+            labelled = delayed(finalise_labels, pure=True)(
+                stream, label_raster, class_names, out_dir, dask_key_name=f"labels-finalise-{token}"
+            )
+        result = delayed(finish_image, pure=True)(
+            stream, source, class_names, out_dir, parts_dir, extra, labelled, Path(resume_dir) if resume_dir else None,
+            dask_key_name=f"write-{token}",
         )
-    result = delayed(finish_image, pure=True)(
-        stream, source, class_names, out_dir, parts_dir, extra, labelled, Path(resume_dir) if resume_dir else None,
-        dask_key_name=f"write-{token}",
-    )
-    return ImageGraph(source=source, batches=batches, result=result)
+    return ImageGraph(source=source, batches=batches, result=result, bands=len(bands))

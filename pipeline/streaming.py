@@ -33,15 +33,16 @@ class LabelRaster:
 
     store: Path
     block: int
-    touched: np.ndarray  # (block rows, block columns) bool
+    touched: np.ndarray  # (block rows, block columns) bool: ``touched_blocks``
     cell_size: int  # of the density grid
 
-    @classmethod
-    def for_tiles(cls, store: Path, height: int, width: int, block: int, tiles: list[Tile], cell_size: int) -> "LabelRaster":
-        touched = np.zeros((-(-height // block), -(-width // block)), bool)
-        for t in tiles:
-            touched[t.rows.start // block : -(-t.rows.stop // block), t.cols.start // block : -(-t.cols.stop // block)] = True
-        return cls(store, block, touched, cell_size)
+
+def touched_blocks(height: int, width: int, block: int, tiles: list[Tile]) -> np.ndarray:
+    """(block rows, block columns): does any of ``tiles``' windows meet the block?"""
+    touched = np.zeros((-(-height // block), -(-width // block)), bool)
+    for t in tiles:
+        touched[t.rows.start // block : -(-t.rows.stop // block), t.cols.start // block : -(-t.cols.stop // block)] = True
+    return touched
 
 
 @dataclass

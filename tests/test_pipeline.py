@@ -153,6 +153,41 @@ def test_same_instances_whatever_the_batch_size_or_task_order(seam_scene, tmp_pa
         assert shapely.equals_exact(other.geometry.values, reference.geometry.values, tolerance=0).all()
 
 
+def test_band_by_band_outputs_equal_one_band_labels_included(seam_scene, tmp_path, monkeypatch):
+    """A band per tile row (objects pending across bands, label rows written as they settle)
+    gives the GeoPackage and labels.zarr of a single band; labels agree with the polygons."""
+    import rasterio.features
+    import zarr
+
+    import pipeline.graph
+
+    scene, path, _, _ = seam_scene
+    outputs = {}
+    for name, band_tiles in (("one-band", 10_000), ("row-bands", 1)):
+        monkeypatch.setattr(pipeline.graph, "MIN_BAND_TILES", band_tiles)
+        graph = image_graph(open_raster(path), str(MODEL), CARD.classes, tmp_path / name, Tiling(256, 32, 3), labels=True)
+        (summary,) = dask.compute(graph.result, scheduler="threads")
+        frame = gpd.read_file(tmp_path / name / "instances.gpkg", layer="instances")
+        outputs[name] = summary, frame, zarr.open_group(tmp_path / name / "labels.zarr", mode="r")
+        assert not list((tmp_path / name).glob(".*"))  # no parts or staging left
+    (one, one_frame, one_store), (rows, rows_frame, rows_store) = outputs["one-band"], outputs["row-bands"]
+    assert len(rows_frame) == len(one_frame) > 20 and list(rows_frame["instance_id"]) == list(one_frame["instance_id"])
+    assert shapely.equals_exact(rows_frame.geometry.values, one_frame.geometry.values, tolerance=0).all()
+    assert rows["counts"] == one["counts"]
+    assert {**rows["labels_zarr"], "path": None} == {**one["labels_zarr"], "path": None}
+    labels = rows_store["labels/0"][:]
+    assert (labels == one_store["labels/0"][:]).all() and (rows_store["density"][:] == one_store["density"][:]).all()
+    with rasterio.open(path) as dataset:
+        transform, shape = dataset.transform, dataset.shape
+    order = np.lexsort((rows_frame["instance_id"], rows_frame["score"]))
+    burned = rasterio.features.rasterize(
+        ((rows_frame.geometry.values[i], int(rows_frame["instance_id"].iloc[i])) for i in order),
+        out_shape=shape, transform=transform, dtype="uint32",
+    )
+    assert (labels == burned).all()
+    assert (rows_store["labels/2"][:] == labels[::4, ::4]).all()
+
+
 def test_image_smaller_than_a_tile_and_nodata_tiles(tmp_path):
     scene = make_scene(11, 200, 300)
     image = scene.image.copy()

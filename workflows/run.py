@@ -80,6 +80,7 @@ def run_images(
     events = events or RunEvents()
     report = RunReport()
     graphs: dict[str, ImageGraph] = {}
+    priority = 0  # each image's bands below the previous image's: one image after another
     taken: set[str] = {p.name for p in (output_dirs or {}).values()}
     for image in images:
         out_dir = (output_dirs or {}).get(str(image)) or output_dir(out_root, image, taken)
@@ -90,8 +91,9 @@ def run_images(
             resume_dir = out_dir / f".partial-{tokenize(source, str(model_dir), tiling)}" if resume else None
             graphs[str(image)] = image_graph(
                 source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir,
-                labels=labels, density_cell=density_cell,
+                labels=labels, density_cell=density_cell, priority=priority,
             )
+            priority -= graphs[str(image)].bands
             events.started(str(image), out_dir)
             for warning in caught:
                 report.warnings.setdefault(str(image), []).append(str(warning.message))
