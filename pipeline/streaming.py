@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.detections import Detections
 from pipeline.grid import Span, Tile, TileGrid
-from pipeline.label_store import density_grid, finalise_label_store, write_label_block
+from pipeline.label_store import density_grid, finalise_label_store, label_blocks, write_label_block
 from pipeline.sources import RasterSource
 from pipeline.stages import BatchResult, SeamState, merge_grid_band
 from pipeline.writers import write_outputs, write_part
@@ -75,10 +75,8 @@ def _label_rows(stream: ImageStream, labels: LabelRaster, ready: float, height: 
     """Rasterise the blocks of whole block rows above ``ready`` (``inf``: all the rest); return
     how far the written rows now reach."""
     reach = height if math.isinf(ready) else min(int(ready) // labels.block * labels.block, height)
-    for r in range(stream.labelled_rows // labels.block, -(-reach // labels.block)):
-        rows = Span(r * labels.block, min((r + 1) * labels.block, height))
-        for c in np.flatnonzero(labels.touched[r]):
-            cols = Span(int(c) * labels.block, min((int(c) + 1) * labels.block, width))
+    for rows, cols in label_blocks(height, width, labels.block, 1):
+        if stream.labelled_rows <= rows.start < reach and labels.touched[rows.start // labels.block, cols.start // labels.block]:
             write_label_block(labels.store, stream.unlabelled, rows, cols, stream.unlabelled_ids)
     return max(reach, stream.labelled_rows)
 
