@@ -307,6 +307,12 @@ def merge_seams(
     return Detections.concat(merged), pending
 
 
+def box_centres(detections: Detections) -> tuple[np.ndarray, np.ndarray]:
+    """(column, row) of each box centre, rounded as ``assign_order`` ranks them."""
+    b = detections.bounds
+    return np.round((b[:, 0] + b[:, 2]) / 2, 3), np.round((b[:, 1] + b[:, 3]) / 2, 3)
+
+
 def assign_order(detections: Detections) -> Detections:
     """Sort instances by position (row, then column of the box centre, then area, class, score).
 
@@ -315,8 +321,7 @@ def assign_order(detections: Detections) -> Detections:
     """
     if len(detections) == 0:
         return detections
-    b = detections.bounds
-    cy, cx = np.round((b[:, 1] + b[:, 3]) / 2, 3), np.round((b[:, 0] + b[:, 2]) / 2, 3)
+    cx, cy = box_centres(detections)
     area = np.round(shapely.area(detections.geometry), 3)
     order = np.lexsort((-detections.score, detections.label, area, cx, cy))
     return detections.take(order)

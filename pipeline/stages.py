@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.detections import Detections
 from pipeline.grid import Span, Tile, TileGrid
-from pipeline.merge import assign_order, merge_seams
+from pipeline.merge import assign_order, box_centres, merge_seams
 from pipeline.segment import split_seam_candidates, tile_detections
 from pipeline.sources import RasterSource
 
@@ -94,15 +94,18 @@ class SeamState:
     pending: Detections  # seam candidates whose group a later band may still join
     held: Detections  # merged instances that one from a later band may still sort before
     numbered: int = 0  # instances released so far: the next one released has id ``numbered + 1``
+    horizon: float = 0.0  # top row of every window still to come (``inf``: none)
 
     @classmethod
     def start(cls) -> "SeamState":
         return cls(Detections.empty(), Detections.empty())
 
-
-def _box_centre_row(detections: Detections) -> np.ndarray:
-    b = detections.bounds
-    return np.round((b[:, 1] + b[:, 3]) / 2, 3)  # as ``assign_order`` ranks them
+    @property
+    def settled_rows(self) -> float:
+        """Pixel rows above which every instance is released: nothing held, pending or to come
+        reaches above it (``inf`` once the last band is merged)."""
+        tops = [d.bounds[:, 1].min() for d in (self.pending, self.held) if len(d)]
+        return min([self.horizon, *tops])
 
 
 def merge_band(
@@ -121,9 +124,9 @@ def merge_band(
     merged, pending = merge_seams(candidates, tiles, min_iou, horizon)
     held = Detections.concat([state.held] + [r.final for r in results] + [merged])
     limit = np.floor(min(horizon, pending.bounds[:, 1].min(initial=np.inf)))
-    ready = _box_centre_row(held) < limit
+    ready = box_centres(held)[1] < limit
     released = assign_order(held.take(np.flatnonzero(ready)))
-    return SeamState(pending, held.take(np.flatnonzero(~ready)), state.numbered + len(released)), released
+    return SeamState(pending, held.take(np.flatnonzero(~ready)), state.numbered + len(released), horizon), released
 
 
 def merge_grid_band(

@@ -3,9 +3,9 @@
 Each step merges a band's batch results with what the bands above left pending
 (``stages.merge_grid_band``), stages the instances it released as a Parquet part, adds them to
 the counts and the density grid, and rasterises the rows of ``labels.zarr`` that no later
-instance can reach. So memory holds about one band of instances, however large the image; the
-last tasks (``finalise_labels``, ``finish_image``) stream the parts into the GeoPackage and commits every output at once.
-A step that runs again (a retry, a lost worker) rewrites the same part and blocks: steps are
+instance can reach. So memory holds about one band of instances, however large the image.
+``finalise_labels`` completes labels.zarr; ``finish_image`` streams the parts into the GeoPackage
+and commits every output at once. A step that runs again (a retry, a lost worker) rewrites the same part and blocks: steps are
 idempotent.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,14 +91,11 @@ def merge_step(
     first_id = stream.seams.numbered + 1
     part = write_part(released, first_id, source, class_names, parts_dir / f"part-{band.start:07d}.parquet")
     n_classes = len(class_names)
-    stream = ImageStream(
+    stream = replace(
+        stream,
         seams=seams,
         counts=stream.counts + np.bincount(released.label.astype(np.int64), minlength=n_classes),
-        density=stream.density,
         parts=[*stream.parts, str(part)],
-        unlabelled=stream.unlabelled,
-        unlabelled_ids=stream.unlabelled_ids,
-        labelled_rows=stream.labelled_rows,
         tiles_skipped=stream.tiles_skipped + sum(r.tiles_skipped for r in results),
         seam_candidates=stream.seam_candidates + sum(len(r.candidates) for r in results),
     )
@@ -107,12 +104,7 @@ def merge_step(
     stream.density = stream.density + density_grid(released, n_classes, grid.height, grid.width, labels.cell_size)
     stream.unlabelled = Detections.concat([stream.unlabelled, released])
     stream.unlabelled_ids = np.concatenate([stream.unlabelled_ids, np.arange(first_id, first_id + len(released))])
-    # nothing released later reaches above the next band's top, a pending candidate or a held instance
-    n_rows = grid.shape[0]
-    ready = grid.row_top(band.stop) if band.stop < n_rows else math.inf
-    for waiting in (seams.pending, seams.held):
-        ready = min(ready, float(waiting.bounds[:, 1].min(initial=math.inf)))
-    stream.labelled_rows = _label_rows(stream, labels, ready, grid.height, grid.width)
+    stream.labelled_rows = _label_rows(stream, labels, seams.settled_rows, grid.height, grid.width)
     still = np.flatnonzero(stream.unlabelled.bounds[:, 3] > stream.labelled_rows)
     stream.unlabelled, stream.unlabelled_ids = stream.unlabelled.take(still), stream.unlabelled_ids[still]
     return stream
