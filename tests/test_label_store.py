@@ -23,7 +23,7 @@ from pipeline.label_store import (
     density_grid,
     finalise_label_store,
     label_blocks,
-    stored_chunks,
+    stored_keys,
     write_label_block,
 )
 from tests.helpers import label_polygons
@@ -58,6 +58,17 @@ def scene_detections(seed: int) -> tuple[Detections, int]:
         tile=np.zeros(n, np.int32), cut=np.zeros(n, bool), owned=np.ones(n, bool),
     )
     return detections, n - 1
+
+
+def occupied_keys(array: zarr.Array) -> set[tuple[int, int]]:
+    """(row, col) indices of the shards (of the chunks, when unsharded) that hold a label."""
+    unit = (array.shards or array.chunks)[0]
+    values = array[:]
+    return {
+        (r // unit, c // unit)
+        for r in range(0, values.shape[0], unit) for c in range(0, values.shape[1], unit)
+        if values[r : r + unit, c : c + unit].any()
+    }
 
 
 def density_of(detections: Detections, cell: int = CELL) -> np.ndarray:
@@ -147,18 +158,18 @@ def test_serial_and_parallel_writes_equal_one_rasterisation(scene, built):
         assert set(np.unique(labels[labels > 0]).tolist()) == set(range(1, len(detections) + 1)) - {hidden + 1}
 
 
-def test_classes_follow_labels_and_empty_chunks_are_not_stored(scene, built):
+def test_classes_follow_labels_and_background_is_not_stored(scene, built):
     detections, _ = scene
     group = open_final(built["summaries"][0])
     labels, classes = group["labels/0"][:], group["classes/0"][:]
     lookup = np.concatenate([[0], detections.label + 1])
     assert classes.dtype == np.uint8 and (classes == lookup[labels]).all()
-    occupied = {
-        (r, c) for r in range(-(-HEIGHT // CHUNK)) for c in range(-(-WIDTH // CHUNK))
-        if labels[r * CHUNK : (r + 1) * CHUNK, c * CHUNK : (c + 1) * CHUNK].any()
-    }
-    assert len(occupied) < -(-HEIGHT // CHUNK) * -(-WIDTH // CHUNK)
-    assert stored_chunks(Path(built["summaries"][0]["path"]) / "labels" / "0") == occupied
+    block = CHUNK * PER_TASK
+    assert group["labels/0"].shards == (block, block)
+    occupied = occupied_keys(group["labels/0"])
+    assert 0 < len(occupied) < len(label_blocks(HEIGHT, WIDTH, CHUNK, PER_TASK))
+    for name in ("labels", "classes"):
+        assert stored_keys(Path(built["summaries"][0]["path"]) / name / "0") == occupied
 
 
 def test_pyramid_levels_are_strided_level_zero(built):
@@ -172,10 +183,30 @@ def test_pyramid_levels_are_strided_level_zero(built):
         for k in range(1, levels):
             level = group[f"{name}/{k}"][:]
             assert (level == base[:: 2**k, :: 2**k]).all()
-            assert len(stored_chunks(Path(built["summaries"][0]["path"]) / name / str(k))) == sum(
-                level[r : r + CHUNK, c : c + CHUNK].any()
-                for r in range(0, level.shape[0], CHUNK) for c in range(0, level.shape[1], CHUNK)
-            )
+            stored = stored_keys(Path(built["summaries"][0]["path"]) / name / str(k))
+            assert stored == occupied_keys(group[f"{name}/{k}"])
+
+
+@pytest.mark.parametrize("per_task", [3, PER_TASK])
+def test_block_levels_are_one_shard_per_block_and_coarser_levels_follow(scene, tmp_path, per_task):
+    """Each block is one file per level it writes; finalise builds the coarser levels from the last
+    of them, sharded too when a block is an odd number of chunks (3: only level 0)."""
+    detections, _ = scene
+    store = create_label_store(tmp_path / "labels.zarr", HEIGHT, WIDTH, CHUNK, NAMES, TRANSFORM, CRS_WKT, None, per_task)
+    blocks = label_blocks(HEIGHT, WIDTH, CHUNK, per_task)
+    for rows, cols in blocks:
+        write_label_block(store, detections, rows, cols)
+    written = zarr.open_group(store, mode="r").attrs["block_levels"]
+    assert written == (1 if per_task == 3 else 3)
+    summary = finalise_label_store(store, tmp_path / "labels.zarr", density_of(detections), NAMES, cell_size=CELL)
+    group = zarr.open_group(tmp_path / "labels.zarr", mode="r")
+    base = one_go(detections)
+    for k in range(summary["levels"]):
+        array = group[f"labels/{k}"]
+        block = CHUNK * per_task >> k
+        assert array.shards == ((block, block) if k < written and block > CHUNK else None)
+        assert (array[:] == base[:: 2**k, :: 2**k]).all()
+        assert stored_keys(tmp_path / "labels.zarr" / "labels" / str(k)) == occupied_keys(array)
 
 
 def test_density_counts_representative_points_per_cell(scene, built):
@@ -231,6 +262,17 @@ def test_given_ids_label_the_pixels_and_classes_follow_them(scene, tmp_path):
     assert not classes[labels == 0].any()
 
 
+def test_a_block_whose_boxes_cover_no_pixel_centre_stores_nothing(tmp_path):
+    sliver = shapely.box(40.1, 10.2, 40.4, 90.0)  # between two columns of pixel centres
+    detections = Detections(
+        geometry=np.array([sliver], dtype=object), label=np.zeros(1, np.int16), score=np.ones(1, np.float32),
+        tile=np.zeros(1, np.int32), cut=np.zeros(1, bool), owned=np.ones(1, bool),
+    )
+    store = create_label_store(tmp_path / "labels.zarr", HEIGHT, WIDTH, CHUNK, NAMES, TRANSFORM, CRS_WKT, None, PER_TASK)
+    assert sum(write_label_block(store, detections, rows, cols) for rows, cols in label_blocks(HEIGHT, WIDTH, CHUNK, PER_TASK)) == 0
+    assert not any(stored_keys(store / name / str(k)) for name in ("labels", "classes") for k in range(3))
+
+
 def test_empty_slide_stores_nothing_and_uses_microns(tmp_path):
     store = create_label_store(tmp_path / "labels.zarr", HEIGHT, WIDTH, CHUNK, NAMES, Affine.scale(2.0), None, 0.25, 2)
     for rows, cols in label_blocks(HEIGHT, WIDTH, CHUNK, 2):
@@ -240,7 +282,7 @@ def test_empty_slide_stores_nothing_and_uses_microns(tmp_path):
     assert summary["levels"] == 5 and not group["labels/1"][:].any() and not group["density"][:].any()
     for name in ("labels", "classes"):
         for k in range(5):
-            assert not stored_chunks(tmp_path / "labels.zarr" / name / str(k))
+            assert not stored_keys(tmp_path / "labels.zarr" / name / str(k))
     ome = group["classes"].attrs["ome"]
     assert ome["multiscales"][0]["axes"][0]["unit"] == "micrometer"
     scales = [d["coordinateTransformations"][0]["scale"] for d in ome["multiscales"][0]["datasets"]]
