@@ -9,8 +9,9 @@ Layout, on the processed-pixel grid of the image (the grid the polygons are in):
 Level ``k`` is level 0 taken every ``2**k`` pixels (labels are never averaged). Arrays are chunked
 ``chunk`` × ``chunk`` and compressed. The levels the block tasks write are sharded, a shard per
 block: one file per block, level and array rather than one per chunk (a block of 4 × 4 chunks
-writes 6 files, not up to 42, for 40 % less CPU: BENCHMARKS.md). Nothing is stored for a block
-without a labelled pixel, nor for an all-background chunk of the unsharded levels. Where instances
+writes 6 files, not up to 42; with the codec, 40 % less CPU per block: BENCHMARKS.md). Nothing
+is stored for a block without a labelled pixel, nor for an all-background chunk of the unsharded
+levels. Where instances
 overlap, the one with the higher score owns the pixel (equal scores: the higher id), so an
 instance can be hidden entirely: its id is then absent from the raster, its polygon still in the
 GeoPackage, and it still counts.
@@ -161,7 +162,8 @@ def _check_region(shape: tuple[int, ...], chunk: int, rows: Span, cols: Span) ->
 def _geojson_polygons(geometry: np.ndarray) -> list:
     """GeoJSON-like mappings of the polygons among ``geometry``; other types as they are.
     Coordinates are extracted vectorised (shapely's ``__geo_interface__`` builds Python tuples
-    vertex by vertex) into Python lists: rasterio reads those in 40 % less time than numpy rows."""
+    vertex by vertex) into Python lists: rasterio rasterises from those in a fifth less time than
+    from numpy rows."""
     out = list(geometry)
     polygon = np.flatnonzero(shapely.get_type_id(geometry) == 3)
     rings, owner = shapely.get_rings(geometry[polygon], return_index=True)
