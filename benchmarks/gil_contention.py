@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import shapely
 import torch
 import zarr
 from affine import Affine
