@@ -28,6 +28,7 @@ import multiprocessing
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -110,14 +111,6 @@ def main() -> None:
         def write_shard() -> None:
             shard[:] = block
 
-        stages = {  # name: (one unit of work, what a unit is)
-            "whole label path (write_label_block)": (label_path, "4 blocks"),
-            "rasterise (rasterio)": (rasterise, "block"),
-            "write one shard (zarr)": (write_shard, "block"),
-            "compress 16 chunks (numcodecs blosc, no zarr)": (lambda: [blosc.encode(c) for c in chunks], "block"),
-            "numpy sort (releases the GIL; control)": (lambda: np.sort(to_sort), "sort of 4M"),
-        }
-
         def model_ms() -> float:
             start = time.perf_counter()
             for i in range(args.tiles):
@@ -155,14 +148,20 @@ def main() -> None:
                 stop.set()
                 process.join()
 
-        in_process = "whole label path, in a process of its own"
-        stages[in_process] = (None, "4 blocks")
+        stages = {  # name: (model ms per tile and units the other side did, what a unit is)
+            "whole label path (write_label_block)": (partial(beside, label_path), "4 blocks"),
+            "rasterise (rasterio)": (partial(beside, rasterise), "block"),
+            "write one shard (zarr)": (partial(beside, write_shard), "block"),
+            "compress 16 chunks (numcodecs blosc, no zarr)": (partial(beside, lambda: [blosc.encode(c) for c in chunks]), "block"),
+            "numpy sort (releases the GIL; control)": (partial(beside, lambda: np.sort(to_sort)), "sort of 4M"),
+            "whole label path, in a process of its own": (beside_process, "4 blocks"),
+        }
         model_ms()  # warm-up: the first tiles of a fresh model run slower
         alone, results = [], {name: [] for name in stages}
         for _ in range(args.repeats):
             alone.append(model_ms())
-            for name, (work, _unit) in stages.items():
-                results[name].append(beside_process() if name == in_process else beside(work))
+            for name, (measure, _unit) in stages.items():
+                results[name].append(measure())
         base = float(np.median(alone))
         rows = [["model alone", f"{base:.0f}", "1.00", "–"]]
         for name, runs in results.items():
