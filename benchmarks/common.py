@@ -124,17 +124,22 @@ def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None 
     a free port. Dask starts workers with ``OMP/MKL/OPENBLAS_NUM_THREADS=1`` and
     ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``); ``env`` overrides
     them (``None`` as a value: unset in the worker). By default (``env=None``) the overrides of
-    ``connect``: ``SEAMLINE_WORKER_ENV``; ``env={}`` keeps Dask's defaults. ``config``: Dask
-    settings the nannies hand their workers."""
+    ``connect``: ``SEAMLINE_WORKER_ENV``; ``env={}`` keeps Dask's defaults. Workers are not
+    daemonic, as ``connect``'s, so each has its side process for labels.zarr; ``config``: other Dask
+    settings the nannies hand their workers (``{"distributed.worker.daemon": True}``: labels.zarr
+    in the merge's thread)."""
     import dask
     from distributed import Client, LocalCluster
+
+    from workflows.cluster import SideProcessShutdown
 
     env = SEAMLINE_WORKER_ENV if env is None else env
     # the nanny prefers these variables from os.environ over its config and leaves its own in
     # os.environ after spawning: clear them around the start and restore them afterwards
     saved = {k: os.environ.pop(k, None) for k in WORKER_ENV}
     os.environ.update({k: str(v) for k, v in env.items() if v is not None})
-    settings = {f"distributed.nanny.pre-spawn-environ.{k}": None for k, v in env.items() if v is None} | (config or {})
+    settings = {f"distributed.nanny.pre-spawn-environ.{k}": None for k, v in env.items() if v is None}
+    settings |= {"distributed.worker.daemon": False} | (config or {})
     try:
         with dask.config.set(settings):
             cluster = LocalCluster(
@@ -144,6 +149,7 @@ def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None 
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     with cluster, Client(cluster) as client:
+        client.register_plugin(SideProcessShutdown())
         yield client
 
 

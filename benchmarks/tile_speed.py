@@ -16,7 +16,10 @@ hit all alike), medians reported:
   and one worker process per core, one thread each (``seamline run --workers N``). With
   ``--variants`` the 1-worker cluster also runs with Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``
   (glibc then returns, and torch re-faults, every large freed block), without labels.zarr
-  (``--no-zarr``) and with Dask's sampling profiler off (it walks every thread's stack every 10 ms, holding the GIL).
+  (``--no-zarr``), with labels.zarr written in the merge's thread (a daemonic worker, Dask's default,
+  may not start the side process that writes it) and with Dask's sampling profiler off (it walks
+  every thread's stack every 10 ms, holding the GIL). ``--headline`` runs the model-only ceiling and
+  the three labels.zarr settings.
 
 Efficiency = model-only time / end-to-end time with the same layout (calls side by side × torch
 threads each), on the same tiles of a generated GeoTIFF scene. With ``--images N``, N scenes (seeds
@@ -26,7 +29,7 @@ Each cluster is started and warmed up (model loaded in every worker) before its 
 closed after it, so no idle cluster shares the CPU with the other runs.
 
     python benchmarks/tile_speed.py [--model synthetic-shapes] [--size 2048] [--batch-size 4] [--repeats 3]
-    python benchmarks/tile_speed.py --size 8192 --headline    # only the efficiency of `seamline run`, with and without labels.zarr
+    python benchmarks/tile_speed.py --size 8192 --headline    # only the efficiency of `seamline run`: labels.zarr in its side process, in the merge's thread, none
     python benchmarks/tile_speed.py --size 4096 --images 4 --headline    # the same over four images in one run
 """
 
@@ -127,6 +130,8 @@ def main() -> None:
             }
             if args.headline or args.variants:
                 clusters[f"{one}, no labels.zarr (seamline run --no-zarr)"] = (1, cores, None, None, False)
+                clusters[f"{one}, labels.zarr in the merge's thread (daemonic worker: no side process)"] = (
+                    1, cores, None, {"distributed.worker.daemon": True}, True)
             if not args.headline:
                 clusters[f"end to end, LocalCluster {cores} workers × 1 thread (seamline run --workers {cores})"] = (cores, 1, None, None, True)
             if args.variants:

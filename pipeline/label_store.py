@@ -217,6 +217,11 @@ def write_label_block(store: Path, detections: Detections, rows: Span, cols: Spa
     return pixels
 
 
+def write_label_blocks(store: Path, detections: Detections, ids: np.ndarray, blocks: list[tuple[Span, Span]]) -> int:
+    """``write_label_block`` for each of ``blocks`` (regions of ``label_blocks``); the labelled pixels."""
+    return sum(write_label_block(store, detections, rows, cols, ids) for rows, cols in blocks)
+
+
 def pyramid_shapes(height: int, width: int, chunk: int) -> list[tuple[int, int]]:
     """Shapes of levels 0, 1, …, halving until a side is ≤ ``chunk``."""
     shapes = [(height, width)]

@@ -4,6 +4,8 @@ Each step merges a band's batch results with what the bands above left pending
 (``stages.merge_grid_band``), stages the instances it released as a Parquet part, adds them to
 the counts and the density grid, and rasterises the rows of ``labels.zarr`` that no later
 instance can reach. So memory holds about one band of instances, however large the image.
+labels.zarr is rasterised and written in the worker's side process (``pipeline.side_process``):
+in the merge's thread it would hold the GIL that the inference threads beside it need.
 ``finalise_labels`` completes labels.zarr; ``finish_image`` streams the parts into the GeoPackage
 and commits every output at once. A step that runs again (a retry, a lost worker) rewrites the same part and blocks: steps are
 idempotent.
@@ -20,7 +22,8 @@ import numpy as np
 
 from pipeline.detections import Detections
 from pipeline.grid import Span, Tile, TileGrid
-from pipeline.label_store import density_grid, finalise_label_store, label_blocks, write_label_block
+from pipeline import side_process
+from pipeline.label_store import density_grid, finalise_label_store, label_blocks, write_label_blocks
 from pipeline.sources import RasterSource
 from pipeline.stages import BatchResult, SeamState, merge_grid_band
 from pipeline.writers import write_outputs, write_part
@@ -75,9 +78,13 @@ def _label_rows(stream: ImageStream, labels: LabelRaster, ready: float, height: 
     """Rasterise the blocks of whole block rows above ``ready`` (``inf``: all the rest); return
     how far the written rows now reach."""
     reach = height if math.isinf(ready) else min(int(ready) // labels.block * labels.block, height)
-    for rows, cols in label_blocks(height, width, labels.block, 1):
-        if stream.labelled_rows <= rows.start < reach and labels.touched[rows.start // labels.block, cols.start // labels.block]:
-            write_label_block(labels.store, stream.unlabelled, rows, cols, stream.unlabelled_ids)
+    blocks = [
+        (rows, cols) for rows, cols in label_blocks(height, width, labels.block, 1)
+        if stream.labelled_rows <= rows.start < reach and labels.touched[rows.start // labels.block, cols.start // labels.block]
+    ]
+    if blocks:
+        reaching = np.flatnonzero(stream.unlabelled.bounds[:, 1] < reach)  # the others start below these blocks
+        side_process.call(write_label_blocks, labels.store, stream.unlabelled.take(reaching), stream.unlabelled_ids[reaching], blocks)
     return max(reach, stream.labelled_rows)
 
 
@@ -114,7 +121,7 @@ def finalise_labels(stream: ImageStream, labels: LabelRaster, class_names: list[
     """The rest of ``labels.zarr`` (coarser levels, density, metadata), left staged for
     ``finish_image`` to move into place with the other outputs."""
     final = out_dir / "labels.zarr"
-    summary = finalise_label_store(labels.store, final, stream.density, class_names, labels.cell_size, move=False)
+    summary = side_process.call(finalise_label_store, labels.store, final, stream.density, class_names, labels.cell_size, False)
     return {**summary, "staged": str(labels.store)}
 
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import dask
 import pytest
 import yaml
 
@@ -79,6 +80,11 @@ def test_compose_structure() -> None:
     worker = services["worker"]
     assert "container_name" not in worker
     assert "dask worker tcp://scheduler:8786" in _command(worker)
+
+    # Workers are not daemonic (Dask reads the variable as its config), so each may start its side process.
+    for name in ("worker", "gpu-worker"):
+        config = dask.config.collect_env(services[name].get("environment", {}))
+        assert config.get("distributed", {}).get("worker", {}).get("daemon") is False, name
 
     # The runner submits to the compose scheduler.
     runner = services["runner"]

@@ -155,22 +155,31 @@ def test_same_instances_whatever_the_batch_size_or_task_order(seam_scene, tmp_pa
 
 def test_band_by_band_outputs_equal_one_band_labels_included(seam_scene, tmp_path, monkeypatch):
     """A band per tile row (objects pending across bands, label rows written as they settle)
-    gives the GeoPackage and labels.zarr of a single band; labels agree with the polygons."""
+    gives the GeoPackage and labels.zarr of a single band; labels agree with the polygons. They
+    are the same written in the side process and in the merge's thread."""
     import rasterio.features
     import zarr
 
     import pipeline.graph
+    from pipeline import side_process
 
     scene, path, _, _ = seam_scene
     outputs = {}
-    for name, band_tiles in (("one-band", 10_000), ("row-bands", 1)):
+    for name, band_tiles, side in (("one-band", 10_000, True), ("row-bands", 1, True), ("in-thread", 1, False)):
         monkeypatch.setattr(pipeline.graph, "MIN_BAND_TILES", band_tiles)
+        monkeypatch.setattr(side_process, "can_start", lambda side=side: side)
+        side_process.shutdown()
         graph = image_graph(open_raster(path), str(MODEL), CARD.classes, tmp_path / name, Tiling(256, 32, 3), labels=True)
         (summary,) = dask.compute(graph.result, scheduler="threads")
+        assert (side_process.pid() is not None) == side
         frame = gpd.read_file(tmp_path / name / "instances.gpkg", layer="instances")
         outputs[name] = summary, frame, zarr.open_group(tmp_path / name / "labels.zarr", mode="r")
         assert not list((tmp_path / name).glob(".*"))  # no parts or staging left
+    side_process.shutdown()
     (one, one_frame, one_store), (rows, rows_frame, rows_store) = outputs["one-band"], outputs["row-bands"]
+    in_thread = outputs["in-thread"][2]
+    for array in ("labels/0", "labels/1", "classes/0", "classes/2", "density"):
+        assert (in_thread[array][:] == rows_store[array][:]).all()
     assert len(rows_frame) == len(one_frame) > 20 and list(rows_frame["instance_id"]) == list(one_frame["instance_id"])
     assert shapely.equals_exact(rows_frame.geometry.values, one_frame.geometry.values, tolerance=0).all()
     assert rows["counts"] == one["counts"]

@@ -6,7 +6,27 @@ import os
 from contextlib import contextmanager
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
+
+from pipeline import side_process
+
+
+LOCAL_WORKER_CONFIG = {
+    # Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes glibc hand back every large block torch frees
+    # and fault it in again on the next tile: 0.45 vs 0.31 s per tile here (benchmarks/tile_speed.py)
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    # a daemonic worker may not start the side process that keeps labels.zarr off the inference threads' GIL
+    "distributed.worker.daemon": False,
+}
+
+
+class SideProcessShutdown(WorkerPlugin):
+    """Ends a worker's side process (``pipeline.side_process``) when the worker closes."""
+
+    name = "seamline-side-process"
+
+    def teardown(self, worker) -> None:
+        side_process.shutdown()
 
 
 @contextmanager
@@ -17,14 +37,15 @@ def connect(
 
     Local workers get the machine's cores between them (``threads_per_worker`` None). Dask gives each
     worker process one torch thread; on the CPU each thread runs its own inference, one per core.
+    Local workers are not daemonic, so each may start its side process for labels.zarr
+    (``pipeline.side_process``); a nanny restarting a worker starts it with the same settings.
     """
     if scheduler:
         with Client(scheduler) as client:
+            client.register_plugin(SideProcessShutdown())
             yield client
         return
-    # Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes glibc hand back every large block torch frees
-    # and fault it in again on the next tile: 0.45 vs 0.31 s per tile here (benchmarks/tile_speed.py)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+    with dask.config.set(LOCAL_WORKER_CONFIG):
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // workers),
@@ -32,8 +53,9 @@ def connect(
             host="127.0.0.1",
             dashboard_address=dashboard,
         )
-    with cluster, Client(cluster) as client:
-        yield client
+        with cluster, Client(cluster) as client:
+            client.register_plugin(SideProcessShutdown())
+            yield client
 
 
 def has_gpu_workers(client: Client) -> bool:

@@ -1,0 +1,83 @@
+"""A process beside the inference threads for the work that holds the GIL: labels.zarr.
+
+rasterio's ``rasterize`` holds the GIL for the whole GDAL call and zarr's writes are mostly
+Python, so in a thread they slow the model running beside them 1.8-2.2×; in a process of their
+own 1.07× (``benchmarks/gil_contention.py``). ``call`` runs a function in this process's side
+process: one, started on first use, reused until ``shutdown``. A daemonic process (a Dask
+worker with ``distributed.worker.daemon`` true, Dask's default) may not start one: ``call`` then
+runs the function in the calling thread, with the same result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_pool: ProcessPoolExecutor | None = None
+_lock = threading.Lock()
+
+
+def _end_with_parent() -> None:
+    """In the side process: be sent SIGTERM when the process that started it dies (Linux), so
+    a worker killed outright leaves no orphan behind."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def can_start() -> bool:
+    """Whether this process may start a side process (daemonic processes may not have children)."""
+    return not multiprocessing.current_process().daemon
+
+
+def _side_pool() -> ProcessPoolExecutor | None:
+    global _pool
+    if not can_start():
+        return None
+    with _lock:
+        if _pool is None:
+            _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_end_with_parent)
+        return _pool
+
+
+def pid() -> int | None:
+    """The side process's pid; None when it is not running."""
+    pool = _pool
+    processes = list((pool._processes or {}).values()) if pool is not None else []
+    return next((p.pid for p in processes if p.is_alive()), None)
+
+
+def call(function: Callable[..., T], *args) -> T:
+    """``function(*args)`` in the side process when this process may have one, else here.
+    ``function`` and ``args`` must pickle; exceptions come back as raised. If the side process
+    died, the next call starts a new one."""
+    global _pool
+    pool = _side_pool()
+    if pool is None:
+        return function(*args)
+    try:
+        return pool.submit(function, *args).result()
+    except BrokenProcessPool as err:
+        with _lock:
+            if _pool is pool:
+                _pool = None
+        pool.shutdown(wait=False)
+        raise RuntimeError(f"the side process died while running {function.__qualname__}: {err}") from err
+
+
+def shutdown() -> None:
+    """End this process's side process, if it has one (a later ``call`` starts a new one)."""
+    global _pool
+    with _lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown()

@@ -1,0 +1,82 @@
+"""The side process that keeps labels.zarr off the inference threads' GIL."""
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from pipeline import side_process
+
+
+@pytest.fixture(autouse=True)
+def fresh_side_process():
+    side_process.shutdown()
+    yield
+    side_process.shutdown()
+
+
+def gone(pid: int, within: float = 10.0) -> bool:
+    """Whether ``pid`` ends (or is left a zombie for its new parent to reap) ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_calls_run_in_one_other_process_and_raise_there_as_here():
+    assert side_process.pid() is None
+    child = side_process.call(os.getpid)
+    assert child != os.getpid() and side_process.call(os.getpid) == child == side_process.pid()
+    with pytest.raises(ValueError, match="invalid literal"):
+        side_process.call(int, "not a number")
+    side_process.shutdown()
+    assert side_process.pid() is None and gone(child)
+
+
+def test_a_dead_side_process_is_reported_and_replaced():
+    child = side_process.call(os.getpid)
+    with pytest.raises(RuntimeError, match="side process died while running _exit"):
+        side_process.call(os._exit, 3)
+    assert gone(child)
+    assert side_process.call(os.getpid) not in (child, os.getpid())
+
+
+def report_call_pid(queue) -> None:
+    queue.put((os.getpid(), side_process.call(os.getpid)))
+    time.sleep(60)  # until killed
+
+
+def test_a_daemonic_process_runs_calls_itself():
+    """A daemonic process (a default Dask worker) may not start children: calls run in it."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=report_call_pid, args=(queue,), daemon=True)
+    process.start()
+    try:
+        own, called = queue.get(timeout=60)
+        assert own == called == process.pid
+    finally:
+        process.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_side_process_ends_when_its_parent_is_killed():
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=report_call_pid, args=(queue,))
+    process.start()
+    own, child = queue.get(timeout=60)
+    assert own == process.pid != child
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(10)
+    assert gone(child)
