@@ -67,7 +67,8 @@ class PeakRSS:
 def run_measured(command: list[str], env: dict | None = None, interval: float = 0.05, want_json: bool = True) -> dict:
     """Run ``command`` in its own process tree; its wall time, the peak of the tree's summed RSS,
     the peak of its largest single process and the peaks by role (``client``: the command's own
-    process, ``worker``: multiprocessing children such as Dask workers, ``other``), sampled every
+    process, ``worker``: its multiprocessing children such as Dask workers, ``side``: theirs, such
+    as a worker's side process for labels.zarr, ``other``), sampled every
     ``interval`` s, and the JSON object the command printed last on stdout (``result``)."""
     start = time.perf_counter()
     process = psutil.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -88,7 +89,9 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
         for member in family:
             try:
                 rss = member.memory_info().rss
-                role = "client" if member is process else "worker" if "spawn_main" in " ".join(member.cmdline()) else "other"
+                spawned = "spawn_main" in " ".join(member.cmdline())
+                role = ("client" if member is process else "other" if not spawned
+                        else "worker" if member.ppid() == process.pid else "side")
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += rss

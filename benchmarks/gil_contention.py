@@ -11,8 +11,9 @@ over one stage of the label path:
 - writing alone (one block, already rasterised, as one zarr shard);
 - compressing alone (the block's sixteen 512² chunks with numcodecs' blosc, no zarr);
 - numpy sorting (a C loop that releases the GIL: the control);
-- the whole label path again, in a process of its own (its own GIL: what moving it off the
-  worker's threads would give).
+- the whole label path again, in the side process the pipeline writes labels.zarr in
+  (``pipeline.side_process``: its own GIL), the thread beside the model sending it the polygons
+  and waiting, as the merge's thread does.
 
 The polygons are a generated 8,192² scene's ground truth (``models.synthetic.make_scene``,
 traced exactly), the tiles a generated scene's. Each row also says how many units the other thread
@@ -24,7 +25,6 @@ finished in the same time.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import tempfile
 import threading
 import time
@@ -42,6 +42,7 @@ from common import label_polygons, machine, table
 from models.inference import Segmenter
 from models.registry import resolve_model_dir
 from models.synthetic import make_scene
+from pipeline import side_process
 from pipeline.detections import Detections
 from pipeline.grid import TileGrid
 from pipeline.label_store import COMPRESSORS, _geojson_polygons, create_label_store, label_blocks, write_label_block
@@ -66,14 +67,6 @@ def write_label_path(detections: Detections, path: Path) -> None:
     store = create_label_store(path, SIZE, SIZE, CHUNK, ["a", "b", "c"], Affine.identity(), None, None, BLOCK // CHUNK)
     for rows, cols in label_blocks(SIZE, SIZE, CHUNK, BLOCK // CHUNK)[:4]:
         write_label_block(store, detections, rows, cols)
-
-
-def label_path_loop(detections: Detections, out_dir: Path, stop, done) -> None:
-    """``write_label_path`` over and over until ``stop`` is set, counting in ``done``."""
-    while not stop.is_set():
-        write_label_path(detections, out_dir / f"labels-{done.value}.zarr")
-        with done.get_lock():
-            done.value += 1
 
 
 def main() -> None:
@@ -133,20 +126,8 @@ def main() -> None:
                 stop.set()
                 thread.join()
 
-        def beside_process() -> tuple[float, int]:
-            context = multiprocessing.get_context("spawn")
-            stop, done = context.Event(), context.Value("i", 0)
-            out_dir = Path(tempfile.mkdtemp(dir=tmp))
-            process = context.Process(target=label_path_loop, args=(detections, out_dir, stop, done))
-            process.start()
-            try:
-                while done.value == 0:  # started: imports done, first unit written
-                    time.sleep(0.1)
-                first = done.value
-                return model_ms(), done.value - first
-            finally:
-                stop.set()
-                process.join()
+        def label_path_in_side_process() -> None:  # what the merge's thread does: send the polygons, wait
+            side_process.call(write_label_path, detections, Path(tmp) / f"labels-{next(stores)}.zarr")
 
         stages = {  # name: (model ms per tile and units the other side did, what a unit is)
             "whole label path (write_label_block)": (partial(beside, label_path), "4 blocks"),
@@ -154,9 +135,10 @@ def main() -> None:
             "write one shard (zarr)": (partial(beside, write_shard), "block"),
             "compress 16 chunks (numcodecs blosc, no zarr)": (partial(beside, lambda: [blosc.encode(c) for c in chunks]), "block"),
             "numpy sort (releases the GIL; control)": (partial(beside, lambda: np.sort(to_sort)), "sort of 4M"),
-            "whole label path, in a process of its own": (beside_process, "4 blocks"),
+            "whole label path, in the side process (pipeline.side_process)": (partial(beside, label_path_in_side_process), "4 blocks"),
         }
         model_ms()  # warm-up: the first tiles of a fresh model run slower
+        label_path_in_side_process()  # started: imports done
         alone, results = [], {name: [] for name in stages}
         for _ in range(args.repeats):
             alone.append(model_ms())

@@ -6,7 +6,7 @@ size has the same content per tile and none needs the image in memory) is segmen
 real command line — ``seamline run SCENE --model synthetic-shapes`` on its default LocalCluster of
 one worker process × 2 threads — in a fresh process tree per size, with the shipped model (no
 stand-in detector: inference is real). The parent samples the RSS of the ``seamline`` process
-(client + scheduler) and of the worker process every 50 ms. Sizes are run in the order given,
+(client + scheduler), of the worker process and of its side process (labels.zarr) every 50 ms. Sizes are run in the order given,
 ``--repeats`` times interleaved; medians are reported.
 
 Expected: time = fixed start-up + a constant cost per tile (a line through the points), and peak
@@ -70,17 +70,18 @@ def main() -> None:
         tiles = len(TileGrid(size, size, card.tile_size, card.overlap))
         seconds = float(np.median([m["seconds"] for m in runs[size]]))
         worker = float(np.median([m["roles"].get("worker", 0) for m in runs[size]]))
+        side = float(np.median([m["roles"].get("side", 0) for m in runs[size]]))
         client = float(np.median([m["roles"].get("client", 0) for m in runs[size]]))
         tree = float(np.median([m["tree_peak"] for m in runs[size]]))
         summary = runs[size][-1]["summary"]
         tiles_list.append(tiles)
         seconds_list.append(seconds)
         rows.append([f"{size:,}²", f"{size * size / 1e6:.1f}", tiles, f"{summary['instances']:,} ({scenes[size]:,} true)",
-                     f"{seconds:.1f}", f"{seconds / tiles:.3f}", fmt_bytes(worker), fmt_bytes(client), fmt_bytes(tree)])
+                     f"{seconds:.1f}", f"{seconds / tiles:.3f}", fmt_bytes(worker), fmt_bytes(side), fmt_bytes(client), fmt_bytes(tree)])
     print(f"\nmodel {card.name}, {card.tile_size}² tiles (overlap ≥ {card.overlap}), batch 4, `seamline run` "
           f"(LocalCluster, {args.workers} worker × 2 threads), {args.repeats} run(s) per size")
-    print(table(["image", "Mpx", "tiles", "instances", "wall s", "wall s/tile", "worker peak RSS", "client peak RSS",
-                 "tree peak RSS"], rows))
+    print(table(["image", "Mpx", "tiles", "instances", "wall s", "wall s/tile", "worker peak RSS", "side process peak RSS",
+                 "client peak RSS", "tree peak RSS"], rows))
     if len(args.sizes) >= 2:
         slope, intercept = np.polyfit(tiles_list, seconds_list, 1)
         fitted = np.polyval([slope, intercept], tiles_list)
