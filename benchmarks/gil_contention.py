@@ -10,6 +10,7 @@ over one stage of the label path:
 - rasterising alone (``rasterio.features.rasterize`` of one 2,048² block);
 - writing alone (one block, already rasterised, as one zarr shard);
 - compressing alone (the block's sixteen 512² chunks with numcodecs' blosc, no zarr);
+- the image's final write: its GeoPackage (and counts) from a staged part (``writers.write_outputs``);
 - numpy sorting (a C loop that releases the GIL: the control);
 - the whole label path again, in the side process the pipeline writes labels.zarr in
   (``pipeline.side_process``: its own GIL), the thread beside the model sending it the polygons
@@ -48,6 +49,7 @@ from pipeline.grid import TileGrid
 from pipeline.label_store import COMPRESSORS, _geojson_polygons, create_label_store, label_blocks, write_label_block
 from pipeline.sources import open_raster, read_window
 from pipeline.synthetic_raster import write_scene
+from pipeline.writers import write_outputs, write_part
 
 SIZE, BLOCK, CHUNK = 8192, 2048, 512
 
@@ -126,6 +128,14 @@ def main() -> None:
                 stop.set()
                 thread.join()
 
+        classes = ["a", "b", "c"]
+        parts = [write_part(detections, 1, source, classes, Path(tmp) / "part.parquet")]
+        counts = np.bincount(detections.label.astype(np.int64), minlength=len(classes))
+        outputs = iter(range(10**9))
+
+        def write_geopackage() -> None:
+            write_outputs(parts, counts, source, classes, Path(tmp) / f"out-{next(outputs)}")
+
         def label_path_in_side_process() -> None:  # what the merge's thread does: send the polygons, wait
             side_process.call(write_label_path, detections, Path(tmp) / f"labels-{next(stores)}.zarr")
 
@@ -134,6 +144,7 @@ def main() -> None:
             "rasterise (rasterio)": (partial(beside, rasterise), "block"),
             "write one shard (zarr)": (partial(beside, write_shard), "block"),
             "compress 16 chunks (numcodecs blosc, no zarr)": (partial(beside, lambda: [blosc.encode(c) for c in chunks]), "block"),
+            "the image's GeoPackage from its part (writers.write_outputs)": (partial(beside, write_geopackage), "GeoPackage"),
             "numpy sort (releases the GIL; control)": (partial(beside, lambda: np.sort(to_sort)), "sort of 4M"),
             "whole label path, in the side process (pipeline.side_process)": (partial(beside, label_path_in_side_process), "4 blocks"),
         }

@@ -1,11 +1,11 @@
-"""A process beside the inference threads for the work that holds the GIL: labels.zarr.
+"""A process beside the inference threads for the writes that hold the GIL.
 
-rasterio's ``rasterize`` holds the GIL for the whole GDAL call and zarr's writes are mostly
-Python, so in a thread they slow the model running beside them 1.8-2.2×; in a process of their
-own 1.07× (``benchmarks/gil_contention.py``). ``call`` runs a function in this process's side
-process: one, started on first use, reused until ``shutdown``. A daemonic process (a Dask
-worker with ``distributed.worker.daemon`` true, Dask's default) may not start one: ``call`` then
-runs the function in the calling thread, with the same result.
+rasterio's ``rasterize`` holds the GIL for the whole GDAL call, zarr's writes are mostly Python
+and so is feeding a GeoPackage, so in a thread beside the model they slow it 2-4×; from a
+process of their own by a few percent (``benchmarks/gil_contention.py``). ``call`` runs a
+function in this process's side process: one, started on first use, reused until ``shutdown``.
+A daemonic process (a Dask worker with ``distributed.worker.daemon`` true, Dask's default) may
+not start one: ``call`` then runs the function in the calling thread, with the same result.
 """
 
 from __future__ import annotations
@@ -80,4 +80,4 @@ def shutdown() -> None:
     with _lock:
         pool, _pool = _pool, None
     if pool is not None:
-        pool.shutdown()
+        pool.shutdown(wait=False)

@@ -4,8 +4,9 @@ Each step merges a band's batch results with what the bands above left pending
 (``stages.merge_grid_band``), stages the instances it released as a Parquet part, adds them to
 the counts and the density grid, and rasterises the rows of ``labels.zarr`` that no later
 instance can reach. So memory holds about one band of instances, however large the image.
-labels.zarr is rasterised and written in the worker's side process (``pipeline.side_process``):
-in the merge's thread it would hold the GIL that the inference threads beside it need.
+labels.zarr and the final GeoPackage are written in the worker's side process
+(``pipeline.side_process``): in the merge's thread those calls would hold the GIL that the
+inference threads beside them need (the next image's, for the GeoPackage of an archive's image).
 ``finalise_labels`` completes labels.zarr; ``finish_image`` streams the parts into the GeoPackage
 and commits every output at once. A step that runs again (a retry, a lost worker) rewrites the same part and blocks: steps are
 idempotent.
@@ -144,7 +145,8 @@ def finish_image(
         area = extra["tissue_mm2"]
         extra["instances_per_mm2"] = float(stream.counts.sum()) / area
         extra["per_mm2"] = {name: float(n) / area for name, n in zip(class_names, stream.counts)}
-    summary = write_outputs([Path(p) for p in stream.parts], stream.counts, source, class_names, out_dir, extra, staged)
+    parts = [Path(p) for p in stream.parts]
+    summary = side_process.call(write_outputs, parts, stream.counts, source, class_names, out_dir, extra, staged)
     shutil.rmtree(parts_dir, ignore_errors=True)
     if resume_dir:
         shutil.rmtree(resume_dir, ignore_errors=True)

@@ -16,6 +16,7 @@ import pytest
 import shapely
 from distributed import LocalCluster
 
+from pipeline import side_process
 from pipeline.synthetic_raster import write_scene
 from tests.test_cluster import free_port
 from workflows.batch import run_workflow
@@ -55,6 +56,7 @@ def test_disk_full_during_a_write_loses_nothing(tmp_path, monkeypatch):
             return real_write(frame, path, *args, **kwargs)
 
         monkeypatch.setattr(pyogrio, "write_dataframe", disk_full)
+        monkeypatch.setattr(side_process, "can_start", lambda: False)  # the write runs here, where the fault is
         outcome = run_workflow(workflow, show_progress=False, log=lambda *_: None)
         assert not outcome.ok and "No space left on device" in outcome.report.failed[str(archive / "scene1.tif")]
         status, error = statuses(out)["scene1.tif"]
