@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import side_process
 from pipeline.detections import Detections
 from pipeline.grid import Span, Tile, TileGrid
-from pipeline import side_process
 from pipeline.label_store import density_grid, finalise_label_store, label_blocks, write_label_blocks
 from pipeline.sources import RasterSource
 from pipeline.stages import BatchResult, SeamState, merge_grid_band

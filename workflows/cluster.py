@@ -10,12 +10,12 @@ from distributed import Client, LocalCluster, WorkerPlugin
 
 from pipeline import side_process
 
-
 LOCAL_WORKER_CONFIG = {
     # Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes glibc hand back every large block torch frees
     # and fault it in again on the next tile: 0.45 vs 0.31 s per tile here (benchmarks/tile_speed.py)
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-    # a daemonic worker may not start the side process that keeps labels.zarr off the inference threads' GIL
+    # a daemonic worker may not start the side process that keeps labels.zarr and the GeoPackage
+    # off the inference threads' GIL (pipeline/side_process.py)
     "distributed.worker.daemon": False,
 }
 
@@ -37,7 +37,7 @@ def connect(
 
     Local workers get the machine's cores between them (``threads_per_worker`` None). Dask gives each
     worker process one torch thread; on the CPU each thread runs its own inference, one per core.
-    Local workers are not daemonic, so each may start its side process for labels.zarr
+    Local workers are not daemonic, so each may start its side process for the writes
     (``pipeline.side_process``); a nanny restarting a worker starts it with the same settings.
     """
     if scheduler:
