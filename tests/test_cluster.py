@@ -71,6 +71,7 @@ def test_cli_through_scheduler_and_worker_processes(cluster, tmp_path):
     )
     assert result.returncode == 1, result.stdout + result.stderr  # one image failed, the other did not
     assert "broken.tif" in result.stdout
+    assert "Dask workers are daemonic" in result.stderr  # `dask worker`'s default: the writes run in the merge's thread
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert list(run["done"]) == [str(scene_path)] and list(run["failed"]) == [str(broken)]
     assert "broken.tif" in run["failed"][str(broken)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 
 import dask
@@ -43,6 +44,7 @@ def connect(
     if scheduler:
         with Client(scheduler) as client:
             client.register_plugin(SideProcessShutdown())
+            warn_if_daemonic(client)
             yield client
         return
     with dask.config.set(LOCAL_WORKER_CONFIG):
@@ -56,6 +58,19 @@ def connect(
         with cluster, Client(cluster) as client:
             client.register_plugin(SideProcessShutdown())
             yield client
+
+
+def warn_if_daemonic(client: Client) -> None:
+    """Warn when some workers are daemonic: they cannot start a side process, so their writes hold
+    the GIL their inference threads need (slower, same results)."""
+    daemonic = sorted(address for address, can in client.run(side_process.can_start, on_error="ignore").items() if not can)
+    if daemonic:
+        warnings.warn(
+            f"{len(daemonic)} of {len(client.scheduler_info()['workers'])} Dask workers are daemonic ({', '.join(daemonic)}): "
+            "they write labels.zarr and GeoPackages in the merge's thread, which slows their inference. Start workers "
+            "with DASK_DISTRIBUTED__WORKER__DAEMON=False (distributed.worker.daemon: false) to give each a side process.",
+            stacklevel=2,
+        )
 
 
 def has_gpu_workers(client: Client) -> bool:
