@@ -68,7 +68,7 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
     """Run ``command`` in its own process tree; its wall time, the peak of the tree's summed RSS,
     the peak of its largest single process and the peaks by role (``client``: the command's own
     process, ``worker``: its multiprocessing children such as Dask workers, ``side``: theirs, such
-    as a worker's side process for labels.zarr, ``other``), sampled every
+    as a worker's side process for its writes, ``other``), sampled every
     ``interval`` s, and the JSON object the command printed last on stdout (``result``)."""
     start = time.perf_counter()
     process = psutil.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -127,22 +127,23 @@ def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None 
     a free port. Dask starts workers with ``OMP/MKL/OPENBLAS_NUM_THREADS=1`` and
     ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``); ``env`` overrides
     them (``None`` as a value: unset in the worker). By default (``env=None``) the overrides of
-    ``connect``: ``SEAMLINE_WORKER_ENV``; ``env={}`` keeps Dask's defaults. Workers are not
-    daemonic, as ``connect``'s, so each has its side process for labels.zarr; ``config``: other Dask
-    settings the nannies hand their workers (``{"distributed.worker.daemon": True}``: labels.zarr
-    in the merge's thread)."""
+    ``connect``: ``SEAMLINE_WORKER_ENV``; ``env={}`` keeps Dask's defaults. Workers get ``connect``'s
+    other settings too (``LOCAL_WORKER_CONFIG``: not daemonic, so each has its side process for
+    the writes); ``config`` overrides them (``{"distributed.worker.daemon": True}``: the writes in
+    the merge's thread)."""
     import dask
     from distributed import Client, LocalCluster
 
-    from workflows.cluster import SideProcessShutdown
+    from workflows.cluster import LOCAL_WORKER_CONFIG, SideProcessShutdown
 
     env = SEAMLINE_WORKER_ENV if env is None else env
     # the nanny prefers these variables from os.environ over its config and leaves its own in
     # os.environ after spawning: clear them around the start and restore them afterwards
     saved = {k: os.environ.pop(k, None) for k in WORKER_ENV}
     os.environ.update({k: str(v) for k, v in env.items() if v is not None})
-    settings = {f"distributed.nanny.pre-spawn-environ.{k}": None for k, v in env.items() if v is None}
-    settings |= {"distributed.worker.daemon": False} | (config or {})
+    spawn_environ = "distributed.nanny.pre-spawn-environ."
+    settings = {k: v for k, v in LOCAL_WORKER_CONFIG.items() if not k.startswith(spawn_environ)}  # env sets those
+    settings |= {f"{spawn_environ}{k}": None for k, v in env.items() if v is None} | (config or {})
     try:
         with dask.config.set(settings):
             cluster = LocalCluster(

@@ -6,8 +6,9 @@ size has the same content per tile and none needs the image in memory) is segmen
 real command line — ``seamline run SCENE --model synthetic-shapes`` on its default LocalCluster of
 one worker process × 2 threads — in a fresh process tree per size, with the shipped model (no
 stand-in detector: inference is real). The parent samples the RSS of the ``seamline`` process
-(client + scheduler), of the worker process and of its side process (labels.zarr) every 50 ms. Sizes are run in the order given,
-``--repeats`` times interleaved; medians are reported.
+(client + scheduler), of the worker process and of its side process (labels.zarr and GeoPackage
+writes) every 50 ms. Sizes are run in the order given, ``--repeats`` times interleaved; medians
+are reported.
 
 Expected: time = fixed start-up + a constant cost per tile (a line through the points), and peak
 memory flat: a worker holds one batch of tiles, the model and the polygons, never the image.
