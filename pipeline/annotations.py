@@ -26,20 +26,19 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyproj
 import rasterio
 import shapely
 from affine import Affine
 from pycocotools import mask as mask_utils
 from rasterio import features
-from rasterio.enums import ColorInterp
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.transform import xy
+from rasterio.io import MemoryFile
 from scipy import ndimage
 from shapely import affinity
 
 from pipeline.grid import Span
-from pipeline.sources import RasterSource, SourceError, open_raster, read_window
+from pipeline.sources import RasterSource, SourceError, open_raster, pixel_size_m, read_window
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -58,6 +57,7 @@ class AnnotatedImage:
     classes: np.ndarray
     class_names: list[str]
     resolution: float | None = None
+    resolution_unit: str | None = None  # "um" or "m"
 
 
 # ---------------------------------------------------------------- files
@@ -101,25 +101,43 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _pixel_size(source: RasterSource) -> float | None:
-    """Pixel size in metres of a georeferenced raster (side of a square of equal area), else None."""
-    if source.crs_wkt is None:
-        return None
-    crs, t = pyproj.CRS.from_wkt(source.crs_wkt), source.transform
-    if not crs.is_geographic:
-        return float(np.sqrt(abs(t.determinant)) * crs.axis_info[0].unit_conversion_factor)
-    col, row = source.width // 2, source.height // 2
-    xs, ys = xy(t, [row, row, row + 1], [col, col + 1, col], offset="ul")
-    geod = crs.get_geod()
-    dx = geod.line_length(xs[:2], ys[:2])
-    dy = geod.line_length(xs[::2], ys[::2])
-    return float(np.sqrt(dx * dy))
+    """Pixel size in metres of a georeferenced raster, else None."""
+    return pixel_size_m(source.crs_wkt, source.transform, source.width, source.height)
+
+
+def at_resolution(sample: AnnotatedImage, resolution: float, tolerance: float = 0.05) -> AnnotatedImage:
+    """``sample`` resampled to ``resolution`` (in its own unit) by GDAL, like the pipeline's reads:
+    pixels bilinear, instance ids nearest (objects left without pixels are dropped). Returned
+    unchanged within ``tolerance``, the pipeline's own."""
+    if sample.resolution is None:
+        raise AnnotationError(f"{sample.name}: no pixel size (georeferencing or MicronsPerPixel) to resample from")
+    factor = resolution / sample.resolution
+    if abs(factor - 1) <= tolerance:
+        return sample
+    height, width = sample.labels.shape
+    shape = max(1, round(height / factor)), max(1, round(width / factor))
+    image = _gdal_resize(sample.image.transpose(2, 0, 1), shape, Resampling.bilinear).transpose(1, 2, 0)
+    labels = _gdal_resize(sample.labels[None], shape, Resampling.nearest)[0]
+    return _sample(sample.name, np.ascontiguousarray(image), labels, sample.class_names, resolution, sample.classes,
+                   sample.resolution_unit)
+
+
+def _gdal_resize(bands: np.ndarray, shape: tuple[int, int], resampling: Resampling) -> np.ndarray:
+    """(count, h, w) bands resized to ``shape`` by GDAL, as a resampled window read does it."""
+    count, height, width = bands.shape
+    profile = dict(driver="GTiff", count=count, height=height, width=width, dtype=bands.dtype.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile() as memory, memory.open(**profile) as dataset:
+            dataset.write(bands)
+            return dataset.read(out_shape=(count, *shape), resampling=resampling)
 
 
 # ---------------------------------------------------------------- instances
 
 
 def _sample(name: str, image: np.ndarray, labels: np.ndarray, class_names: list[str], resolution: float | None,
-            classes=None) -> AnnotatedImage:
+            classes=None, unit: str = "m") -> AnnotatedImage:
     """Drop ids without pixels and renumber 1..n; ``classes[k]`` belongs to input id ``k + 1``."""
     ids, index = np.unique(labels, return_inverse=True)
     index = index.reshape(labels.shape)
@@ -128,7 +146,8 @@ def _sample(name: str, image: np.ndarray, labels: np.ndarray, class_names: list[
     else:
         index += 1
     classes = np.zeros(len(ids), np.int16) if classes is None else np.asarray(classes, np.int16)[ids - 1]
-    return AnnotatedImage(name, image, index.astype(np.int32), classes, list(class_names), resolution)
+    return AnnotatedImage(name, image, index.astype(np.int32), classes, list(class_names), resolution,
+                          unit if resolution is not None else None)
 
 
 def _polygonal(geometry):
@@ -183,7 +202,7 @@ def read_imagescope_xml(image_path: Path, xml_path: Path, class_name: str = "nuc
     image, _ = _read_image(Path(image_path))
     polygons, microns = _imagescope_polygons(Path(xml_path))
     labels = _rasterise(polygons, image.shape[:2])
-    return _sample(Path(image_path).stem, image, labels, [class_name], microns)
+    return _sample(Path(image_path).stem, image, labels, [class_name], microns, unit="um")
 
 
 def _imagescope_polygons(path: Path) -> tuple[list, float | None]:

@@ -18,11 +18,13 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import pyproj
 import rasterio
 from affine import Affine
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.transform import xy
 from rasterio.windows import Window
 
 from pipeline.grid import Span
@@ -115,12 +117,21 @@ def open_raster(
         raise SourceError(f"{path}: not a readable raster ({err})") from err
 
 
-def pixel_size_m(dataset) -> float | None:
-    """Metres per pixel of a projected raster with square-ish pixels; None otherwise."""
-    if dataset.crs is None or not dataset.crs.is_projected:
+def pixel_size_m(crs_wkt: str | None, transform: Affine, width: int, height: int) -> float | None:
+    """Metres per pixel (the side of a square of equal area) of a georeferenced raster: from the
+    transform in a projected CRS, geodesic at the image centre in a lon/lat one; None without a CRS."""
+    if crs_wkt is None:
         return None
-    _, metres_per_unit = dataset.crs.linear_units_factor
-    return float(np.sqrt(abs(dataset.transform.determinant))) * metres_per_unit
+    crs = pyproj.CRS.from_wkt(crs_wkt)
+    if not crs.is_geographic:
+        return float(np.sqrt(abs(transform.determinant)) * crs.axis_info[0].unit_conversion_factor)
+    col, row = width // 2, height // 2
+    xs, ys = xy(transform, [row, row, row + 1], [col, col + 1, col], offset="ul")
+    geod = crs.get_geod()
+    return float(np.sqrt(geod.line_length(xs[:2], ys[:2]) * geod.line_length(xs[::2], ys[::2])))
+
+
+MAX_UPSAMPLING = 8.0
 
 
 def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: float | None = None) -> RasterSource:
@@ -152,8 +163,14 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     else:
         ranges = _overview_range(dataset, bands)
         warnings.warn(f"{path}: {dtype} data scaled to 8 bits from per-band ranges {ranges}", stacklevel=3)
-    size = pixel_size_m(dataset) if target_m else None
+    crs_wkt = dataset.crs.to_wkt() if dataset.crs else None
+    size = pixel_size_m(crs_wkt, dataset.transform, dataset.width, dataset.height) if target_m else None
     factor = target_m / size if size and abs(target_m / size - 1) > 0.05 else 1.0
+    if factor < 1 / MAX_UPSAMPLING:
+        raise SourceError(
+            f"{path}: pixels of {size:.3g} m, the model's are {target_m:.3g} m: refusing to upsample "
+            f"{1 / factor:.0f}× (check the file's georeferencing)"
+        )
     height, width = max(1, round(dataset.height / factor)), max(1, round(dataset.width / factor))
     return RasterSource(
         path=str(path.resolve()),
@@ -163,7 +180,7 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         dtype=dtype,
         value_range=ranges,
         transform=dataset.transform @ Affine.scale(dataset.width / width, dataset.height / height),
-        crs_wkt=dataset.crs.to_wkt() if dataset.crs else None,
+        crs_wkt=crs_wkt,
         factor=factor,
     )
 

@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.annotations import (
-    AnnotatedImage, AnnotationError, dataset_stats, read_binary_mask, read_coco, read_imagescope_xml, read_label_image,
+    AnnotatedImage, AnnotationError, at_resolution, dataset_stats, read_binary_mask, read_coco, read_imagescope_xml, read_label_image,
     read_vector,
 )
 from pipeline.synthetic_raster import write_geotiff
@@ -316,3 +316,31 @@ def test_real_datasets(shared_data):
     assert stats["images"] == len(samples) and stats["instances"] == total == sum(stats["per_class"].values())
     assert stats["images_without_instances"] == [nodata.name]
     assert 5 < stats["equivalent_diameter_px"]["median"] < 60
+
+
+def test_resampled_samples_match_the_pipelines_resampled_reads(tmp_path):
+    from pipeline.grid import Span
+    from pipeline.sources import open_raster
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    mask = np.zeros((300, 400), np.uint8)
+    mask[20:60, 30:90] = mask[100:180, 200:260] = mask[250:252, 10:12] = 255  # the last: 4 px
+    transform = Affine(0.5, 0, 430000, 0, -0.5, 5420000)
+    path = write_geotiff(image, tmp_path / "img.tif", transform=transform)
+    sample = read_binary_mask(path, write_geotiff(mask[..., None], tmp_path / "mask.tif", transform=transform), min_area=1)
+    assert (sample.resolution, sample.resolution_unit, sample.labels.max()) == (0.5, "m", 3)
+
+    coarse = at_resolution(sample, 1.0)
+    source = open_raster(path, target_m=1.0)  # what inference reads for a 1 m model
+    pixels, _ = source.read(Span(0, source.height), Span(0, source.width))
+    assert coarse.image.shape == pixels.shape == (150, 200, 3) and (coarse.image == pixels).all()
+    assert (coarse.resolution, coarse.resolution_unit, coarse.labels.max()) == (1.0, "m", 3)
+    assert areas(coarse)[1:] == [20 * 30, 40 * 30] and areas(coarse)[0] == 1
+
+    fine = at_resolution(sample, 0.25)
+    assert fine.labels.shape == (600, 800) and areas(fine) == [4 * a for a in areas(sample)]
+    assert at_resolution(sample, 0.51) is sample  # within 5 %: the pipeline reads as is
+    unreferenced = read_binary_mask(image_file(tmp_path), write_geotiff(np.zeros((H, W, 1), np.uint8), tmp_path / "m.tif", crs=None))
+    with pytest.raises(AnnotationError, match="img: no pixel size"):
+        at_resolution(unreferenced, 1.0)

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from models.synthetic import make_scene
@@ -63,3 +64,42 @@ def test_train_command_writes_a_loadable_model_and_its_split(tmp_path):
     segmenter = Segmenter(out, device="cpu")
     assert segmenter.card.classes == ["object"] and segmenter.card.tile_size == 128
     assert (out / "training_log.csv").is_file() and (out / "checkpoint.pt").is_file()
+
+
+def test_evaluate_reads_images_at_the_model_resolution(tmp_path):
+    """The same scenes at 0.5 m and, pixels repeated, at 0.25 m. A model made for 0.5 m must score
+    the 0.25 m copies as it scores the originals: evaluation resamples them to its resolution and
+    maps the polygons back onto the 0.25 m ground truth."""
+    import shutil
+
+    import yaml
+    from affine import Affine
+
+    from models.registry import resolve_model_dir
+
+    for name, repeat in (("coarse", 1), ("fine", 2)):
+        for folder in ("images", "labels"):
+            (tmp_path / name / folder).mkdir(parents=True)
+        transform = Affine(0.5 / repeat, 0, 430000, 0, -0.5 / repeat, 5420000)
+        for seed in range(2):
+            scene = make_scene(510 + seed, 300, 350)
+            image, labels = (np.repeat(np.repeat(a, repeat, 0), repeat, 1) for a in (scene.image, scene.labels))
+            write_geotiff(image, tmp_path / name / "images" / f"s{seed}.tif", transform=transform)
+            write_geotiff(labels[..., None].astype(np.uint16), tmp_path / name / "labels" / f"s{seed}.tif", transform=transform)
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir("synthetic-shapes"), model)
+    card = yaml.safe_load((model / "model.yaml").read_text())
+
+    def scores(name, resolution):
+        card.update(resolution=resolution, resolution_unit=resolution and "m")
+        (model / "model.yaml").write_text(yaml.safe_dump(card))
+        out = tmp_path / f"report-{name}-{resolution}"
+        result = runner.invoke(app, ["evaluate", "-f", "label-images", "--images", str(tmp_path / name / "images"),
+                                     "--annotations", str(tmp_path / name / "labels"), "--model", str(model), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "report.json").read_text())["summary"]
+
+    coarse, fine, fine_as_is = scores("coarse", None), scores("fine", 0.5), scores("fine", None)
+    assert coarse["tp"] > 8 and [fine[k] for k in ("tp", "fp", "fn")] == [coarse[k] for k in ("tp", "fp", "fn")]
+    assert fine["pq"] == pytest.approx(coarse["pq"], abs=0.03)
+    assert fine_as_is["fp"] != coarse["fp"]  # read as is, the model sees other pixels

@@ -3,7 +3,7 @@ import pytest
 import rasterio
 
 from pipeline.grid import Span
-from pipeline.sources import SourceError, open_raster, read_window
+from pipeline.sources import SourceError, open_raster, pixel_size_m, read_window
 from pipeline.synthetic_raster import write_geotiff
 
 FULL = (Span(0, 64), Span(0, 80))
@@ -104,9 +104,24 @@ def test_projected_raster_is_resampled_to_the_model_resolution(tmp_path):
         expected = dataset.read(out_shape=(3, 300, 350), resampling=Resampling.bilinear).transpose(1, 2, 0)
     assert valid.all() and (pixels == expected).all()
     assert open_raster(path, target_m=0.25).width == 1400  # coarser imagery is upsampled
-    geographic = write_geotiff(image, tmp_path / "degrees.tif", crs="EPSG:4326",
-                               transform=rasterio.Affine(1e-5, 0, 10, 0, -1e-5, 50))
-    assert open_raster(geographic, target_m=1.0).factor == 1.0  # no metric pixel size: never guessed
+    unreferenced = write_geotiff(image, tmp_path / "pixels.tif", crs=None, transform=rasterio.Affine.identity())
+    assert open_raster(unreferenced, target_m=1.0).factor == 1.0  # no metric pixel size: never guessed
+
+
+def test_lon_lat_raster_is_resampled_by_its_geodesic_pixel_size(tmp_path):
+    image = np.random.default_rng(4).integers(0, 255, (400, 500, 3), dtype=np.uint8)
+    # 1e-5° pixels at 50° N on WGS84: 0.717 m east-west, 1.112 m north-south
+    path = write_geotiff(image, tmp_path / "degrees.tif", crs="EPSG:4326",
+                         transform=rasterio.Affine(1e-5, 0, 10, 0, -1e-5, 50.002))
+    with rasterio.open(path) as dataset:
+        size = pixel_size_m(dataset.crs.to_wkt(), dataset.transform, dataset.width, dataset.height)
+    assert size == pytest.approx(np.sqrt(0.717 * 1.112), rel=2e-3)
+    source = open_raster(path, target_m=2 * size)
+    assert (source.factor, source.height, source.width) == (pytest.approx(2.0), 200, 250)
+    assert source.transform.a == pytest.approx(2e-5) and source.crs_wkt is not None
+    assert open_raster(path, target_m=size * 1.04).factor == 1.0
+    with pytest.raises(SourceError, match=r"degrees\.tif: pixels of .* refusing to upsample"):
+        open_raster(path, target_m=size / 20)
 
 
 def test_nodata_regions_are_masked_from_an_overview_before_reading(tmp_path):

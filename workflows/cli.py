@@ -12,7 +12,7 @@ from rich.table import Table
 
 from models.card import ModelCardError, load_card
 from models.registry import resolve_model_dir, shipped_models
-from pipeline.annotations import AnnotationError, dataset_stats
+from pipeline.annotations import AnnotationError, at_resolution, dataset_stats
 from pipeline.graph import Tiling
 from pipeline.sources import SourceError
 from pipeline.writers import atomic_path
@@ -185,6 +185,7 @@ def train(
     max_detections: Annotated[int, typer.Option(help="Detections per tile (dense nuclei need hundreds).")] = 500,
     pack_only: Annotated[bool, typer.Option(help="Only write OUT/train-pack.npz and OUT/model.yaml, for `python -m models.training` on a machine with torch alone (e.g. a GPU box).")] = False,
     checkpoint_minutes: Annotated[float, typer.Option(help="Write OUT/checkpoint.pt this often while training (--resume continues from it).")] = 5.0,
+    resolution: Annotated[Optional[float], typer.Option(help="Train at this pixel size (µm for imagescope, else m), resampling every image to it; the model then reads images at it. Default: the first image's own.")] = None,
 ) -> None:
     """Train (or fine-tune) a Mask R-CNN on annotated images; writes a model directory."""
     import torch
@@ -193,13 +194,18 @@ def train(
     from models.training import RandomCrops, Sample, save_pack, train as train_model
 
     samples = _load(fmt, images, annotations, class_name, class_field)
+    if resolution is not None:
+        try:
+            samples = [at_resolution(s, resolution) for s in samples]
+        except AnnotationError as err:
+            _fail(f"--resolution {resolution}: {err}")
     training, held_out = split(samples, val_every)
     class_names = samples[0].class_names
     base = load_card(resolve_model_dir(init)) if init else None
     card = ModelCard(
         name=out.name, architecture=base.architecture if base else architecture, classes=class_names,
         tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
-        resolution_unit=("um" if fmt == DatasetFormat.imagescope else "m") if samples[0].resolution else None,
+        resolution_unit=samples[0].resolution_unit,
         max_detections=max_detections, anchor_sizes=[int(a) for a in anchors.split(",")],
     )
     pack = [Sample(s.name, s.image, s.labels, s.classes) for s in training]

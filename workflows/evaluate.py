@@ -14,7 +14,7 @@ from rasterio import features
 
 from models.card import ModelCard
 from pipeline import metrics
-from pipeline.annotations import AnnotatedImage
+from pipeline.annotations import AnnotatedImage, at_resolution
 from pipeline.graph import Tiling, image_graph
 from pipeline.sources import open_raster
 from pipeline.synthetic_raster import write_geotiff
@@ -35,11 +35,17 @@ def predicted_labels(gpkg: Path, height: int, width: int) -> tuple[np.ndarray, d
 
 
 def segment_samples(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, work: Path, tiling: Tiling) -> list[Path]:
-    """Run the pipeline on each sample's pixels (written as 8-bit images, so scaling is identical)."""
+    """Run the pipeline on each sample's pixels (written as 8-bit images, so scaling is identical),
+    resampled to the model's resolution when both are known; polygons come back in the sample's pixels."""
     work.mkdir(parents=True, exist_ok=True)
     graphs = []
     for sample in samples:
-        image_path = write_geotiff(sample.image, work / f"{sample.name}.tif", crs=None, transform=Affine.identity())
+        pixels = sample.image
+        if card.resolution and sample.resolution and card.resolution_unit == sample.resolution_unit:
+            pixels = at_resolution(sample, card.resolution).image
+        height, width = sample.labels.shape
+        transform = Affine.scale(width / pixels.shape[1], height / pixels.shape[0])
+        image_path = write_geotiff(pixels, work / f"{sample.name}.tif", crs=None, transform=transform)
         graphs.append(image_graph(open_raster(image_path), str(model_dir), card.classes, work / sample.name, tiling))
     dask.compute([g.result for g in graphs], scheduler="sync")
     return [work / s.name / "instances.gpkg" for s in samples]
