@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from models.synthetic import make_scene
 from pipeline.synthetic_raster import write_geotiff
+from tests.helpers import model_variant
 from workflows.cli import app
 
 runner = CliRunner()
@@ -70,12 +71,7 @@ def test_evaluate_reads_images_at_the_model_resolution(tmp_path):
     """The same scenes at 0.5 m and, pixels repeated, at 0.25 m. A model made for 0.5 m must score
     the 0.25 m copies as it scores the originals: evaluation resamples them to its resolution and
     maps the polygons back onto the 0.25 m ground truth."""
-    import shutil
-
-    import yaml
     from affine import Affine
-
-    from models.registry import resolve_model_dir
 
     for name, repeat in (("coarse", 1), ("fine", 2)):
         for folder in ("images", "labels"):
@@ -86,13 +82,11 @@ def test_evaluate_reads_images_at_the_model_resolution(tmp_path):
             image, labels = (np.repeat(np.repeat(a, repeat, 0), repeat, 1) for a in (scene.image, scene.labels))
             write_geotiff(image, tmp_path / name / "images" / f"s{seed}.tif", transform=transform)
             write_geotiff(labels[..., None].astype(np.uint16), tmp_path / name / "labels" / f"s{seed}.tif", transform=transform)
-    model = tmp_path / "model"
-    shutil.copytree(resolve_model_dir("synthetic-shapes"), model)
-    card = yaml.safe_load((model / "model.yaml").read_text())
 
     def scores(name, resolution):
-        card.update(resolution=resolution, resolution_unit=resolution and "m")
-        (model / "model.yaml").write_text(yaml.safe_dump(card))
+        model = tmp_path / f"model-{name}-{resolution}"
+        model.mkdir()
+        model_variant(model, "synthetic-shapes", resolution=resolution, resolution_unit=resolution and "m")
         out = tmp_path / f"report-{name}-{resolution}"
         result = runner.invoke(app, ["evaluate", "-f", "label-images", "--images", str(tmp_path / name / "images"),
                                      "--annotations", str(tmp_path / name / "labels"), "--model", str(model), "--out", str(out)])
