@@ -187,15 +187,19 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             optimiser.step()
-            bar.update(task, completed=step if max_steps else elapsed)
             row = {"step": step, "seconds": round(time.time() - start, 1), "loss": round(loss.item(), 4)}
             row.update({k: round(v.item(), 4) for k, v in losses.items()})
+            bar.update(task, completed=step if max_steps else elapsed, description=f"training, loss {row['loss']:.3f}")
             if step % log_every == 0:
                 log.append(row)
             if time.time() - saved >= checkpoint_minutes * 60:
                 _save_checkpoint(checkpoint, model, optimiser, step, time.time() - start)
                 _write_log(out_dir, log)
                 saved = time.time()
+                if progress:  # a line per checkpoint: what a batch job's log shows, where no bar is drawn
+                    recent = [r["loss"] for r in log[-5:]] or [row["loss"]]
+                    bar.console.print(f"step {step}, {row['seconds'] / 60:.1f} min: loss {np.mean(recent):.3f} "
+                                      f"(mean of the last {len(recent)} logged); checkpoint written")
     if row is not None and (not log or log[-1]["step"] != step):
         log.append(row)  # the last step is always logged
     model.eval().cpu()

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import torch
 
@@ -78,3 +80,15 @@ def test_a_run_that_dies_resumes_from_its_last_periodic_checkpoint(tmp_path):
     log = train(card, crops, tmp_path / "m", max_steps=10, resume=True, **settings)
     assert [row["step"] for row in log] == list(range(1, 11))
     assert int(torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["step"]) == 10
+
+
+def test_progress_reports_the_loss_at_every_checkpoint(tmp_path, capsys):
+    """A batch job has no terminal to draw the bar on: each periodic checkpoint prints a line."""
+    card = ModelCard(name="tiny", architecture="maskrcnn_compact", classes=["ellipse", "rectangle", "triangle"],
+                     tile_size=128, overlap=16, anchor_sizes=[8, 16, 32, 64, 128])
+    crops = RandomCrops(tiny_samples(), crop=128, seed=1)
+    train(card, crops, tmp_path / "m", minutes=10, batch_size=2, lr=0.01, workers=0, max_steps=3, log_every=1,
+          checkpoint_minutes=0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "checkpoint written" in line]
+    assert [line.split(",")[0] for line in lines] == ["step 1", "step 2", "step 3"]
+    assert all(re.search(r"loss \d+\.\d{3} \(mean of the last [1-3] logged\)", line) for line in lines)
