@@ -367,7 +367,7 @@ def _percentiles(values: np.ndarray) -> dict[str, float]:
 
 
 def dataset_stats(samples: list[AnnotatedImage]) -> dict:
-    """What to check before training: counts per class, balance, object sizes, density.
+    """What to check before training: counts per class, balance, object sizes, density, pixel sizes.
 
     ``imbalanced`` when, with two or more classes, the largest has over 10× the instances of the
     smallest (a class without instances counts as 0). Sizes are in pixels; the equivalent
@@ -394,4 +394,17 @@ def dataset_stats(samples: list[AnnotatedImage]) -> dict:
         "area_px": _percentiles(areas),
         "instances_per_megapixel": total / (pixels / 1e6) if pixels else 0.0,
         "images_without_instances": [s.name for s in samples if not s.labels.any()],
+        "resolution": _resolutions(samples),
+    }
+
+
+def _resolutions(samples: list[AnnotatedImage]) -> dict:
+    """Pixel sizes per unit, and whether they differ by more than the pipeline's 5 %: then objects
+    of one size appear at several sizes, and ``seamline train --resolution`` puts them on one scale."""
+    units = sorted({s.resolution_unit for s in samples if s.resolution is not None})
+    sizes = {u: [s.resolution for s in samples if s.resolution_unit == u] for u in units}
+    return {
+        "per_unit": {u: _percentiles(np.asarray(v)) for u, v in sizes.items()},
+        "mixed": len(units) > 1 or any(max(v) > 1.05 * min(v) for v in sizes.values()),
+        "images_without": [s.name for s in samples if s.resolution is None],
     }

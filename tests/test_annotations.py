@@ -257,6 +257,14 @@ def test_dataset_stats():
     assert stats["instances_per_megapixel"] == pytest.approx(12 / 0.03)
     assert stats["images_without_instances"] == ["empty"]
     assert not dataset_stats(samples[:1] + [sample_with([4] * 2, [1, 1], names)])["imbalanced"]
+    assert stats["resolution"] == {"per_unit": {}, "mixed": False, "images_without": ["a", "b", "empty"]}
+    samples[0].resolution, samples[0].resolution_unit = 0.25, "um"
+    samples[1].resolution, samples[1].resolution_unit = 0.26, "um"
+    resolution = dataset_stats(samples)["resolution"]
+    assert resolution["per_unit"]["um"]["min"] == 0.25 and resolution["per_unit"]["um"]["max"] == 0.26
+    assert not resolution["mixed"] and resolution["images_without"] == ["empty"]
+    samples[1].resolution = 0.5  # a 20× scan among 40× ones
+    assert dataset_stats(samples)["resolution"]["mixed"]
 
 
 # ---------------------------------------------------------------- real data
