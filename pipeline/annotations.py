@@ -38,7 +38,9 @@ from scipy import ndimage
 from shapely import affinity
 
 from pipeline.grid import Span
-from pipeline.sources import RasterSource, SourceError, open_raster, pixel_size_m, read_window
+from pipeline.sources import (
+    RESAMPLE_TOLERANCE, RasterSource, SourceError, open_raster, pixel_size_m, read_window, resample_factor,
+)
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -105,14 +107,14 @@ def _pixel_size(source: RasterSource) -> float | None:
     return pixel_size_m(source.crs_wkt, source.transform, source.width, source.height)
 
 
-def at_resolution(sample: AnnotatedImage, resolution: float, tolerance: float = 0.05) -> AnnotatedImage:
+def at_resolution(sample: AnnotatedImage, resolution: float) -> AnnotatedImage:
     """``sample`` resampled to ``resolution`` (in its own unit) by GDAL, like the pipeline's reads:
     pixels bilinear, instance ids nearest (objects left without pixels are dropped). Returned
-    unchanged within ``tolerance``, the pipeline's own."""
+    unchanged within the pipeline's tolerance (``sources.resample_factor``)."""
     if sample.resolution is None:
         raise AnnotationError(f"{sample.name}: no pixel size (georeferencing or MicronsPerPixel) to resample from")
-    factor = resolution / sample.resolution
-    if abs(factor - 1) <= tolerance:
+    factor = resample_factor(sample.resolution, resolution)
+    if factor == 1.0:
         return sample
     height, width = sample.labels.shape
     shape = max(1, round(height / factor)), max(1, round(width / factor))
@@ -405,6 +407,6 @@ def _resolutions(samples: list[AnnotatedImage]) -> dict:
     sizes = {u: [s.resolution for s in samples if s.resolution_unit == u] for u in units}
     return {
         "per_unit": {u: _percentiles(np.asarray(v)) for u, v in sizes.items()},
-        "mixed": len(units) > 1 or any(max(v) > 1.05 * min(v) for v in sizes.values()),
+        "mixed": len(units) > 1 or any(max(v) > (1 + RESAMPLE_TOLERANCE) * min(v) for v in sizes.values()),
         "images_without": [s.name for s in samples if s.resolution is None],
     }

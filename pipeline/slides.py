@@ -25,10 +25,9 @@ from PIL import Image
 
 from pipeline.grid import Span
 from pipeline.handles import open_cached
-from pipeline.sources import SourceError, image_stem
+from pipeline.sources import SourceError, image_stem, resample_factor
 
 TOLERANCE = 1.2
-RESAMPLE_TOLERANCE = 0.05
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".ome"}
 GEOTIFF_TAGS = {33550, 33922, 34264, 34735}
 UM_PER_UNIT = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -68,14 +67,6 @@ def choose_level(level_mpp: list[float], target_mpp: float | None) -> int:
         return 0
     fitting = [k for k, mpp in enumerate(level_mpp) if mpp <= target_mpp * TOLERANCE]
     return max(fitting) if fitting else 0
-
-
-def resample_factor(level_mpp: float | None, target_mpp: float | None) -> float:
-    """Level pixels per processed pixel: 1 unless the level is > 5 % off the model's resolution."""
-    if level_mpp is None or target_mpp is None:
-        return 1.0
-    factor = target_mpp / level_mpp
-    return 1.0 if abs(factor - 1) <= RESAMPLE_TOLERANCE else factor
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from pipeline.grid import Span
 from pipeline.handles import open_cached
 
 OVERVIEW_SIZE = 1024
+RESAMPLE_TOLERANCE = 0.05  # pixel sizes this close to the model's are read as they are
+MAX_UPSAMPLING = 8.0
 
 
 def image_stem(path: str | Path) -> str:
@@ -131,7 +133,12 @@ def pixel_size_m(crs_wkt: str | None, transform: Affine, width: int, height: int
     return float(np.sqrt(geod.line_length(xs[:2], ys[:2]) * geod.line_length(xs[::2], ys[::2])))
 
 
-MAX_UPSAMPLING = 8.0
+def resample_factor(pixel_size: float | None, target: float | None) -> float:
+    """Source pixels per processed pixel: 1 unless ``pixel_size`` is more than 5 % off ``target``."""
+    if pixel_size is None or target is None:
+        return 1.0
+    factor = target / pixel_size
+    return 1.0 if abs(factor - 1) <= RESAMPLE_TOLERANCE else factor
 
 
 def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: float | None = None) -> RasterSource:
@@ -165,7 +172,7 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         warnings.warn(f"{path}: {dtype} data scaled to 8 bits from per-band ranges {ranges}", stacklevel=3)
     crs_wkt = dataset.crs.to_wkt() if dataset.crs else None
     size = pixel_size_m(crs_wkt, dataset.transform, dataset.width, dataset.height) if target_m else None
-    factor = target_m / size if size and abs(target_m / size - 1) > 0.05 else 1.0
+    factor = resample_factor(size, target_m)
     if factor < 1 / MAX_UPSAMPLING:
         raise SourceError(
             f"{path}: pixels of {size:.3g} m, the model's are {target_m:.3g} m: refusing to upsample "
