@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipeline.grid import Span
 from pipeline.handles import open_cached
-from pipeline.sources import SourceError, image_stem, resample_factor
+from pipeline.sources import SourceError, check_upsampling, image_stem, resample_factor
 
 TOLERANCE = 1.2
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".ome"}
@@ -256,6 +256,7 @@ def open_slide(path: str | Path, target_mpp: float | None = None, mpp: float | N
     downsamples = [sizes[0][0] / w for w, _ in sizes]
     level = choose_level([level0 * d for d in downsamples] if level0 else downsamples, target_mpp)
     factor = resample_factor(level0 * downsamples[level] if level0 else None, target_mpp)
+    check_upsampling(path, factor, level0, target_mpp, "µm")
     width, height = sizes[level]
     return SlideSource(
         str(path.resolve()), max(1, round(height / factor)), max(1, round(width / factor)), level,

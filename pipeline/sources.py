@@ -141,6 +141,16 @@ def resample_factor(pixel_size: float | None, target: float | None) -> float:
     return 1.0 if abs(factor - 1) <= RESAMPLE_TOLERANCE else factor
 
 
+def check_upsampling(path: Path, factor: float, pixel_size: float | None, target: float | None, unit: str) -> None:
+    """Refuse reads upsampled more than ``MAX_UPSAMPLING`` times: a pixel size that far from the
+    model's is a metadata (or ``--mpp``) mistake, and the processed image would be enormous."""
+    if factor < 1 / MAX_UPSAMPLING:
+        raise SourceError(
+            f"{path}: pixels of {pixel_size:.3g} {unit}, the model's are {target:.3g} {unit}: refusing to upsample "
+            f"{1 / factor:.0f}× (check the image's georeferencing, resolution metadata or --mpp)"
+        )
+
+
 def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: float | None = None) -> RasterSource:
     if dataset.width == 0 or dataset.height == 0:
         raise SourceError(f"{path}: image has no pixels ({dataset.width}×{dataset.height})")
@@ -173,11 +183,7 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     crs_wkt = dataset.crs.to_wkt() if dataset.crs else None
     size = pixel_size_m(crs_wkt, dataset.transform, dataset.width, dataset.height) if target_m else None
     factor = resample_factor(size, target_m)
-    if factor < 1 / MAX_UPSAMPLING:
-        raise SourceError(
-            f"{path}: pixels of {size:.3g} m, the model's are {target_m:.3g} m: refusing to upsample "
-            f"{1 / factor:.0f}× (check the file's georeferencing)"
-        )
+    check_upsampling(path, factor, size, target_m, "m")
     height, width = max(1, round(dataset.height / factor)), max(1, round(dataset.width / factor))
     return RasterSource(
         path=str(path.resolve()),

@@ -183,6 +183,8 @@ def test_slide_without_resolution_needs_mpp(shared_data, tmp_path):
     with pytest.raises(SourceError, match="nompp.ome.tif.*pass --mpp"):
         open_image(path, target_mpp=0.25)
     assert open_image(path, target_mpp=0.25, mpp=0.5).factor == pytest.approx(0.5)
+    with pytest.raises(SourceError, match=r"nompp.ome.tif: pixels of 25 µm, the model's are 0.25 µm: refusing to upsample 100×"):
+        open_image(path, target_mpp=0.25, mpp=25)  # --mpp 25 typed for 0.25
 
 
 def test_resampling_to_the_model_resolution_keeps_level0_coordinates(shared_data, tmp_path):
