@@ -12,13 +12,14 @@ from workflows.cli import app
 runner = CliRunner()
 
 
-def dataset(tmp_path, n=2):
-    (tmp_path / "images").mkdir()
+def dataset(tmp_path, n=2, crs=None):
+    """``n`` generated scenes and their label images; with ``crs``, georeferenced at 0.5 m pixels."""
+    (tmp_path / "images").mkdir(parents=True)
     (tmp_path / "labels").mkdir()
     for seed in range(n):
         scene = make_scene(500 + seed, 600, 700)
-        write_geotiff(scene.image, tmp_path / "images" / f"scene{seed}.tif", crs=None)
-        write_geotiff(scene.labels[..., None].astype(np.uint16), tmp_path / "labels" / f"scene{seed}.tif", crs=None)
+        write_geotiff(scene.image, tmp_path / "images" / f"scene{seed}.tif", crs=crs)
+        write_geotiff(scene.labels[..., None].astype(np.uint16), tmp_path / "labels" / f"scene{seed}.tif", crs=crs)
     return tmp_path / "images", tmp_path / "labels"
 
 
@@ -65,6 +66,31 @@ def test_train_command_writes_a_loadable_model_and_its_split(tmp_path):
     segmenter = Segmenter(out, device="cpu")
     assert segmenter.card.classes == ["object"] and segmenter.card.tile_size == 128
     assert (out / "training_log.csv").is_file() and (out / "checkpoint.pt").is_file()
+
+
+def test_train_resamples_to_the_resolution_asked_for(tmp_path):
+    from models.card import load_card
+    from models.training import load_pack
+
+    def train(root, *extra):
+        images, labels = dataset(root, n=2, crs=crs)
+        return runner.invoke(app, ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
+                                   "--out", str(root / "model"), "--val-every", "0", "--pack-only", *extra])
+
+    crs = None
+    result = train(tmp_path / "pixels", "--resolution", "1.0")
+    assert result.exit_code == 2 and "--resolution 1.0: scene0: no pixel size" in " ".join(result.output.split())
+    crs = "EPSG:32631"  # 0.5 m pixels
+    assert train(tmp_path / "native").exit_code == 0
+    result = train(tmp_path / "coarse", "--resolution", "1.0")
+    assert result.exit_code == 0, result.output
+    card = load_card(tmp_path / "coarse" / "model")
+    assert (card.resolution, card.resolution_unit) == (1.0, "m")
+    assert load_card(tmp_path / "native" / "model").resolution == pytest.approx(0.5)
+    native, _, _ = load_pack(tmp_path / "native" / "model" / "train-pack.npz")
+    coarse, _, resolution = load_pack(tmp_path / "coarse" / "model" / "train-pack.npz")
+    assert resolution == 1.0 and [s.image.shape for s in coarse] == [(300, 350, 3)] * 2
+    assert [s.labels.max() for s in coarse] == [s.labels.max() for s in native]  # no object lost at 2× coarser
 
 
 def test_evaluate_reads_images_at_the_model_resolution(tmp_path):
