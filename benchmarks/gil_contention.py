@@ -26,6 +26,7 @@ finished in the same time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import threading
 import time
@@ -98,7 +99,7 @@ def main() -> None:
         blosc = Blosc(cname="zstd", clevel=3, shuffle=Blosc.NOSHUFFLE)
         chunks = [np.ascontiguousarray(block[r : r + CHUNK, c : c + CHUNK]) for r in range(0, BLOCK, CHUNK) for c in range(0, BLOCK, CHUNK)]
         to_sort = np.random.default_rng(0).integers(0, 1000, 4_000_000).astype(np.uint32)
-        stores = iter(range(10**9))
+        stores = itertools.count()
 
         def label_path() -> None:
             write_label_path(detections, Path(tmp) / f"labels-{next(stores)}.zarr")
@@ -131,7 +132,7 @@ def main() -> None:
         classes = ["a", "b", "c"]
         parts = [write_part(detections, 1, source, classes, Path(tmp) / "part.parquet")]
         counts = np.bincount(detections.label.astype(np.int64), minlength=len(classes))
-        outputs = iter(range(10**9))
+        outputs = itertools.count()
 
         def write_geopackage() -> None:
             write_outputs(parts, counts, source, classes, Path(tmp) / f"out-{next(outputs)}")

@@ -111,17 +111,31 @@ def at_resolution(sample: AnnotatedImage, resolution: float) -> AnnotatedImage:
     """``sample`` resampled to ``resolution`` (in its own unit) by GDAL, like the pipeline's reads:
     pixels bilinear, instance ids nearest (objects left without pixels are dropped). Returned
     unchanged within the pipeline's tolerance (``sources.resample_factor``)."""
+    shape = _resampled_shape(sample, resolution)
+    if shape is None:
+        return sample
+    labels = _gdal_resize(sample.labels[None], shape, Resampling.nearest)[0]
+    return _sample(sample.name, pixels_at_resolution(sample, resolution), labels, sample.class_names, resolution,
+                   sample.classes, sample.resolution_unit)
+
+
+def pixels_at_resolution(sample: AnnotatedImage, resolution: float) -> np.ndarray:
+    """``sample.image`` as ``at_resolution`` resamples it, without the labels."""
+    shape = _resampled_shape(sample, resolution)
+    if shape is None:
+        return sample.image
+    return np.ascontiguousarray(_gdal_resize(sample.image.transpose(2, 0, 1), shape, Resampling.bilinear).transpose(1, 2, 0))
+
+
+def _resampled_shape(sample: AnnotatedImage, resolution: float) -> tuple[int, int] | None:
+    """(height, width) of ``sample`` at ``resolution``; None within the pipeline's tolerance."""
     if sample.resolution is None:
         raise AnnotationError(f"{sample.name}: no pixel size (georeferencing or MicronsPerPixel) to resample from")
     factor = resample_factor(sample.resolution, resolution)
     if factor == 1.0:
-        return sample
+        return None
     height, width = sample.labels.shape
-    shape = max(1, round(height / factor)), max(1, round(width / factor))
-    image = _gdal_resize(sample.image.transpose(2, 0, 1), shape, Resampling.bilinear).transpose(1, 2, 0)
-    labels = _gdal_resize(sample.labels[None], shape, Resampling.nearest)[0]
-    return _sample(sample.name, np.ascontiguousarray(image), labels, sample.class_names, resolution, sample.classes,
-                   sample.resolution_unit)
+    return max(1, round(height / factor)), max(1, round(width / factor))
 
 
 def _gdal_resize(bands: np.ndarray, shape: tuple[int, int], resampling: Resampling) -> np.ndarray:

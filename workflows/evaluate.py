@@ -14,7 +14,7 @@ from rasterio import features
 
 from models.card import ModelCard
 from pipeline import metrics
-from pipeline.annotations import AnnotatedImage, at_resolution
+from pipeline.annotations import AnnotatedImage, pixels_at_resolution
 from pipeline.graph import Tiling, image_graph
 from pipeline.sources import open_raster
 from pipeline.synthetic_raster import write_geotiff
@@ -42,7 +42,7 @@ def segment_samples(samples: list[AnnotatedImage], model_dir: Path, card: ModelC
     for sample in samples:
         pixels = sample.image
         if card.resolution and sample.resolution and card.resolution_unit == sample.resolution_unit:
-            pixels = at_resolution(sample, card.resolution).image
+            pixels = pixels_at_resolution(sample, card.resolution)
         height, width = sample.labels.shape
         transform = Affine.scale(width / pixels.shape[1], height / pixels.shape[0])
         image_path = write_geotiff(pixels, work / f"{sample.name}.tif", crs=None, transform=transform)
