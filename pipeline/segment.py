@@ -14,16 +14,31 @@ from pipeline.polygons import masks_to_polygons
 if TYPE_CHECKING:  # importing torch costs a process ~0.65 GB of RSS; only workers need it
     from models.inference import TileInstances
 
+MIN_VALID_FRACTION = 0.5  # a mask mostly over nodata, alpha or padding is the model reading black, not an object
 
-def tile_detections(instances: TileInstances, tile: Tile) -> Detections:
+
+def _valid_part(whole: np.ndarray, mask: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``mask`` (``whole`` cut to the window) on valid pixels only; empty when less than
+    ``MIN_VALID_FRACTION`` of ``whole`` is valid."""
+    part = mask & valid
+    return part if np.count_nonzero(part) >= MIN_VALID_FRACTION * np.count_nonzero(whole) else np.zeros_like(mask)
+
+
+def tile_detections(instances: TileInstances, tile: Tile, valid: np.ndarray | None = None) -> Detections:
     """Polygons of one tile's instances in whole-image pixels, flagged ``cut`` and ``owned``.
 
     Masks are clipped to the part of the window inside the image (a padded tile at the border
-    cannot produce pixels outside it).
+    cannot produce pixels outside it) and, given ``valid`` (the tile's valid pixels: not nodata,
+    alpha, NaN nor padding), to valid pixels; an instance mostly on invalid pixels is dropped.
     """
     height, width = tile.rows.length, tile.cols.length
     left, top, right, bottom = tile.interior
     masks = [crop.mask[: max(height - crop.row, 0), : max(width - crop.col, 0)] for crop in instances.masks]
+    if valid is not None:
+        masks = [
+            _valid_part(crop.mask, mask, valid[crop.row : crop.row + mask.shape[0], crop.col : crop.col + mask.shape[1]])
+            for crop, mask in zip(instances.masks, masks)
+        ]
     polygons = masks_to_polygons(
         [(crop.row, crop.col, mask) for crop, mask in zip(instances.masks, masks)],
         (height, width), tile.rows.start, tile.cols.start,

@@ -17,11 +17,13 @@ from pipeline.sources import RasterSource
 
 @dataclass
 class TileBatch:
-    """Pixels of several tiles, each padded with zeros to ``tile_size``², and their validity."""
+    """Pixels of several tiles, each padded with zeros to ``tile_size``², and their validity:
+    ``valid`` per pixel (padding invalid; None when every pixel is valid), ``has_data`` per tile."""
 
     tiles: list[Tile]
     pixels: np.ndarray
     has_data: np.ndarray
+    valid: np.ndarray | None = None
 
 
 @dataclass
@@ -49,12 +51,13 @@ def read_batch(source: RasterSource, grid: TileGrid, indices: Sequence[int]) -> 
     tiles = [grid.tile(i) for i in indices]
     channels = len(source.bands)
     pixels = np.zeros((len(tiles), grid.tile_size, grid.tile_size, channels), np.uint8)
-    has_data = np.zeros(len(tiles), bool)
+    valid = np.zeros(pixels.shape[:3], bool)
     for i, tile in enumerate(tiles):
-        data, valid = source.read(tile.rows, tile.cols)
+        data, valid_part = source.read(tile.rows, tile.cols)
         pixels[i, : data.shape[0], : data.shape[1]] = data
-        has_data[i] = valid.any()
-    return TileBatch(tiles=tiles, pixels=pixels, has_data=has_data)
+        valid[i, : data.shape[0], : data.shape[1]] = valid_part
+    has_data = valid.any(axis=(1, 2))
+    return TileBatch(tiles=tiles, pixels=pixels, has_data=has_data, valid=None if valid.all() else valid)
 
 
 def segment_batch(batch: TileBatch, model_dir: str, flips: bool | None = None, device: str | None = None) -> BatchResult:
@@ -67,7 +70,8 @@ def segment_batch(batch: TileBatch, model_dir: str, flips: bool | None = None, d
     finals, candidates = [], []
     for k, instances in zip(run, segmenter(batch.pixels[run])):
         tile = batch.tiles[k]
-        final, candidate = split_seam_candidates(tile_detections(instances, tile), tile)
+        valid = None if batch.valid is None else batch.valid[k]
+        final, candidate = split_seam_candidates(tile_detections(instances, tile, valid), tile)
         finals.append(final)
         candidates.append(candidate)
     return BatchResult(

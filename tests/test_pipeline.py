@@ -210,6 +210,38 @@ def test_image_smaller_than_a_tile_and_nodata_tiles(tmp_path):
     assert summary["tiles_skipped"] == summary["tiles"] == 9 and len(frame) == 0
 
 
+def test_instances_on_invalid_pixels_are_clipped_or_dropped():
+    labels = np.zeros((64, 64), np.int32)
+    labels[5:25, 5:25] = 1  # 3/4 on invalid pixels
+    labels[30:50, 20:40] = 2  # 1/4 on invalid pixels
+    labels[40:60, 45:60] = 3  # all valid
+    tile = Tile(0, 0, 0, Span(0, 64), Span(0, 64), Span(0, 64), Span(0, 64), (0, 0, 0, 0))
+    instances = perfect_tile_instances(labels, np.zeros(3, np.int16), tile)
+    valid = np.ones((64, 64), bool)
+    valid[:, :20] = False
+    valid[:15] = False
+    geometry = tile_detections(instances, tile, valid).geometry
+    truth = label_polygons(np.where(valid, labels, 0))
+    assert len(geometry) == 2
+    assert shapely.equals(geometry[0], truth[2]) and shapely.equals(geometry[1], truth[3])
+    assert len(tile_detections(instances, tile).geometry) == 3
+
+
+def test_nothing_is_found_on_a_nodata_collar(tmp_path):
+    scene = make_scene(2, 600, 600)
+    image = scene.image.copy()
+    collar = np.ones((600, 600), bool)
+    collar[80:-80, 80:-80] = False
+    image[collar] = 0
+    path = write_geotiff(image, tmp_path / "collar.tif", nodata=0)
+    _, frame = run_pipeline(path, tmp_path / "out", tile_size=256, overlap=32)
+    polygons = pixel_geometry(frame, path)
+    inner = shapely.box(80, 80, 520, 520)
+    assert (shapely.area(shapely.intersection(polygons, inner)) >= 0.999 * shapely.area(polygons)).all()
+    visible = np.asarray(list(label_polygons(np.where(collar, 0, scene.labels)).values()), dtype=object)
+    assert match_f1(polygons, visible) >= 0.9
+
+
 @pytest.mark.parametrize(
     "relative",
     [
