@@ -21,7 +21,7 @@ import numpy as np
 import pyproj
 import rasterio
 from affine import Affine
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.transform import xy
@@ -61,6 +61,7 @@ class RasterSource:
     transform: Affine
     crs_wkt: str | None
     factor: float = 1.0
+    palette: tuple[tuple[int, int, int, int], ...] | None = None  # RGBA per value of a colour-mapped band
 
     @property
     def image_id(self) -> str:
@@ -170,7 +171,8 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     if len(bands) != channels or any(b < 1 or b > dataset.count for b in bands):
         raise SourceError(f"{path}: bands {bands} invalid: the image has {dataset.count}, the model needs {channels}")
     dtype = dataset.dtypes[bands[0] - 1]
-    if dtype == "uint8" and value_range is None:
+    palette = _palette(dataset, bands)
+    if palette is not None or (dtype == "uint8" and value_range is None):
         ranges = None
     elif value_range is not None:
         lo, hi = map(float, value_range)
@@ -195,7 +197,21 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         transform=dataset.transform @ Affine.scale(dataset.width / width, dataset.height / height),
         crs_wkt=crs_wkt,
         factor=factor,
+        palette=palette,
     )
+
+
+def _palette(dataset, bands: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...] | None:
+    """The colour map of ``bands`` when they are one colour-mapped band (RGBA per value, values
+    outside the map transparent), else None: such a band holds indices, not intensities."""
+    band = bands[0]
+    if set(bands) != {band} or dataset.colorinterp[band - 1] != ColorInterp.palette:
+        return None
+    try:
+        colours = dataset.colormap(band)
+    except ValueError:  # a palette band without a colour table: read its values as they are
+        return None
+    return tuple(colours.get(value, (0, 0, 0, 0)) for value in range(max(colours) + 1))
 
 
 GDAL_BLOCK_CACHE = 128 * 2**20  # bytes
@@ -229,7 +245,9 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
                 sx, sy = dataset.width / source.width, dataset.height / source.height
                 window = Window(cols.start * sx, rows.start * sy, cols.length * sx, rows.length * sy)
             resampling = dict(resampling=Resampling.bilinear) if source.factor != 1.0 else {}
-            if source.value_range is None:
+            if source.palette is not None:
+                index = dataset.read(bands[0], window=window, out_shape=shape, resampling=Resampling.nearest)
+            elif source.value_range is None:
                 pixels = np.empty((*shape, len(bands)), np.uint8)
                 dataset.read(bands, window=window, out=pixels.transpose(2, 0, 1), **resampling)
             else:
@@ -241,7 +259,12 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
                 valid = dataset.dataset_mask(window=window, **nearest) > 0
     except OSError as err:  # RasterioIOError, or a file gone since it was opened
         raise SourceError(f"{source.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} ({err})") from err
-    if source.value_range is not None:
+    if source.palette is not None:
+        colours = np.asarray(source.palette, np.uint8)[np.minimum(index, len(source.palette) - 1)]
+        colours[index >= len(source.palette)] = 0
+        pixels = np.ascontiguousarray(colours[..., : len(bands)])
+        valid &= colours[..., 3] > 0
+    elif source.value_range is not None:
         data = data.astype(np.float32)
         valid &= np.isfinite(data).all(0)
         lo = np.array([r[0] for r in source.value_range], np.float32)[:, None, None]

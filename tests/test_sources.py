@@ -43,6 +43,28 @@ def test_band_rules(tmp_path):
         open_raster(five, bands=(6, 1, 2))
 
 
+def test_colour_mapped_band_is_read_through_its_colour_table(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    index = rng.integers(0, 12, (64, 80), dtype=np.uint8)
+    colours = rng.integers(0, 255, (12, 3), dtype=np.uint8)
+    tiff = tmp_path / "palette.tif"
+    with rasterio.open(tiff, "w", driver="GTiff", width=80, height=64, count=1, dtype="uint8", photometric="palette") as dst:
+        dst.write(index, 1)
+        dst.write_colormap(1, {v: (*colours[v].tolist(), 255) for v in range(12)})
+    png = tmp_path / "palette.png"  # PNG tables carry transparency: value 7 is transparent
+    picture = Image.fromarray(index, "P")
+    picture.putpalette(colours.ravel().tolist())
+    picture.save(png, transparency=bytes([0 if v == 7 else 255 for v in range(12)]))
+    for path, transparent in ((tiff, np.zeros_like(index, bool)), (png, index == 7)):
+        source = open_raster(path)
+        assert source.bands == (1, 1, 1) and source.value_range is None
+        pixels, valid = read_window(source, *FULL)
+        assert (valid == ~transparent).all()
+        assert (pixels[valid] == colours[index][valid]).all() and (pixels[~valid] == 0).all()
+
+
 def test_sixteen_bit_is_scaled_once_per_image_with_a_warning(tmp_path):
     rng = np.random.default_rng(2)
     data = rng.integers(1000, 5000, (200, 300, 3), dtype=np.uint16)
