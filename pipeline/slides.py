@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipeline.grid import Span
 from pipeline.handles import open_cached
-from pipeline.sources import SourceError, check_upsampling, image_stem, resample_factor
+from pipeline.sources import SourceError, check_upsampling, image_stem, read_error_reason, resample_factor
 
 TOLERANCE = 1.2
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".ome"}
@@ -114,10 +114,16 @@ class SlideSource:
         x1, y1 = min(cols.stop * self.factor, self.level_size[0]), min(rows.stop * self.factor, self.level_size[1])
         left, top = int(np.floor(x0)), int(np.floor(y0))
         right, bottom = max(int(np.ceil(x1)), left + 1), max(int(np.ceil(y1)), top + 1)
+        reason = None
         try:
             rgba = _REGIONS[self.backend](self.path, self.level, self.downsample, left, top, right - left, bottom - top)
         except (openslide.OpenSlideError, tifffile.TiffFileError, OSError, ValueError, KeyError) as err:
-            raise SourceError(f"{self.path}: read failed at level {self.level}, rows {rows.start}:{rows.stop} ({err})") from err
+            reason = read_error_reason(err)
+        if reason is not None:  # raised outside the handler, so without the reader's errors chained
+            raise SourceError(
+                f"{self.path}: read failed at level {self.level}, rows {rows.start}:{rows.stop}, "
+                f"the file may be truncated or corrupt ({reason})"
+            )
         if self.factor != 1.0:
             box = (x0 - left, y0 - top, x1 - left, y1 - top)
             size = (max(1, round((x1 - x0) / self.factor)), max(1, round((y1 - y0) / self.factor)))

@@ -41,6 +41,21 @@ def image_stem(path: str | Path) -> str:
     return stem[: -len(".ome")] if stem.lower().endswith(".ome") else stem
 
 
+def read_error_reason(err: BaseException) -> str:
+    """The messages of ``err`` and its causes, GDAL's own included ("See previous exception"
+    placeholders left out). Workers raise ``SourceError`` with it and without the causes chained:
+    GDAL's error classes do not survive pickling back to the client, which then sees a bare
+    ``Exception``."""
+    messages, seen, cause = [], set(), err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = " ".join(str(cause).split())
+        if text and "see previous exception" not in text.lower() and text not in messages:
+            messages.append(text)
+        cause = cause.__cause__ or cause.__context__
+    return "; ".join(messages) or type(err).__name__
+
+
 class SourceError(ValueError):
     """An image that cannot be read as asked; the message (one line) names the file and the cause."""
 
@@ -168,17 +183,19 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     bands = tuple(int(b) for b in bands)
     if len(bands) == 1:
         bands = bands * channels
-    if len(bands) != channels or any(b < 1 or b > dataset.count for b in bands):
-        raise SourceError(f"{path}: bands {bands} invalid: the image has {dataset.count}, the model needs {channels}")
+    if missing := sorted({b for b in bands if not 1 <= b <= dataset.count}):
+        raise SourceError(f"{path}: no band {', '.join(map(str, missing))}: the image has {dataset.count} band(s)")
+    if len(bands) != channels:
+        raise SourceError(f"{path}: {len(bands)} bands chosen, the model needs {channels} (or 1, repeated)")
     dtype = dataset.dtypes[bands[0] - 1]
     palette = _palette(dataset, bands)
     if palette is not None or (dtype == "uint8" and value_range is None):
         ranges = None
     elif value_range is not None:
-        lo, hi = map(float, value_range)
-        if not hi > lo:
-            raise SourceError(f"{path}: value range {value_range} is empty")
-        ranges = ((lo, hi),) * len(bands)
+        try:
+            ranges = (checked_value_range(value_range),) * len(bands)
+        except ValueError as err:
+            raise SourceError(f"{path}: value range {value_range}: {err}") from None
     else:
         ranges = _overview_range(dataset, bands)
         warnings.warn(f"{path}: {dtype} data scaled to 8 bits from per-band ranges {ranges}", stacklevel=3)
@@ -199,6 +216,17 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         factor=factor,
         palette=palette,
     )
+
+
+def checked_value_range(value_range) -> tuple[float, float]:
+    """``value_range`` as (LO, HI) floats; ValueError unless two finite numbers with LO < HI."""
+    try:
+        lo, hi = map(float, value_range)
+    except (TypeError, ValueError):
+        raise ValueError("expected two numbers LO,HI") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError("needs two finite numbers LO,HI with LO < HI")
+    return lo, hi
 
 
 def _palette(dataset, bands: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...] | None:
@@ -237,6 +265,7 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
     bands are decoded straight into the pixel-interleaved array (no band-first copy)."""
     shape = (rows.length, cols.length)
     bands = list(source.bands)
+    reason = None
     try:
         with open_cached(source.path, _open_quietly) as dataset:
             if source.factor == 1.0:
@@ -258,7 +287,12 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
                 nearest = dict(out_shape=shape, resampling=Resampling.nearest) if source.factor != 1.0 else {}
                 valid = dataset.dataset_mask(window=window, **nearest) > 0
     except OSError as err:  # RasterioIOError, or a file gone since it was opened
-        raise SourceError(f"{source.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} ({err})") from err
+        reason = read_error_reason(err)
+    if reason is not None:  # raised outside the handler, so without GDAL's errors chained
+        raise SourceError(
+            f"{source.path}: read failed at rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop}, "
+            f"the file may be truncated or corrupt ({reason})"
+        )
     if source.palette is not None:
         colours = np.asarray(source.palette, np.uint8)[np.minimum(index, len(source.palette) - 1)]
         colours[index >= len(source.palette)] = 0

@@ -124,7 +124,8 @@ def run_images(
                     events.done(name, report.done[name])
                 else:
                     error = future.exception()
-                    cause = str(error) if str(error).startswith(name) else f"{name}: {type(error).__name__}: {error}"
+                    named = isinstance(error, SourceError) or str(error).startswith(name)  # SourceErrors name their file
+                    cause = str(error) if named else f"{name}: {type(error).__name__}: {error}"
                     report.failed[name] = " ".join(cause.split())
                     events.failed(name, report.failed[name])
                 progress.advance(images_task)
