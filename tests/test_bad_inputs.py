@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import rasterio
 
+from models.registry import resolve_model_dir
 from pipeline.synthetic_raster import write_geotiff, write_scene
+from tests.helpers import model_variant
 
 SEAMLINE = Path(sys.executable).parent / "seamline"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -84,17 +86,44 @@ def test_bad_input_corpus_fails_file_by_file(tmp_path):
     (["--batch-size", "0"], "batch size 0 must be at least 1"),
     (["--mpp", "-1"], "--mpp -1.0 must be positive"),
     (["--density-cell", "1"], "--density-cell 1 must be between"),
-    (["--value-range", "5"], "--value-range needs LO,HI"),
+    (["--value-range", "5"], "--value-range 5: expected two numbers LO,HI"),
+    (["--value-range", "5,1"], "--value-range 5,1: needs two finite numbers LO,HI with LO < HI"),
+    (["--value-range", "nan,3"], "--value-range nan,3: needs two finite"),
+    (["--tile-size", "0"], "tile size 0 must be"),
+    (["--workers", "0"], "Invalid value for '--workers'"),
+    (["--workers", "-1"], "Invalid value for '--workers'"),
+    (["--threads", "0"], "Invalid value for '--threads'"),
+    (["--bands", "0"], "--bands 0: bands are numbered from 1"),
+    (["--bands", "a,b"], "--bands a,b: expected 1-based band numbers"),
+    (["--scheduler", "no-port-here"], "Dask scheduler no-port-here: cannot connect"),
+    (["--model", "truncated-model"], "not a readable safetensors file (Error while deserializing header"),
 ])
-def test_absurd_parameters_are_refused_before_any_work(tmp_path, arguments, message):
+def test_absurd_parameters_are_refused_before_any_work(tmp_path, monkeypatch, arguments, message):
     from typer.testing import CliRunner
 
     from workflows.cli import app
 
     image = write_geotiff(np.zeros((64, 64, 3), np.uint8), tmp_path / "x.tif")
+    card = model_variant(tmp_path / "truncated-model", "synthetic-shapes")
+    weights = tmp_path / "truncated-model" / card.weights
+    weights.unlink()
+    weights.write_bytes(resolve_model_dir().joinpath(card.weights).read_bytes()[:5000])
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["run", str(image), "--out", str(tmp_path / "out"), *arguments])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from workflows.cli import app
+
+    image = write_geotiff(np.zeros((64, 64, 3), np.uint8), tmp_path / "x.tif")
+    (tmp_path / "taken").write_text("someone's notes")
+    result = CliRunner().invoke(app, ["run", str(image), "--out", str(tmp_path / "taken")])
+    assert result.exit_code == 2 and "taken: exists and is not a directory" in " ".join(result.output.split())
+    assert (tmp_path / "taken").read_text() == "someone's notes"
 
 
 def test_unreadable_file_is_named(tmp_path):

@@ -79,6 +79,13 @@ def test_workflow_errors_name_key_and_line(tmp_path):
     path.write_text("- not a mapping\n")
     with pytest.raises(WorkflowError, match="mapping"):
         load_workflow(path)
+    (tmp_path / "taken").write_text("")
+    path.write_text("inputs: {paths: [a]}\noutputs:\n  dir: taken\nread:\n  value_range: [5, 1]\n")
+    with pytest.raises(WorkflowError) as err:
+        load_workflow(path)
+    message = " ".join(str(err.value).split())
+    assert "bad.yaml:3: outputs.dir: Value error, " in message and "taken exists and is not a directory" in message
+    assert "bad.yaml:5: read.value_range: Value error, needs two finite numbers LO,HI with LO < HI" in message
 
 
 def test_manifest_paths_cannot_escape_the_input_roots(tmp_path):

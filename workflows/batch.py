@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server, write_to_textfile
 
-from models.card import load_card
+from models.card import check_weights_file, load_card
 from models.registry import resolve_model_dir
 from pipeline.graph import Tiling
 from pipeline.writers import atomic_path
@@ -76,6 +76,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
     out = workflow.outputs.dir
     model_dir = resolve_model_dir(workflow.model)
     card = load_card(model_dir)
+    check_weights_file(model_dir, card)
     tiling = Tiling(
         workflow.tiling.tile_size or card.tile_size,
         card.overlap if workflow.tiling.overlap is None else workflow.tiling.overlap,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,14 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from models.card import ModelCardError, load_card
+from models.card import ModelCardError, check_weights_file, load_card
 from models.registry import resolve_model_dir, shipped_models
 from pipeline.annotations import AnnotationError, at_resolution, dataset_stats
 from pipeline.graph import Tiling
-from pipeline.sources import SourceError
+from pipeline.sources import SourceError, checked_value_range
 from pipeline.writers import atomic_path
 from workflows.analyst_cli import register as register_analyst_commands
-from workflows.cluster import connect, has_gpu_workers
+from workflows.cluster import ClusterError, connect, has_gpu_workers
 from workflows.datasets import DatasetFormat, load_dataset, split
 from workflows.run import run_images
 
@@ -36,6 +38,51 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _model(model: str | None):
+    """(directory, card) of a model directory or shipped name, its weights file checked."""
+    model_dir = resolve_model_dir(model)
+    card = load_card(model_dir)
+    check_weights_file(model_dir, card)
+    return model_dir, card
+
+
+def _tiling(card, tile_size: int | None, overlap: int | None, batch_size: int, flips: bool | None) -> Tiling:
+    """The tiling asked for, the card's where not given; ValueError for one no grid can use."""
+    tiling = Tiling(
+        tile_size=card.tile_size if tile_size is None else tile_size,
+        overlap=card.overlap if overlap is None else overlap,
+        batch_size=batch_size,
+        test_time_flips=flips,
+    )
+    if tiling.tile_size % 32 or not 64 <= tiling.tile_size <= 4096:
+        raise ValueError(f"tile size {tiling.tile_size} must be a multiple of 32 between 64 and 4096")
+    if not 0 <= tiling.overlap < tiling.tile_size // 2:
+        raise ValueError(f"overlap {tiling.overlap} must be in [0, tile size / 2)")
+    return tiling
+
+
+def _bands(text: str) -> tuple[int, ...]:
+    try:
+        bands = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise ValueError(f"--bands {text}: expected 1-based band numbers, e.g. 3,2,1") from None
+    if min(bands) < 1:
+        raise ValueError(f"--bands {text}: bands are numbered from 1")
+    return bands
+
+
+def _value_range(text: str) -> tuple[float, float]:
+    try:
+        return checked_value_range(text.split(","))
+    except ValueError as err:
+        raise ValueError(f"--value-range {text}: {err}") from None
+
+
+def _check_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        _fail(f"{out}: exists and is not a directory")
+
+
 FlipsOption = Annotated[Optional[bool], typer.Option("--flips/--no-flips", help="Flip test-time augmentation (4 views per tile, ~4x model time); default from the model card.")]
 
 
@@ -48,8 +95,8 @@ def run(
     overlap: Annotated[Optional[int], typer.Option(help="Minimum overlap between tiles; default from the model card.")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per model call (one Dask task per batch).")] = 4,
     scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address, e.g. tcp://host:8786; default: a local cluster.")] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes of the local cluster.")] = 1,
-    threads: Annotated[Optional[int], typer.Option(help="Threads per local worker; default: cores ÷ workers.")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=256, help="Worker processes of the local cluster.")] = 1,
+    threads: Annotated[Optional[int], typer.Option(min=1, max=256, help="Threads per local worker; default: cores ÷ workers.")] = None,
     bands: Annotated[Optional[str], typer.Option(help="1-based bands to read, e.g. '3,2,1' or '1'.")] = None,
     value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit data; default: 0.5-99.5th percentiles per band.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -65,28 +112,17 @@ def run(
     if len(images) == 1 and images[0].suffix.lower() in {".yaml", ".yml"}:
         _run_workflow(images[0], force, progress, scheduler)
     try:
-        model_dir = resolve_model_dir(model)
-        card = load_card(model_dir)
-        tiling = Tiling(
-            tile_size=tile_size or card.tile_size,
-            overlap=card.overlap if overlap is None else overlap,
-            batch_size=batch_size,
-            test_time_flips=flips,
-        )
-        if tiling.tile_size % 32 or not 64 <= tiling.tile_size <= 4096:
-            raise ValueError(f"tile size {tiling.tile_size} must be a multiple of 32 between 64 and 4096")
-        if not 0 <= tiling.overlap < tiling.tile_size // 2:
-            raise ValueError(f"overlap {tiling.overlap} must be in [0, tile size / 2)")
-        band_list = tuple(int(b) for b in bands.split(",")) if bands else None
-        range_pair = tuple(float(v) for v in value_range.split(",")) if value_range else None
-        if range_pair is not None and len(range_pair) != 2:
-            raise ValueError(f"--value-range needs LO,HI, got {value_range}")
-    except (ModelCardError, ValueError) as err:
+        model_dir, card = _model(model)
+        tiling = _tiling(card, tile_size, overlap, batch_size, flips)
+        band_list = _bands(bands) if bands else None
+        range_pair = _value_range(value_range) if value_range else None
+    except ValueError as err:
         _fail(str(err))
     if mpp is not None and mpp <= 0:
         _fail(f"--mpp {mpp} must be positive")
     if not 8 <= density_cell <= 65536:
         _fail(f"--density-cell {density_cell} must be between 8 and 65536")
+    _check_output_dir(out)
     report = _run_and_report(list(images), model_dir, card, out, tiling, scheduler, workers, threads, band_list, range_pair,
                              progress, mpp, labels=zarr, density_cell=density_cell)
     raise typer.Exit(0 if report.ok else 1)
@@ -100,7 +136,7 @@ REAL_DEMO_IMAGE = SHARED_DATA / "nuclei-monuseg2018" / "images" / "TCGA-A6-6782-
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo scene and its outputs go.")] = Path("demo-out"),
     size: Annotated[int, typer.Option(help="Side of the generated scene in pixels (synthetic demo).")] = 3000,
-    workers: Annotated[int, typer.Option(help="Worker processes of the local cluster.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, max=256, help="Worker processes of the local cluster.")] = 1,
     synthetic: Annotated[bool, typer.Option(help="Use the generated scene even when real data is present.")] = False,
 ) -> None:
     """Segment a real H&E tile with nuclei-he when ../shared/data is present (a validation image,
@@ -109,6 +145,7 @@ def demo(
 
     if not 64 <= size <= 50_000:
         _fail(f"--size {size} must be between 64 and 50000")
+    _check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     if REAL_DEMO_IMAGE.is_file() and not synthetic:
         model_dir = resolve_model_dir("nuclei-he")
@@ -176,13 +213,15 @@ def train(
     init: Annotated[Optional[str], typer.Option(help="Fine-tune from this model (directory or shipped name) instead of from scratch.")] = None,
     tile_size: Annotated[int, typer.Option(help="Training crop = inference tile size.")] = 512,
     minutes: Annotated[float, typer.Option(help="Training time budget (cosine schedule over it).")] = 30.0,
-    batch_size: int = 4, lr: float = 0.02, workers: int = 2,
-    val_every: Annotated[int, typer.Option(help="Hold out every N-th image by sorted name for validation (0: none).")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, max=1024, help="Crops per training step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, cosine schedule).")] = 0.02,
+    workers: Annotated[int, typer.Option(min=0, max=64, help="Data-loading processes (0: in the training process).")] = 2,
+    val_every: Annotated[int, typer.Option(min=0, help="Hold out every N-th image by sorted name for validation (0: none).")] = 5,
     stain: Annotated[bool, typer.Option(help="H&E stain jitter.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when present.")] = None,
     anchors: Annotated[str, typer.Option(help="Five anchor sizes in pixels, one per FPN level.")] = "16,32,64,128,256",
-    max_detections: Annotated[int, typer.Option(help="Detections per tile (dense nuclei need hundreds).")] = 500,
+    max_detections: Annotated[int, typer.Option(min=1, max=10_000, help="Detections per tile (dense nuclei need hundreds).")] = 500,
     pack_only: Annotated[bool, typer.Option(help="Only write OUT/train-pack.npz and OUT/model.yaml, for `python -m models.training` on a machine with torch alone (e.g. a GPU box).")] = False,
     checkpoint_minutes: Annotated[float, typer.Option(help="Write OUT/checkpoint.pt this often while training (--resume continues from it).")] = 5.0,
     resolution: Annotated[Optional[float], typer.Option(help="Train at this pixel size (µm for imagescope, else m), resampling every image to it; the model then reads images at it. Default: the first image's own.")] = None,
@@ -193,6 +232,22 @@ def train(
     from models.card import ModelCard, save_card
     from models.training import RandomCrops, Sample, save_pack, train as train_model
 
+    if tile_size % 32 or not 64 <= tile_size <= 4096:
+        _fail(f"--tile-size {tile_size} must be a multiple of 32 between 64 and 4096")
+    for name, value in (("--minutes", minutes), ("--lr", lr), ("--checkpoint-minutes", checkpoint_minutes), ("--resolution", resolution)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            _fail(f"{name} {value} must be a positive number")
+    try:
+        anchor_sizes = [int(a) for a in anchors.split(",")]
+    except ValueError:
+        anchor_sizes = []
+    if len(anchor_sizes) != 5 or min(anchor_sizes) < 1:
+        _fail(f"--anchors {anchors}: expected five positive sizes in pixels, one per FPN level, e.g. 16,32,64,128,256")
+    try:
+        base = load_card(resolve_model_dir(init)) if init else None
+    except ValueError as err:
+        _fail(f"--init: {err}")
+    _check_output_dir(out)
     samples = _load(fmt, images, annotations, class_name, class_field)
     if resolution is not None:
         try:
@@ -201,12 +256,11 @@ def train(
             _fail(f"--resolution {resolution}: {err}")
     training, held_out = split(samples, val_every)
     class_names = samples[0].class_names
-    base = load_card(resolve_model_dir(init)) if init else None
     card = ModelCard(
         name=out.name, architecture=base.architecture if base else architecture, classes=class_names,
         tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
         resolution_unit=samples[0].resolution_unit,
-        max_detections=max_detections, anchor_sizes=[int(a) for a in anchors.split(",")],
+        max_detections=max_detections, anchor_sizes=anchor_sizes,
     )
     pack = [Sample(s.name, s.image, s.labels, s.classes) for s in training]
     (out / "split.json").parent.mkdir(parents=True, exist_ok=True)
@@ -236,13 +290,18 @@ def evaluate(
     """Run the full pipeline on whole annotated images and score it (mAP, F1, PQ, AJI, counts)."""
     from workflows.evaluate import evaluate as run_evaluation
 
+    try:
+        model_dir, card = _model(model)
+        tiling = _tiling(card, tile_size, overlap, 4, flips)
+    except ValueError as err:
+        _fail(str(err))
+    _check_output_dir(out)
     samples = _load(fmt, images, annotations, class_name, class_field)
     if only:
         wanted = set(only.split(","))
+        if unknown := wanted - {s.name for s in samples}:
+            _fail(f"--only: {', '.join(sorted(unknown))} not among the dataset's images ({', '.join(s.name for s in samples[:5])}{', …' if len(samples) > 5 else ''})")
         samples = [s for s in samples if s.name in wanted]
-    model_dir = resolve_model_dir(model)
-    card = load_card(model_dir)
-    tiling = Tiling(tile_size or card.tile_size, card.overlap if overlap is None else overlap, batch_size=4, test_time_flips=flips)
     report = run_evaluation(samples, model_dir, card, out, tiling)
     console.print(f"F1@0.5 {report['summary']['f1']:.3f}  PQ {report['summary']['pq']:.3f}  AJI {report['summary']['aji']:.3f}  "
                   f"mask mAP {report['coco']['mask_map']:.3f}  → {out / 'report.md'}")
@@ -306,7 +365,11 @@ def status(out: Annotated[Path, typer.Argument(help="Output directory of a workf
 def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, threads, bands, value_range, progress, mpp=None,
                     labels=True, density_cell=256):
     """Run on a cluster, print counts per image and failures, and write ``OUT/run.json``."""
-    with connect(scheduler, workers=workers, threads_per_worker=threads) as client:
+    with ExitStack() as stack:
+        try:
+            client = stack.enter_context(connect(scheduler, workers=workers, threads_per_worker=threads))
+        except ClusterError as err:
+            _fail(str(err))
         console.print(f"dashboard: {client.dashboard_link}")
         report = run_images(
             client, list(images), model_dir, card, out, tiling,

@@ -21,6 +21,10 @@ LOCAL_WORKER_CONFIG = {
 }
 
 
+class ClusterError(ValueError):
+    """A scheduler that cannot be reached, named with the reason."""
+
+
 class SideProcessShutdown(WorkerPlugin):
     """Ends a worker's side process (``pipeline.side_process``) when the worker closes."""
 
@@ -42,7 +46,11 @@ def connect(
     (``pipeline.side_process``); a nanny restarting a worker starts it with the same settings.
     """
     if scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler)
+        except (OSError, ValueError) as err:  # unreachable (OSError after Dask's connect timeout) or malformed
+            raise ClusterError(f"Dask scheduler {scheduler}: cannot connect ({err})") from err
+        with client:
             client.register_plugin(SideProcessShutdown())
             warn_if_daemonic(client)
             yield client

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.sources import checked_value_range
+
 IMAGE_PATTERNS = ["*.tif", "*.tiff", "*.svs", "*.ndpi", "*.mrxs", "*.scn", "*.vms", "*.bif", "*.jp2", "*.png", "*.jpg"]
 
 
@@ -59,6 +61,11 @@ class ReadSpec(Strict):
             raise ValueError("bands are 1-based and at least one is needed")
         return bands
 
+    @field_validator("value_range")
+    @classmethod
+    def _ordered(cls, value_range):
+        return None if value_range is None else checked_value_range(value_range)
+
 
 class Outputs(Strict):
     dir: Path
@@ -66,6 +73,13 @@ class Outputs(Strict):
     density_cell: int = Field(256, ge=8, le=65536, description="density grid cell, in processed pixels")
     catalogue: bool = True
     report: bool = True
+
+    @field_validator("dir")
+    @classmethod
+    def _directory(cls, path):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} exists and is not a directory")
+        return path
 
 
 class ClusterSpec(Strict):
