@@ -87,10 +87,11 @@ class SlideSource:
     colour: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     bands: tuple[int, ...] = (1, 2, 3)
     crs_wkt: str | None = None
+    name: str | None = None  # the image's id in the outputs; default: the file's stem
 
     @property
     def image_id(self) -> str:
-        return image_stem(self.path)
+        return self.name or image_stem(self.path)
 
     @property
     def transform(self) -> Affine:

@@ -77,10 +77,11 @@ class RasterSource:
     crs_wkt: str | None
     factor: float = 1.0
     palette: tuple[tuple[int, int, int, int], ...] | None = None  # RGBA per value of a colour-mapped band
+    name: str | None = None  # the image's id in the outputs; default: the file's stem
 
     @property
     def image_id(self) -> str:
-        return image_stem(self.path)
+        return self.name or image_stem(self.path)
 
     @property
     def mpp(self) -> float | None:

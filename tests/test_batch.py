@@ -242,3 +242,25 @@ def test_a_killed_worker_does_not_change_the_output(big_scene):
     assert (labels == burned).all()
     assert store.attrs["counts"] == frame["class"].value_counts().reindex(store.attrs["counts"].keys(), fill_value=0).to_dict()
     assert int(store["density"][:].sum()) == len(frame)
+
+
+def test_images_sharing_a_name_keep_apart_ids_in_every_output(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from workflows.run import run_images
+
+    images = []
+    for k, folder in enumerate(("north", "south")):
+        (tmp_path / folder).mkdir()
+        write_scene(tmp_path / folder / "scene.tif", seed=70 + k, height=300, width=300)
+        images.append(tmp_path / folder / "scene.tif")
+    card = load_card(resolve_model_dir())
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        report = run_images(client, images, resolve_model_dir(), card, tmp_path / "out", Tiling(256, 32), show_progress=False)
+    assert not report.failed
+    ids = {image: summary["image_id"] for image, summary in report.done.items()}
+    assert sorted(ids.values()) == ["scene", "scene-2"]
+    for image, image_id in ids.items():
+        frame = gpd.read_file(tmp_path / "out" / image_id / "instances.gpkg", layer="instances")
+        counts = gpd.read_file(tmp_path / "out" / image_id / "instances.gpkg", layer="counts")
+        assert len(frame) and set(frame["image_id"]) == set(counts["image_id"]) == {image_id}

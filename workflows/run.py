@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dask.base import tokenize
@@ -88,6 +88,8 @@ def run_images(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 source = open_for_model(image, card, bands, value_range, mpp)
+            if source.image_id != out_dir.name:  # two inputs with one stem: ids follow their folders
+                source = replace(source, name=out_dir.name)
             resume_dir = out_dir / f".partial-{tokenize(source, str(model_dir), tiling)}" if resume else None
             graphs[str(image)] = image_graph(
                 source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir,
