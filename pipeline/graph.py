@@ -8,6 +8,7 @@ loads it once (``models.inference.cached_segmenter``) and reuses it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def foreground_tiles(source, tiles: list) -> tuple[list, dict | None]:
     mask of an overview); the others are never read at full resolution."""
     if not hasattr(source, "thumbnail"):
         mask, scale = valid_overview(source)
+        if not mask.any():
+            warnings.warn(f"{source.path}: no valid pixel (all nodata, transparent or masked): nothing to segment", stacklevel=2)
         keep = tiles_with_tissue(tiles, mask, scale)
         return [t for t, k in zip(tiles, keep) if k], {"data_fraction": float(mask.mean())}
     thumbnail, valid, scale = source.thumbnail()

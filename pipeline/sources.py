@@ -200,6 +200,8 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     else:
         ranges = _overview_range(dataset, bands)
         warnings.warn(f"{path}: {dtype} data scaled to 8 bits from per-band ranges {ranges}", stacklevel=3)
+    if len(dataset.subdatasets) > 1:  # a multi-page TIFF (not a pyramid: those are overviews)
+        warnings.warn(f"{path}: {len(dataset.subdatasets)} images in the file; only the first is read", stacklevel=3)
     crs_wkt = dataset.crs.to_wkt() if dataset.crs else None
     size = pixel_size_m(crs_wkt, dataset.transform, dataset.width, dataset.height) if target_m else None
     factor = resample_factor(size, target_m)

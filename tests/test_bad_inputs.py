@@ -73,7 +73,7 @@ def test_bad_input_corpus_fails_file_by_file(tmp_path):
             assert not (tmp_path / "out" / name.removesuffix(".tif")).exists() or not any(
                 (tmp_path / "out" / name.removesuffix(".tif")).glob("*.gpkg"))
     assert "uint16 data scaled" in rows["uint16.tif"][2] and "float32 data scaled" in rows["float-nan.tif"][2]
-    assert "no CRS" in rows["no-crs.tif"][2]
+    assert "no CRS" in rows["no-crs.tif"][2] and "all-nodata.tif: no valid pixel" in rows["all-nodata.tif"][2]
     assert "warning:" in result.stdout
     assert rows["good.tif"][0] == "done"
 

@@ -50,6 +50,19 @@ def test_band_rules(tmp_path):
         open_raster(five, bands=(1, 2))
 
 
+def test_a_multi_page_tiff_is_read_from_its_first_page_with_a_warning(tmp_path):
+    import tifffile
+
+    pages = np.random.default_rng(5).integers(0, 255, (2, 64, 80, 3), dtype=np.uint8)
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as tiff:
+        for page in pages:
+            tiff.write(page, photometric="rgb")
+    with pytest.warns(UserWarning, match=r"pages\.tif: 2 images in the file; only the first is read"):
+        source = open_raster(path)
+    assert (read_window(source, *FULL)[0] == pages[0]).all()
+
+
 def test_colour_mapped_band_is_read_through_its_colour_table(tmp_path):
     from PIL import Image
 

@@ -88,13 +88,13 @@ def run_images(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 source = open_for_model(image, card, bands, value_range, mpp)
-            if source.image_id != out_dir.name:  # two inputs with one stem: ids follow their folders
-                source = replace(source, name=out_dir.name)
-            resume_dir = out_dir / f".partial-{tokenize(source, str(model_dir), tiling)}" if resume else None
-            graphs[str(image)] = image_graph(
-                source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir,
-                labels=labels, density_cell=density_cell, priority=priority,
-            )
+                if source.image_id != out_dir.name:  # two inputs with one stem: ids follow their folders
+                    source = replace(source, name=out_dir.name)
+                resume_dir = out_dir / f".partial-{tokenize(source, str(model_dir), tiling)}" if resume else None
+                graphs[str(image)] = image_graph(
+                    source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir,
+                    labels=labels, density_cell=density_cell, priority=priority,
+                )
             priority -= graphs[str(image)].bands
             events.started(str(image), out_dir)
             for warning in caught:
