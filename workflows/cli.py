@@ -139,8 +139,10 @@ def demo(
     workers: Annotated[int, typer.Option(min=1, max=256, help="Worker processes of the local cluster.")] = 1,
     synthetic: Annotated[bool, typer.Option(help="Use the generated scene even when real data is present.")] = False,
 ) -> None:
-    """Segment a real H&E tile with nuclei-he when ../shared/data is present (a validation image,
-    never trained on); otherwise generate a synthetic GeoTIFF scene for the demo model."""
+    """Segment a demo image: a real H&E tile with nuclei-he when ../shared/data is present, else a generated scene.
+
+    The H&E tile is a validation image, never trained on; the generated GeoTIFF scene goes to the
+    synthetic-shapes demo model."""
     from pipeline.synthetic_raster import write_scene
 
     if not 64 <= size <= 50_000:
