@@ -125,7 +125,9 @@ def open_raster(
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: file not found")
-    if path.is_file() and path.stat().st_size == 0:
+    if path.is_dir():
+        raise SourceError(f"{path}: a directory, not an image file")
+    if path.stat().st_size == 0:
         raise SourceError(f"{path}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():

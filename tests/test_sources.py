@@ -17,6 +17,9 @@ def test_missing_empty_truncated_and_non_image_files_are_named(tmp_path):
     (tmp_path / "empty.tif").write_bytes(b"")
     with pytest.raises(SourceError, match=r"empty\.tif: empty file"):
         open_raster(tmp_path / "empty.tif")
+    (tmp_path / "folder.tif").mkdir()
+    with pytest.raises(SourceError, match=r"folder\.tif: a directory, not an image file"):
+        open_raster(tmp_path / "folder.tif")
     (tmp_path / "notes.tif").write_text("these are not pixels")
     with pytest.raises(SourceError, match=r"notes\.tif: not a readable raster"):
         open_raster(tmp_path / "notes.tif")
