@@ -256,8 +256,9 @@ def test_images_sharing_a_name_keep_apart_ids_in_every_output(tmp_path):
         images.append(tmp_path / folder / "scene.tif")
     card = load_card(resolve_model_dir())
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
-        report = run_images(client, images, resolve_model_dir(), card, tmp_path / "out", Tiling(256, 32), show_progress=False)
-    assert not report.failed
+        again = tmp_path / "south" / ".." / "south" / "scene.tif"  # given twice: runs once
+        report = run_images(client, [*images, again], resolve_model_dir(), card, tmp_path / "out", Tiling(256, 32), show_progress=False)
+    assert not report.failed and len(report.done) == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scene", "scene-2"]
     ids = {image: summary["image_id"] for image, summary in report.done.items()}
     assert sorted(ids.values()) == ["scene", "scene-2"]
     for image, image_id in ids.items():

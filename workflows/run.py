@@ -82,7 +82,10 @@ def run_images(
     graphs: dict[str, ImageGraph] = {}
     priority = 0  # each image's bands below the previous image's: one image after another
     taken: set[str] = {p.name for p in (output_dirs or {}).values()}
-    for image in images:
+    first_of = {}
+    for image in images:  # a file given twice (under any spelling) runs once
+        first_of.setdefault(Path(image).resolve(), image)
+    for image in first_of.values():
         out_dir = (output_dirs or {}).get(str(image)) or output_dir(out_root, image, taken)
         try:
             with warnings.catch_warnings(record=True) as caught:
