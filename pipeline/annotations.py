@@ -20,7 +20,7 @@ import json
 import warnings
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import geopandas as gpd
@@ -371,6 +371,20 @@ def _classes_from_field(frame: gpd.GeoDataFrame, field: str, path: Path) -> tupl
         raise AnnotationError(f"{path}: {int(values.isna().sum())} features have no '{field}'")
     categories = sorted(values.unique())
     return [str(c) for c in categories], pd.Categorical(values, categories=categories).codes.astype(np.int16)
+
+
+def with_common_classes(samples: list[AnnotatedImage]) -> list[AnnotatedImage]:
+    """The samples with one class list: as it is when they all share one, else the sorted union of
+    their names (files of a vector dataset may each hold only some of the classes)."""
+    lists = {tuple(s.class_names) for s in samples}
+    if len(lists) <= 1:
+        return samples
+    names = sorted({n for s in samples for n in s.class_names})
+    index = {n: k for k, n in enumerate(names)}
+    return [
+        replace(s, classes=np.asarray([index[s.class_names[c]] for c in s.classes], np.int16), class_names=names)
+        for s in samples
+    ]
 
 
 # ---------------------------------------------------------------- statistics

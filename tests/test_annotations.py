@@ -165,6 +165,26 @@ def test_vector_in_another_crs_lands_on_the_raster_grid(tmp_path):
             assert np.allclose((rows.min(), rows.max(), cols.min(), cols.max()), expected, atol=1)
 
 
+def test_vector_files_holding_different_classes_share_one_class_list(tmp_path):
+    from workflows.datasets import DatasetFormat, load_dataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "vectors").mkdir()
+    layouts = {"a": {"shed": shapely.box(2, -8, 6, -4)}, "b": {"tower": shapely.box(1, -9, 4, -6), "barn": shapely.box(5, -5, 9, -1)}}
+    for name, objects in layouts.items():
+        write_geotiff(np.zeros((10, 10, 3), np.uint8), tmp_path / "images" / f"{name}.tif", crs="EPSG:32631",
+                      transform=Affine(1, 0, 0, 0, -1, 0))
+        gpd.GeoDataFrame({"kind": list(objects)}, geometry=list(objects.values()), crs="EPSG:32631").to_file(tmp_path / "vectors" / f"{name}.gpkg")
+    samples = load_dataset(DatasetFormat.vector, tmp_path / "images", tmp_path / "vectors", class_field="kind")
+    assert [s.class_names for s in samples] == [["barn", "shed", "tower"]] * 2
+    for sample in samples:
+        assert_well_formed(sample)
+        for i, c in enumerate(sample.classes):
+            rows, cols = np.nonzero(sample.labels == i + 1)
+            box = layouts[sample.name][sample.class_names[c]].bounds  # x0, y0, x1, y1 with y = -row
+            assert (cols.min(), cols.max() + 1, -rows.max() - 1, -rows.min()) == (box[0], box[2], box[1], box[3])
+
+
 def test_vector_errors(tmp_path):
     raster = write_geotiff(np.zeros((20, 20, 3), np.uint8), tmp_path / "r.tif", crs="EPSG:32631")
     gpd.GeoDataFrame({"kind": ["a"]}, geometry=[shapely.box(0, 0, 1, 1)], crs="EPSG:32631").to_file(tmp_path / "v.gpkg")

@@ -63,7 +63,7 @@ def load_dataset(
         else:
             vector = _partner(image, annotations_path, (".gpkg", ".geojson", ".json", ".shp"))
             samples.append(annotations.read_vector(image, vector, class_field=class_field, class_name=class_name))
-    return samples
+    return annotations.with_common_classes(samples)
 
 
 def split(samples: list[AnnotatedImage], every: int) -> tuple[list[AnnotatedImage], list[AnnotatedImage]]:
