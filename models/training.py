@@ -157,7 +157,14 @@ def train(
     log: list[dict] = []
     if resume and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:  # another architecture, class list or anchors
+            mismatch = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise ValueError(
+                f"{checkpoint}: written for another model than this one ({mismatch}); resume with the same "
+                "classes and options, or train into a new --out"
+            ) from None
         optimiser.load_state_dict(state["optimiser"])
         step, spent = int(state["step"]), float(state["seconds"])
         log = _read_log(out_dir / "training_log.csv")

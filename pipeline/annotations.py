@@ -17,6 +17,7 @@ Rules shared by the readers:
 from __future__ import annotations
 
 import json
+import math
 import warnings
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
@@ -222,7 +223,8 @@ def read_imagescope_xml(image_path: Path, xml_path: Path, class_name: str = "nuc
 
 
 def _imagescope_polygons(path: Path) -> tuple[list, float | None]:
-    """(polygons of the regions with >= 3 vertices, ``MicronsPerPixel`` or None)."""
+    """(polygons of the regions with >= 3 vertices, ``MicronsPerPixel`` or None: absent, 0 (how
+    ImageScope records an unknown pixel size) or negative)."""
     _require_file(path)
     try:
         root = ET.parse(path).getroot()
@@ -233,6 +235,8 @@ def _imagescope_polygons(path: Path) -> tuple[list, float | None]:
         raise AnnotationError(f"{path}: not well-formed ImageScope XML ({err})") from err
     except (TypeError, ValueError) as err:
         raise AnnotationError(f"{path}: a Vertex X/Y or MicronsPerPixel is not a number ({err})") from err
+    if microns is not None and not (math.isfinite(microns) and microns > 0):
+        microns = None
     return [shapely.Polygon(ring) for ring in rings if len(ring) >= 3], microns
 
 
@@ -301,11 +305,11 @@ def _coco_sample(entry: dict, annotations: list[dict], class_of: dict, names: li
     try:
         classes = [class_of[a["category_id"]] for a in annotations]
         rles = [_coco_rle(a["segmentation"], height, width) for a in annotations]
+        labels = _paint_rles(rles, (height, width))  # decoding finds malformed RLE counts
     except KeyError as err:
         raise AnnotationError(f"{json_path}: an annotation of {entry['file_name']} has no or an unknown {err}") from err
     except (ValueError, TypeError) as err:
         raise AnnotationError(f"{json_path}: a segmentation of {entry['file_name']} is malformed ({err})") from err
-    labels = _paint_rles(rles, (height, width))
     return _sample(Path(entry["file_name"]).stem, image, labels, names, _pixel_size(source), classes)
 
 

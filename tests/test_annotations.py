@@ -82,6 +82,9 @@ def test_imagescope_errors_name_the_file(tmp_path):
         read_imagescope_xml(image, imagescope(tmp_path / "nan.xml", '<Region><Vertices><Vertex X="a" Y="1"/></Vertices></Region>'))
     with pytest.raises(AnnotationError, match="missing.tif"):
         read_imagescope_xml(tmp_path / "missing.tif", imagescope(tmp_path / "ok.xml"))
+    square = region((5, 5), (15, 5), (15, 15), (5, 15))
+    for mpp in ("0", "-0.25", "inf"):  # ImageScope writes 0 for an unknown pixel size
+        assert read_imagescope_xml(image, imagescope(tmp_path / "unknown.xml", square, mpp=mpp)).resolution is None
 
 
 # ---------------------------------------------------------------- COCO
@@ -139,6 +142,9 @@ def test_coco_errors(tmp_path):
         read_coco(coco_file(tmp_path, [], images=wrong_size), tmp_path)
     with pytest.raises(AnnotationError, match="missing.tif"):
         read_coco(coco_file(tmp_path, [], images=[{"id": 1, "file_name": "missing.tif"}]), tmp_path)
+    garbled = {"category_id": 1, "segmentation": {"size": [H, W], "counts": "zz~~not-an-rle"}}
+    with pytest.raises(AnnotationError, match="coco.json: a segmentation of a.tif is malformed"):
+        read_coco(coco_file(tmp_path, [garbled]), tmp_path)
     (tmp_path / "bad.json").write_text('{"images": []}')
     with pytest.raises(AnnotationError, match="bad.json.*not a COCO"):
         read_coco(tmp_path / "bad.json", tmp_path)

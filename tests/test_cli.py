@@ -63,6 +63,7 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
         (["train", "--tile-size", "100", "--out", str(tmp_path / "m")], "--tile-size 100 must be a multiple of 32"),
         (["train", "--init", "no-such-model", "--out", str(tmp_path / "m")], "--init: no-such-model: not a model directory"),
         (["train", "--batch-size", "0", "--out", str(tmp_path / "m")], "Invalid value for '--batch-size'"),
+        (["train", "--val-every", "1", "--out", str(tmp_path / "m")], "--val-every 1 holds out all 1 image(s): none is left"),
     ]:
         result = runner.invoke(app, [command[0], *data, *command[1:]])
         assert result.exit_code == 2 and message in output(result), (command, result.output)

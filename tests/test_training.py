@@ -1,6 +1,7 @@
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from models.card import ModelCard
@@ -47,6 +48,9 @@ def test_loss_falls_and_checkpoint_resumes(tmp_path):
     assert [row["step"] for row in log][-5:] == [61, 62, 63, 64, 65]
     segmenter = Segmenter(tmp_path / "m", device="cpu")
     assert segmenter(np.zeros((1, 128, 128, 3), np.uint8))[0].boxes.shape[1] == 4
+    one_class = card.model_copy(update={"classes": ["shape"]})
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: written for another model than this one \(size mismatch"):
+        train(one_class, crops, tmp_path / "m", minutes=10, batch_size=2, lr=0.01, workers=0, max_steps=66, resume=True, progress=False)
 
 
 class DiesAfter(torch.utils.data.IterableDataset):

@@ -257,6 +257,8 @@ def train(
         except AnnotationError as err:
             _fail(f"--resolution {resolution}: {err}")
     training, held_out = split(samples, val_every)
+    if not training:
+        _fail(f"--val-every {val_every} holds out all {len(samples)} image(s): none is left to train on (use 0 to hold out none)")
     class_names = samples[0].class_names
     card = ModelCard(
         name=out.name, architecture=base.architecture if base else architecture, classes=class_names,
@@ -274,8 +276,11 @@ def train(
         return
     crops = RandomCrops(pack, tile_size, stain=stain)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    train_model(card, crops, out, minutes, batch_size, lr, device, workers, resume,
-                init=resolve_model_dir(init) if init else None, checkpoint_minutes=checkpoint_minutes)
+    try:
+        train_model(card, crops, out, minutes, batch_size, lr, device, workers, resume,
+                    init=resolve_model_dir(init) if init else None, checkpoint_minutes=checkpoint_minutes)
+    except ValueError as err:  # a checkpoint or --init model that does not fit
+        _fail(str(err))
     console.print(f"model written to {out}; validation images: {', '.join(s.name for s in held_out) or 'none'}")
 
 
