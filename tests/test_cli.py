@@ -52,6 +52,7 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
     assert result.exit_code == 2 and "--annotations" in output(result)
 
     images, labels = dataset(tmp_path / "data", n=1)
+    model_variant(tmp_path / "existing", "synthetic-shapes")
     data = ["-f", "label-images", "--images", str(images), "--annotations", str(labels)]
     for command, message in [
         (["evaluate", "--only", "scene0,nope", "--out", str(tmp_path / "r")], "--only: nope not among the dataset's images (scene0)"),
@@ -64,6 +65,9 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
         (["train", "--init", "no-such-model", "--out", str(tmp_path / "m")], "--init: no-such-model: not a model directory"),
         (["train", "--batch-size", "0", "--out", str(tmp_path / "m")], "Invalid value for '--batch-size'"),
         (["train", "--val-every", "1", "--out", str(tmp_path / "m")], "--val-every 1 holds out all 1 image(s): none is left"),
+        (["train", "--resume", "--out", str(tmp_path / "m")], "checkpoint.pt not found (nothing to continue)"),
+        (["train", "--out", str(tmp_path / "existing")], "existing: already holds a model; --resume continues it, --overwrite replaces it"),
+        (["evaluate", "--calibrate", "--out", str(tmp_path / "r")], "--calibrate rewrites the model's card: give a model directory"),
     ]:
         result = runner.invoke(app, [command[0], *data, *command[1:]])
         assert result.exit_code == 2 and message in output(result), (command, result.output)

@@ -294,6 +294,9 @@ def test_best_score_threshold_is_read_off_the_pr_curve():
     tied = best_threshold(precision[:3], recall[:3], np.array([0.9, 0.8, 0.8]))  # 0.8 keeps both 0.8s
     assert tied["score_threshold"] == 0.8 and tied["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
     assert best_threshold(np.array([]), np.array([]), np.array([]))["score_threshold"] is None
+    assert best_threshold(np.zeros(2), np.zeros(2), np.array([0.9, 0.5]))["score_threshold"] is None  # no true object found
+    top = best_threshold(np.array([1.0]), np.array([1.0]), np.array([0.99987]))
+    assert top["score_threshold"] == 0.999  # rounded down: 1.0 would drop the one prediction that scores
 
 
 def test_helper_f1_counts_a_duplicated_output_once():
@@ -304,3 +307,10 @@ def test_helper_f1_counts_a_duplicated_output_once():
     truth = np.array([shapely.box(0, 0, 10, 10), shapely.box(20, 0, 30, 10)])
     doubled = np.array([shapely.box(0, 0, 10, 10), shapely.box(0, 0, 10, 9), shapely.box(20, 0, 30, 10)])
     assert match_f1(doubled, truth) == 2 * 2 / 5
+
+
+def test_report_json_has_null_where_a_metric_is_undefined():
+    from workflows.evaluate import _finite_or_null
+
+    report = {"coco": {"mask_map": np.float64("nan")}, "per_image": [{"count_error": float("inf"), "f1": 0.5}], "n": 3}
+    assert _finite_or_null(report) == {"coco": {"mask_map": None}, "per_image": [{"count_error": None, "f1": 0.5}], "n": 3}

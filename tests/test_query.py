@@ -260,6 +260,8 @@ def test_query_cli(run, tmp_path):
     regions.to_file(tmp_path / "regions.geojson")
     result = runner.invoke(app, ["query", str(out), "--within", str(tmp_path / "regions.geojson")])
     assert result.exit_code == 0 and str(len(truth["alpha"]) + len(truth["beta"])) in result.output
+    (tmp_path / "garbage.gpkg").write_text("not a GeoPackage")
+    gpd.GeoDataFrame(geometry=[shapely.Point(430000, 5420000)], crs=UTM).to_file(tmp_path / "points.geojson")
     for bad, message in [
         (["query", str(tmp_path / "missing")], "output directory not found"),
         (["query", str(out), "--class", "hexagon"], "unknown class 'hexagon'"),
@@ -269,6 +271,9 @@ def test_query_cli(run, tmp_path):
         (["query", str(out), "--bbox", "0,0,1,1", "--bbox-crs", "EPSG:999999"], "unknown CRS"),
         (["query", str(out), "--output", str(tmp_path / "q.shp"), "--image", "alpha"], ".csv, .gpkg or .geojson"),
         (["query", str(out), "--output", str(tmp_path / "all.gpkg")], "several CRSs"),
+        (["query", str(out), "--within", str(tmp_path / "garbage.gpkg")], "garbage.gpkg: not a readable vector file"),
+        (["query", str(out), "--within", str(tmp_path / "points.geojson")], "points.geojson: no polygons to count in"),
     ]:
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, (bad, result.output)
+    assert runner.invoke(app, ["query", str(out), "--limit", "-1"]).exit_code == 2

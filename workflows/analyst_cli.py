@@ -102,7 +102,7 @@ def query_command(
     within: Annotated[Optional[Path], typer.Option(help="Regions (GeoPackage, GeoJSON …): counts and statistics per region.")] = None,
     to_crs: Annotated[Optional[str], typer.Option(help="CRS of written geometries (needed when matches span CRSs).")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Write FILE.csv, .gpkg or .geojson instead of printing a table.")] = None,
-    limit: Annotated[int, typer.Option(help="Rows printed in the table.")] = 20,
+    limit: Annotated[int, typer.Option(min=0, help="Rows printed in the table.")] = 20,
 ) -> None:
     """Instances of OUT by bounding box, class, score, area, image or region."""
     box = _box(bbox, "--bbox")

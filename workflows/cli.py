@@ -221,6 +221,7 @@ def train(
     val_every: Annotated[int, typer.Option(min=0, help="Hold out every N-th image by sorted name for validation (0: none).")] = 5,
     stain: Annotated[bool, typer.Option(help="H&E stain jitter.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the model already in OUT (without it, training into a model directory is refused).")] = False,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when present.")] = None,
     anchors: Annotated[str, typer.Option(help="Five anchor sizes in pixels, one per FPN level.")] = "16,32,64,128,256",
     max_detections: Annotated[int, typer.Option(min=1, max=10_000, help="Detections per tile (dense nuclei need hundreds).")] = 500,
@@ -250,6 +251,10 @@ def train(
     except ValueError as err:
         _fail(f"--init: {err}")
     _check_output_dir(out)
+    if resume and not (out / "checkpoint.pt").is_file():
+        _fail(f"--resume: {out / 'checkpoint.pt'} not found (nothing to continue)")
+    if (out / "model.yaml").is_file() and not (resume or overwrite or pack_only):
+        _fail(f"{out}: already holds a model; --resume continues it, --overwrite replaces it, or choose a new --out")
     samples = _load(fmt, images, annotations, class_name, class_field)
     if resolution is not None:
         try:
@@ -302,6 +307,8 @@ def evaluate(
         tiling = _tiling(card, tile_size, overlap, 4, flips)
     except ValueError as err:
         _fail(str(err))
+    if calibrate and not (Path(model or "") / "model.yaml").is_file():
+        _fail(f"--calibrate rewrites the model's card: give a model directory, e.g. a copy of this shipped one (cp -r {model_dir} my-model)")
     _check_output_dir(out)
     samples = _load(fmt, images, annotations, class_name, class_field)
     if only:
@@ -318,8 +325,9 @@ def evaluate(
     if calibrate and best["score_threshold"] is not None:
         from models.card import save_card
 
-        save_card(card.model_copy(update={"score_threshold": round(best["score_threshold"], 3)}), model_dir)
-        console.print(f"score_threshold {best['score_threshold']:.3f} written to {model_dir / 'model.yaml'}")
+        threshold = best["score_threshold"]
+        save_card(card.model_copy(update={"score_threshold": threshold}), model_dir)
+        console.print(f"score_threshold {threshold:.3f} written to {model_dir / 'model.yaml'}")
 
 
 def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None) -> None:

@@ -70,15 +70,30 @@ def precision_recall_curve(
 
 
 def best_threshold(precision: np.ndarray, recall: np.ndarray, thresholds: np.ndarray) -> dict:
-    """The score threshold that maximises F1@0.5 along the curve (ties: the higher threshold)."""
+    """The score threshold that maximises F1@0.5 along the curve (ties: the higher threshold), to
+    3 decimals rounded down; None when no threshold finds a true object."""
     if len(thresholds) == 0:
         return {"score_threshold": None, "f1": 0.0}
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     # only points where the threshold changes are reachable by a cut on score
     last_of_score = np.r_[thresholds[1:] != thresholds[:-1], True]
     best = int(np.flatnonzero(last_of_score)[np.argmax(f1[last_of_score])])
-    return {"score_threshold": float(thresholds[best]), "f1": float(f1[best]),
+    if f1[best] == 0:  # no true positive at any threshold (no ground truth, or nothing found): nothing to calibrate
+        return {"score_threshold": None, "f1": 0.0}
+    cut = np.floor(thresholds[best] * 1000) / 1000  # 3 decimals, rounded down: the best cut keeps its predictions
+    return {"score_threshold": float(cut), "f1": float(f1[best]),
             "precision": float(precision[best]), "recall": float(recall[best])}
+
+
+def _finite_or_null(value):
+    """``value`` with NaN and infinities as None: JSON has no NaN (strict parsers reject it)."""
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, out: Path, tiling: Tiling) -> dict:
@@ -115,7 +130,7 @@ def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, ou
     report["calibration"] = {"card_score_threshold": card.score_threshold, **best_threshold(precision, recall, thresholds)}
     _plot_pr(precision, recall, out / "pr_curve.png")
     with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=float))
+        tmp.write_text(json.dumps(_finite_or_null(report), indent=2, default=float, allow_nan=False))
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(markdown_report(report))
     return report

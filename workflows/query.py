@@ -206,7 +206,13 @@ def read_regions(within: str | Path | gpd.GeoDataFrame) -> gpd.GeoDataFrame:
         return within
     if not Path(within).is_file():
         raise QueryError(f"{within}: regions file not found")
-    return gpd.read_file(within)
+    try:
+        regions = gpd.read_file(within)
+    except Exception as err:  # pyogrio raises DataSourceError and others
+        raise QueryError(f"{within}: not a readable vector file ({' '.join(str(err).split())})") from None
+    if not regions.geom_type.isin(["Polygon", "MultiPolygon"]).any():
+        raise QueryError(f"{within}: no polygons to count in")
+    return regions
 
 
 def query(
