@@ -277,3 +277,18 @@ def test_query_cli(run, tmp_path):
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, (bad, result.output)
     assert runner.invoke(app, ["query", str(out), "--limit", "-1"]).exit_code == 2
+
+
+def test_a_damaged_geopackage_is_named(run, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run[0] / "alpha", out / "alpha")
+    gpkg = out / "alpha" / "instances.gpkg"
+    gpkg.write_bytes(gpkg.read_bytes()[:4096])  # cut short, as by a full disk or a broken copy
+    app = typer.Typer()
+    register(app)
+    for command in (["catalogue", str(out)], ["query", str(out)], ["preview", str(out), "alpha"]):
+        result = CliRunner().invoke(app, command)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 2 and "alpha/instances.gpkg: not a readable GeoPackage" in message, (command, result.output)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import pandas as pd
-import pyogrio
 import shapely
 import typer
 from rich.console import Console
@@ -137,7 +136,7 @@ def preview_command(
     try:
         found = find_output(out, image_id)
         source = open_image(found.summary()["image"])
-        frame = pyogrio.read_dataframe(found.geopackage, layer="instances")
+        frame = found.instances()
         png = output or found.folder / ("density.png" if density else "preview.png")
         if density:
             render_density(frame, *image_grid(source), png, cell_size)

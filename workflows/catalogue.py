@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pyogrio
+from pyogrio.errors import DataLayerError, DataSourceError
 
 from pipeline.writers import INSTANCES_LAYER
 
@@ -66,6 +67,22 @@ class ImageOutput:
     def summary(self) -> dict:
         return json.loads((self.folder / "counts.json").read_text())
 
+    def instances(self, start: int = 0, rows: int | None = None) -> gpd.GeoDataFrame:
+        """``rows`` instances (all by default) from row ``start``; a damaged GeoPackage is named."""
+        return self._reading(pyogrio.read_dataframe, skip_features=start, max_features=rows)
+
+    def info(self) -> dict:
+        """pyogrio's description of the instances layer (feature count, bounds)."""
+        return self._reading(pyogrio.read_info)
+
+    def _reading(self, read, **options):
+        try:
+            return read(self.geopackage, layer=INSTANCES_LAYER, **options)
+        except (DataSourceError, DataLayerError) as err:
+            raise CatalogueError(
+                f"{self.geopackage}: not a readable GeoPackage ({' '.join(str(err).split())}); run the image again to rewrite it"
+            ) from None
+
 
 def image_outputs(out_root: str | Path) -> list[ImageOutput]:
     """Every complete image output under ``out_root`` (GeoPackage and counts), by id."""
@@ -93,7 +110,7 @@ def partition_path(catalogue: Path, image_id: str) -> Path:
 def partition_frame(output: ImageOutput, start: int = 0, rows: int | None = None) -> gpd.GeoDataFrame:
     """An image's instances (``rows`` of them from row ``start``; all by default) with the
     catalogue's columns and types (``area_um2`` null for rasters)."""
-    frame = pyogrio.read_dataframe(output.geopackage, layer=INSTANCES_LAYER, skip_features=start, max_features=rows)
+    frame = output.instances(start, rows)
     frame["image_id"] = output.image_id
     if "area_um2" not in frame:
         frame["area_um2"] = np.nan
@@ -133,7 +150,7 @@ def _write_partition(output: ImageOutput, catalogue: Path) -> None:
     """The image's instances as GeoParquet, read and written one row group at a time, so the
     memory it takes does not grow with the image's instances (a slide can have millions)."""
     stamp = output.geopackage.stat().st_mtime_ns  # taken before reading: a later change shows as a mismatch
-    info = pyogrio.read_info(output.geopackage, layer=INSTANCES_LAYER)
+    info = output.info()
     count = info["features"]
     bounds = [float(b) for b in info["total_bounds"]] if count else None
     with _atomic(partition_path(catalogue, output.image_id)) as tmp:
