@@ -145,3 +145,22 @@ def test_evaluate_reads_images_at_the_model_resolution(tmp_path):
     assert coarse["tp"] > 8 and [fine[k] for k in ("tp", "fp", "fn")] == [coarse[k] for k in ("tp", "fp", "fn")]
     assert fine["pq"] == pytest.approx(coarse["pq"], abs=0.03)
     assert fine_as_is["pq"] != pytest.approx(coarse["pq"], abs=0.03)  # read as is, the model sees other pixels
+
+
+def test_evaluate_matches_classes_by_name_in_any_order(tmp_path):
+    from models.card import load_card
+    from models.registry import resolve_model_dir
+    from pipeline.annotations import AnnotatedImage
+    from pipeline.graph import Tiling
+    from workflows.evaluate import evaluate
+
+    card = load_card(resolve_model_dir())
+    scene = make_scene(520, 300, 350)
+    labels = scene.labels.astype(np.int32)
+    in_order = AnnotatedImage("s", scene.image, labels, scene.classes.astype(np.int16), list(card.classes))
+    reordered = AnnotatedImage("s", scene.image, labels, (2 - scene.classes).astype(np.int16), card.classes[::-1])
+    reports = [evaluate([sample], resolve_model_dir(), card, tmp_path / name, Tiling(256, 32))
+               for name, sample in (("in-order", in_order), ("reordered", reordered))]
+    assert not reports[0]["class_agnostic"] and not reports[1]["class_agnostic"]
+    assert reports[0]["summary"] == reports[1]["summary"] and reports[0]["summary"]["f1"] > 0.9
+    assert reports[0]["per_image"][0]["per_class"] == reports[1]["per_image"][0]["per_class"]

@@ -99,16 +99,19 @@ def _finite_or_null(value):
 def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, out: Path, tiling: Tiling) -> dict:
     """Per-image and dataset metrics; writes ``report.json``, ``report.md`` and ``pr_curve.png``.
 
-    When the dataset's classes are not the model's, instances are scored class-agnostically.
+    Dataset classes are matched to the model's by name, in any order; when some dataset class is
+    not among the model's, instances are scored class-agnostically.
     """
     out.mkdir(parents=True, exist_ok=True)
-    agnostic = bool(samples) and samples[0].class_names != card.classes
+    names = samples[0].class_names if samples else []
+    agnostic = not set(names) <= set(card.classes)
+    model_class = [0] * len(names) if agnostic else [card.classes.index(n) for n in names]
     class_names = ["instance"] if agnostic else card.classes
     gpkgs = segment_samples(samples, model_dir, card, out / "predictions", tiling)
     per_image, coco_inputs, curves, total_true = [], [], [], 0
     for sample, gpkg in zip(samples, gpkgs):
         pred, scores, classes = predicted_labels(gpkg, *sample.labels.shape)
-        true_classes = {i + 1: int(c) for i, c in enumerate(sample.classes)}
+        true_classes = {i + 1: model_class[c] for i, c in enumerate(sample.classes)}
         if agnostic:
             classes, true_classes = {k: 0 for k in classes}, {k: 0 for k in true_classes}
         result = metrics.evaluate_image(pred, sample.labels, scores, classes, true_classes, class_names)
