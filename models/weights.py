@@ -71,5 +71,6 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors writes 0600: a model is for others (workers, containers) to read
     os.replace(tmp, path)
     return path

@@ -154,14 +154,22 @@ def _gdal_resize(bands: np.ndarray, shape: tuple[int, int], resampling: Resampli
 
 
 def _sample(name: str, image: np.ndarray, labels: np.ndarray, class_names: list[str], resolution: float | None,
-            classes=None, unit: str = "m") -> AnnotatedImage:
-    """Drop ids without pixels and renumber 1..n; ``classes[k]`` belongs to input id ``k + 1``."""
+            classes=None, unit: str = "m", annotated: int | None = None) -> AnnotatedImage:
+    """Drop ids without pixels and renumber 1..n; ``classes[k]`` belongs to input id ``k + 1``.
+    Of ``annotated`` objects (default: one per entry of ``classes``), those dropped are counted
+    in a warning."""
     ids, index = np.unique(labels, return_inverse=True)
     index = index.reshape(labels.shape)
     if ids[0] == 0:
         ids = ids[1:]
     else:
         index += 1
+    annotated = len(classes) if annotated is None and classes is not None else annotated
+    if annotated and len(ids) < annotated:
+        warnings.warn(
+            f"{name}: {annotated - len(ids)} of {annotated} annotated objects have no pixel of their own "
+            "(outside the image, fewer than 3 points, too small, or covered by others): ignored", stacklevel=3,
+        )
     classes = np.zeros(len(ids), np.int16) if classes is None else np.asarray(classes, np.int16)[ids - 1]
     return AnnotatedImage(name, image, index.astype(np.int32), classes, list(class_names), resolution,
                           unit if resolution is not None else None)
@@ -217,14 +225,14 @@ def read_imagescope_xml(image_path: Path, xml_path: Path, class_name: str = "nuc
     Regions with fewer than 3 vertices or no area inside the image are skipped.
     """
     image, _ = _read_image(Path(image_path))
-    polygons, microns = _imagescope_polygons(Path(xml_path))
+    polygons, microns, regions = _imagescope_polygons(Path(xml_path))
     labels = _rasterise(polygons, image.shape[:2])
-    return _sample(Path(image_path).stem, image, labels, [class_name], microns, unit="um")
+    return _sample(Path(image_path).stem, image, labels, [class_name], microns, unit="um", annotated=regions)
 
 
-def _imagescope_polygons(path: Path) -> tuple[list, float | None]:
+def _imagescope_polygons(path: Path) -> tuple[list, float | None, int]:
     """(polygons of the regions with >= 3 vertices, ``MicronsPerPixel`` or None: absent, 0 (how
-    ImageScope records an unknown pixel size) or negative)."""
+    ImageScope records an unknown pixel size) or negative, the number of regions)."""
     _require_file(path)
     try:
         root = ET.parse(path).getroot()
@@ -237,7 +245,7 @@ def _imagescope_polygons(path: Path) -> tuple[list, float | None]:
         raise AnnotationError(f"{path}: a Vertex X/Y or MicronsPerPixel is not a number ({err})") from err
     if microns is not None and not (math.isfinite(microns) and microns > 0):
         microns = None
-    return [shapely.Polygon(ring) for ring in rings if len(ring) >= 3], microns
+    return [shapely.Polygon(ring) for ring in rings if len(ring) >= 3], microns, len(rings)
 
 
 def read_label_image(image_path: Path, mask_path: Path, class_name: str = "nucleus") -> AnnotatedImage:
@@ -292,6 +300,12 @@ def _load_coco(path: Path) -> tuple[list[dict], dict, dict, list[str]]:
                 per_image[annotation["image_id"]].append(annotation)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise AnnotationError(f"{path}: not a COCO instances file ({err!r})") from err
+    for what, values in (("category name", names), ("image file_name", [e["file_name"] for e in images])):
+        if repeated := sorted(v for v, n in Counter(values).items() if n > 1):
+            raise AnnotationError(f"{path}: {what} listed more than once: {', '.join(map(str, repeated[:5]))}")
+    listed = {e["id"] for e in images}
+    if orphans := sum(len(v) for k, v in per_image.items() if k not in listed):
+        warnings.warn(f"{path}: {orphans} annotation(s) refer to no listed image: ignored", stacklevel=3)
     return images, per_image, {c["id"]: k for k, c in enumerate(categories)}, names
 
 

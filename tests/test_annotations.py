@@ -83,6 +83,8 @@ def test_imagescope_errors_name_the_file(tmp_path):
     with pytest.raises(AnnotationError, match="missing.tif"):
         read_imagescope_xml(tmp_path / "missing.tif", imagescope(tmp_path / "ok.xml"))
     square = region((5, 5), (15, 5), (15, 15), (5, 15))
+    with pytest.warns(UserWarning, match="img: 2 of 3 annotated objects have no pixel of their own"):
+        read_imagescope_xml(image, imagescope(tmp_path / "some.xml", square, region((1, 1), (3, 3)), region((90, 90), (95, 90), (95, 95))))
     for mpp in ("0", "-0.25", "inf"):  # ImageScope writes 0 for an unknown pixel size
         assert read_imagescope_xml(image, imagescope(tmp_path / "unknown.xml", square, mpp=mpp)).resolution is None
 
@@ -145,6 +147,16 @@ def test_coco_errors(tmp_path):
     garbled = {"category_id": 1, "segmentation": {"size": [H, W], "counts": "zz~~not-an-rle"}}
     with pytest.raises(AnnotationError, match="coco.json: a segmentation of a.tif is malformed"):
         read_coco(coco_file(tmp_path, [garbled]), tmp_path)
+    twice = [{"id": 1, "file_name": "a.tif"}, {"id": 2, "file_name": "a.tif"}]
+    with pytest.raises(AnnotationError, match="coco.json: image file_name listed more than once: a.tif"):
+        read_coco(coco_file(tmp_path, [], images=twice), tmp_path)
+    square = [[2, 2, 12, 2, 12, 12, 2, 12]]
+    orphan = {"category_id": 1, "segmentation": square, "image_id": 9}
+    with pytest.warns(UserWarning, match="coco.json: 1 annotation.s. refer to no listed image"):
+        read_coco(coco_file(tmp_path, [orphan]), tmp_path)
+    degenerate = {"category_id": 1, "segmentation": [[1, 1, 5, 5]]}  # two points
+    with pytest.warns(UserWarning, match="a: 1 of 2 annotated objects have no pixel of their own"):
+        read_coco(coco_file(tmp_path, [{"category_id": 1, "segmentation": square}, degenerate]), tmp_path)
     (tmp_path / "bad.json").write_text('{"images": []}')
     with pytest.raises(AnnotationError, match="bad.json.*not a COCO"):
         read_coco(tmp_path / "bad.json", tmp_path)

@@ -63,6 +63,9 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
         (["train", "--anchors", "8,16", "--out", str(tmp_path / "m")], "--anchors 8,16: expected five positive sizes"),
         (["train", "--tile-size", "100", "--out", str(tmp_path / "m")], "--tile-size 100 must be a multiple of 32"),
         (["train", "--init", "no-such-model", "--out", str(tmp_path / "m")], "--init: no-such-model: not a model directory"),
+        (["train", "--architecture", "resnet", "--out", str(tmp_path / "m")], "architecture: Input should be 'maskrcnn_resnet50_fpn'"),
+        (["train", "--init", "nuclei-he", "--architecture", "maskrcnn_resnet50_fpn", "--out", str(tmp_path / "m")],
+         "--architecture maskrcnn_resnet50_fpn: --init nuclei-he is a maskrcnn_compact"),
         (["train", "--batch-size", "0", "--out", str(tmp_path / "m")], "Invalid value for '--batch-size'"),
         (["train", "--val-every", "1", "--out", str(tmp_path / "m")], "--val-every 1 holds out all 1 image(s): none is left"),
         (["train", "--resume", "--out", str(tmp_path / "m")], "checkpoint.pt not found (nothing to continue)"),
@@ -72,6 +75,11 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
         result = runner.invoke(app, [command[0], *data, *command[1:]])
         assert result.exit_code == 2 and message in output(result), (command, result.output)
     assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
+    images, labels = dataset(tmp_path / "blank", n=1)
+    write_geotiff(np.zeros((600, 700, 1), np.uint16), labels / "scene0.tif")
+    result = runner.invoke(app, ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
+                                 "--val-every", "0", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "no annotated object in the 1 training image(s)" in output(result)
 
 
 def test_train_command_writes_a_loadable_model_and_its_split(tmp_path):

@@ -50,6 +50,7 @@ def test_weights_round_trip_and_mismatches_are_explained(tmp_path):
     card = small_card()
     model = build_model(card)
     save_weights(model, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644  # readable by the workers of other users
     clone = build_model(card)
     load_weights(clone, tmp_path / "w.safetensors", "compact")
     for (name, a), b in zip(model.state_dict().items(), clone.state_dict().values()):

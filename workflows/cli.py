@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -211,7 +212,7 @@ def dataset_stats_command(
 def train(
     fmt: FormatOption, images: ImagesOption, out: Annotated[Path, typer.Option(help="Model directory to write.")],
     annotations: AnnotationsOption = None, class_name: ClassOption = "object", class_field: ClassFieldOption = None,
-    architecture: Annotated[str, typer.Option(help="maskrcnn_compact, maskrcnn_resnet50_fpn[_v2], maskrcnn_mobilenet_v3_large_fpn.")] = "maskrcnn_compact",
+    architecture: Annotated[Optional[str], typer.Option(help="maskrcnn_compact (default), maskrcnn_resnet50_fpn[_v2], maskrcnn_mobilenet_v3_large_fpn; with --init, that model's.")] = None,
     init: Annotated[Optional[str], typer.Option(help="Fine-tune from this model (directory or shipped name) instead of from scratch.")] = None,
     tile_size: Annotated[int, typer.Option(help="Training crop = inference tile size.")] = 512,
     minutes: Annotated[float, typer.Option(help="Training time budget (cosine schedule over it).")] = 30.0,
@@ -250,6 +251,8 @@ def train(
         base = load_card(resolve_model_dir(init)) if init else None
     except ValueError as err:
         _fail(f"--init: {err}")
+    if base and architecture and architecture != base.architecture:
+        _fail(f"--architecture {architecture}: --init {init} is a {base.architecture}, and fine-tuning keeps it")
     _check_output_dir(out)
     if resume and not (out / "checkpoint.pt").is_file():
         _fail(f"--resume: {out / 'checkpoint.pt'} not found (nothing to continue)")
@@ -264,13 +267,18 @@ def train(
     training, held_out = split(samples, val_every)
     if not training:
         _fail(f"--val-every {val_every} holds out all {len(samples)} image(s): none is left to train on (use 0 to hold out none)")
+    if not any(s.labels.any() for s in training):
+        _fail(f"no annotated object in the {len(training)} training image(s): nothing to learn from")
     class_names = samples[0].class_names
-    card = ModelCard(
-        name=out.name, architecture=base.architecture if base else architecture, classes=class_names,
-        tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
-        resolution_unit=samples[0].resolution_unit,
-        max_detections=max_detections, anchor_sizes=anchor_sizes,
-    )
+    try:
+        card = ModelCard(
+            name=out.name, architecture=base.architecture if base else architecture or "maskrcnn_compact", classes=class_names,
+            tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
+            resolution_unit=samples[0].resolution_unit,
+            max_detections=max_detections, anchor_sizes=anchor_sizes,
+        )
+    except ValidationError as err:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
     pack = [Sample(s.name, s.image, s.labels, s.classes) for s in training]
     (out / "split.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "split.json").write_text(json.dumps({"train": [s.name for s in training], "validation": [s.name for s in held_out]}, indent=2))
