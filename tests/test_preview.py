@@ -145,6 +145,7 @@ def test_preview_cli(run, tmp_path):
         (["preview", str(tmp_path / "missing"), "scene"], "output directory not found"),
         (["preview", str(out), "plain", "--region", "1000,1000,2000,2000"], "lies outside the image"),
         (["preview", str(out), "plain", "--region", "a,b"], "--region 'a,b'"),
+        (["preview", str(out), "plain", "--output", str(tmp_path / "p.jpg")], "previews are PNG files"),
     ]:
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, (bad, result.output)

@@ -133,6 +133,8 @@ def preview_command(
     box = _box(region, "--region")
     if cell_size < 1 or max_size < 1:
         _fail("--cell-size and --max-size must be positive")
+    if output is not None and output.suffix.lower() != ".png":
+        _fail(f"--output {output}: previews are PNG files (.png)")
     try:
         found = find_output(out, image_id)
         source = open_image(found.summary()["image"])
