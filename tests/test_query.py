@@ -277,6 +277,7 @@ def test_query_cli(run, tmp_path):
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, (bad, result.output)
     assert runner.invoke(app, ["query", str(out), "--limit", "-1"]).exit_code == 2
+    assert runner.invoke(app, ["query", str(out), "--min-score", "2"]).exit_code == 2
 
 
 def test_a_damaged_geopackage_is_named(run, tmp_path):

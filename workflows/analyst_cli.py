@@ -94,7 +94,7 @@ def query_command(
     bbox: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in --bbox-crs (default: each image's own coordinates).")] = None,
     bbox_crs: Annotated[Optional[str], typer.Option(help="CRS of --bbox (e.g. EPSG:4326), or 'pixels' for slides / unreferenced images.")] = None,
     classes: Annotated[Optional[list[str]], typer.Option("--class", help="Keep this class (repeat for several).")] = None,
-    min_score: Annotated[Optional[float], typer.Option(help="Minimum score.")] = None,
+    min_score: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Minimum score (0 to 1).")] = None,
     min_area: Annotated[Optional[float], typer.Option(help="Minimum area (CRS units², px² in pixel space).")] = None,
     max_area: Annotated[Optional[float], typer.Option(help="Maximum area.")] = None,
     images: Annotated[Optional[list[str]], typer.Option("--image", help="Keep this image id (repeat for several).")] = None,
