@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import geopandas as gpd
 import matplotlib
 import numpy as np
-import rasterio
 import shapely
 from affine import Affine
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,7 +27,7 @@ from matplotlib.path import Path as MplPath
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.grid import Span
-from pipeline.sources import RasterSource, open_image
+from pipeline.sources import RasterSource, open_image, open_quietly
 from pipeline.writers import atomic_path
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ def image_grid(source: RasterSource | SlideSource) -> tuple[tuple[int, int], Aff
 def _full_resolution(source: RasterSource | SlideSource) -> tuple[int, int, Affine]:
     """(width, height, pixel → output coordinates) of the image at full resolution."""
     if isinstance(source, RasterSource):
-        with rasterio.open(source.path) as dataset:
+        with open_quietly(source.path) as dataset:
             return dataset.width, dataset.height, dataset.transform
     width, height = source.level0_size
     return width, height, Affine.identity()

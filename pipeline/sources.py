@@ -258,7 +258,9 @@ def _bound_block_cache() -> None:
         set_gdal_config("GDAL_CACHEMAX", GDAL_BLOCK_CACHE)
 
 
-def _open_quietly(path: str):
+def open_quietly(path: str | Path):
+    """``rasterio.open`` without the warning for rasters that have no georeferencing (they are read
+    in pixel coordinates, and the run says so once), GDAL's block cache bounded."""
     _bound_block_cache()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -272,7 +274,7 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
     bands = list(source.bands)
     reason = None
     try:
-        with open_cached(source.path, _open_quietly) as dataset:
+        with open_cached(source.path, open_quietly) as dataset:
             if source.factor == 1.0:
                 window = Window(cols.start, rows.start, cols.length, rows.length)
             else:
