@@ -265,3 +265,18 @@ def test_images_sharing_a_name_keep_apart_ids_in_every_output(tmp_path):
         frame = gpd.read_file(tmp_path / "out" / image_id / "instances.gpkg", layer="instances")
         counts = gpd.read_file(tmp_path / "out" / image_id / "instances.gpkg", layer="counts")
         assert len(frame) and set(frame["image_id"]) == set(counts["image_id"]) == {image_id}
+
+
+def test_status_tells_apart_images_of_one_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from workflows.cli import app
+    from workflows.ledger import Fingerprint, Ledger
+
+    with Ledger(tmp_path) as ledger:
+        for folder, out_dir in (("north", "scene"), ("south", "scene-2")):
+            ledger.started(tmp_path / folder / "scene.tif", Fingerprint(1, 1), "c", "m", tmp_path / out_dir)
+            ledger.failed(tmp_path / folder / "scene.tif", "stopped")
+    output = CliRunner().invoke(app, ["status", str(tmp_path)]).output
+    assert output.count("scene.tif") == 2 and output.count("→") == 1  # the second one shows its folder
+    assert "scene.tif → scene-2" in output or ("scene.tif →" in output and "│ scene-2" in output)  # rich may wrap it

@@ -17,7 +17,7 @@ from models.card import ModelCardError, check_weights_file, load_card
 from models.registry import resolve_model_dir, shipped_models
 from pipeline.annotations import AnnotationError, at_resolution, dataset_stats
 from pipeline.graph import Tiling
-from pipeline.sources import SourceError, checked_value_range
+from pipeline.sources import SourceError, checked_value_range, image_stem
 from pipeline.writers import atomic_path
 from workflows.analyst_cli import register as register_analyst_commands
 from workflows.cluster import ClusterError, connect, has_gpu_workers
@@ -373,8 +373,10 @@ def status(out: Annotated[Path, typer.Argument(help="Output directory of a workf
     for column in ("image", "status", "seconds", "instances", "tiles", "skipped", "resumed"):
         table.add_column(column, justify="left" if column in {"image", "status"} else "right")
     for row in rows:
+        name, folder = Path(row["path"]).name, Path(row["output_dir"] or "").name
         table.add_row(
-            Path(row["path"]).name, row["status"], f"{row['seconds']:.1f}" if row["seconds"] else "",
+            name if folder in ("", image_stem(name)) else f"{name} → {folder}",  # one name in two folders
+            row["status"], f"{row['seconds']:.1f}" if row["seconds"] else "",
             *(str(row[c]) if row[c] is not None else "" for c in ("instances", "tiles", "tiles_skipped", "batches_resumed")),
         )
     console.print(table)
