@@ -130,10 +130,8 @@ def open_raster(
     if path.stat().st_size == 0:
         raise SourceError(f"{path}: empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as dataset:
-                return _describe(dataset, path, bands, value_range, channels, target_m)
+        with open_quietly(path) as dataset:
+            return _describe(dataset, path, bands, value_range, channels, target_m)
     except RasterioIOError as err:
         raise SourceError(f"{path}: not a readable raster ({err})") from err
 
@@ -324,12 +322,10 @@ def valid_overview(source: RasterSource, max_size: int = 2048) -> tuple[np.ndarr
 
     scale = max(1.0, max(source.height, source.width) / max_size)
     shape = (max(1, int(np.ceil(source.height / scale))), max(1, int(np.ceil(source.width / scale))))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(source.path) as dataset:
-            if all(flags == [MaskFlags.all_valid] for flags in dataset.mask_flag_enums):
-                return np.ones(shape, bool), scale
-            mask = dataset.dataset_mask(out_shape=shape, resampling=Resampling.average) > 0
+    with open_quietly(source.path) as dataset:
+        if all(flags == [MaskFlags.all_valid] for flags in dataset.mask_flag_enums):
+            return np.ones(shape, bool), scale
+        mask = dataset.dataset_mask(out_shape=shape, resampling=Resampling.average) > 0
     return ndimage.binary_dilation(mask, iterations=2), source.width / shape[1]
 
 

@@ -70,7 +70,7 @@ def segment_batch(batch: TileBatch, model_dir: str, flips: bool | None = None, d
     finals, candidates = [], []
     for k, instances in zip(run, segmenter(batch.pixels[run])):
         tile = batch.tiles[k]
-        valid = None if batch.valid is None else batch.valid[k]
+        valid = None if batch.valid is None or batch.valid[k].all() else batch.valid[k]
         final, candidate = split_seam_candidates(tile_detections(instances, tile, valid), tile)
         finals.append(final)
         candidates.append(candidate)

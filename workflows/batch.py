@@ -77,14 +77,15 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
     model_dir = resolve_model_dir(workflow.model)
     card = load_card(model_dir)
     check_weights_file(model_dir, card)
-    tiling = Tiling(
-        workflow.tiling.tile_size or card.tile_size,
-        card.overlap if workflow.tiling.overlap is None else workflow.tiling.overlap,
-        workflow.tiling.batch_size,
-        test_time_flips=workflow.tiling.test_time_flips,
-    )
-    if tiling.overlap >= tiling.tile_size // 2:
-        raise ValueError(f"tiling.overlap {tiling.overlap} must be less than half the tile size {tiling.tile_size}")
+    try:
+        tiling = Tiling(
+            workflow.tiling.tile_size or card.tile_size,
+            card.overlap if workflow.tiling.overlap is None else workflow.tiling.overlap,
+            workflow.tiling.batch_size,
+            test_time_flips=workflow.tiling.test_time_flips,
+        )
+    except ValueError as err:  # an overlap that does not fit the tile size (the card's, or the workflow's)
+        raise ValueError(f"tiling: {err}") from None
     metrics = Metrics(workflow.name)
     if workflow.monitoring.metrics_port:
         start_http_server(workflow.monitoring.metrics_port, addr="127.0.0.1", registry=metrics.registry)

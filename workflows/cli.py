@@ -48,18 +48,13 @@ def _model(model: str | None):
 
 
 def _tiling(card, tile_size: int | None, overlap: int | None, batch_size: int, flips: bool | None) -> Tiling:
-    """The tiling asked for, the card's where not given; ValueError for one no grid can use."""
-    tiling = Tiling(
+    """The tiling asked for, the card's where not given (``Tiling`` refuses one no grid can use)."""
+    return Tiling(
         tile_size=card.tile_size if tile_size is None else tile_size,
         overlap=card.overlap if overlap is None else overlap,
         batch_size=batch_size,
         test_time_flips=flips,
     )
-    if tiling.tile_size % 32 or not 64 <= tiling.tile_size <= 4096:
-        raise ValueError(f"tile size {tiling.tile_size} must be a multiple of 32 between 64 and 4096")
-    if not 0 <= tiling.overlap < tiling.tile_size // 2:
-        raise ValueError(f"overlap {tiling.overlap} must be in [0, tile size / 2)")
-    return tiling
 
 
 def _bands(text: str) -> tuple[int, ...]:
@@ -315,7 +310,7 @@ def evaluate(
         tiling = _tiling(card, tile_size, overlap, 4, flips)
     except ValueError as err:
         _fail(str(err))
-    if calibrate and not (Path(model or "") / "model.yaml").is_file():
+    if calibrate and (model is None or not (Path(model) / "model.yaml").is_file()):  # a shipped model, by name
         _fail(f"--calibrate rewrites the model's card: give a model directory, e.g. a copy of this shipped one (cp -r {model_dir} my-model)")
     _check_output_dir(out)
     samples = _load(fmt, images, annotations, class_name, class_field)
