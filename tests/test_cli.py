@@ -96,6 +96,11 @@ def test_train_command_writes_a_loadable_model_and_its_split(tmp_path):
     segmenter = Segmenter(out, device="cpu")
     assert segmenter.card.classes == ["object"] and segmenter.card.tile_size == 128
     assert (out / "training_log.csv").is_file() and (out / "checkpoint.pt").is_file()
+    before = (out / "split.json").read_text()
+    result = runner.invoke(app, ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
+                                 "--out", str(out), "--tile-size", "128", "--val-every", "2", "--resume"])
+    assert result.exit_code == 2 and "records another train/validation split" in " ".join(result.output.split())
+    assert (out / "split.json").read_text() == before  # a refused resume leaves the model's record alone
 
 
 def test_train_resamples_to_the_resolution_asked_for(tmp_path):

@@ -275,8 +275,7 @@ def train(
     except ValidationError as err:
         _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
     pack = [Sample(s.name, s.image, s.labels, s.classes) for s in training]
-    (out / "split.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps({"train": [s.name for s in training], "validation": [s.name for s in held_out]}, indent=2))
+    _record_split(out / "split.json", {"train": [s.name for s in training], "validation": [s.name for s in held_out]}, resume)
     if pack_only:
         save_card(card, out)
         save_pack(out / "train-pack.npz", pack, class_names, card.resolution)
@@ -290,6 +289,23 @@ def train(
     except ValueError as err:  # a checkpoint or --init model that does not fit
         _fail(str(err))
     console.print(f"model written to {out}; validation images: {', '.join(s.name for s in held_out) or 'none'}")
+
+
+def _record_split(path: Path, recorded: dict, resume: bool) -> None:
+    """Write the train/validation split; a resumed training must find the one it began with."""
+    if resume and path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError:
+            earlier = None
+        if earlier != recorded:
+            _fail(f"--resume: {path} records another train/validation split than these images give (images added, "
+                  "removed or renamed, or another --val-every); validation images would leak into training. "
+                  "Train into a new --out, or --overwrite")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(recorded, indent=2))
 
 
 @app.command()
