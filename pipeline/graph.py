@@ -8,6 +8,8 @@ loads it once (``models.inference.cached_segmenter``) and reuses it.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,16 @@ class ImageGraph:
     batches: list[Delayed]
     result: Delayed
     bands: int  # bands of tile rows: the priorities the graph's tiles took
+
+
+def discard_staging(out_dir: Path) -> None:
+    """Remove what a failed image's graph staged in ``out_dir`` (merge parts, an unfinished
+    labels.zarr); the batches a resumable run keeps stay, and so do earlier outputs. The folder
+    goes too when nothing is left in it."""
+    for staged in [*out_dir.glob(".instances-parts.*"), *out_dir.glob(".labels.zarr.*.tmp")]:
+        shutil.rmtree(staged, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        out_dir.rmdir()
 
 
 MIN_BAND_TILES = 64  # tiles per band of the merge: the instances held at a time scale with it

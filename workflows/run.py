@@ -12,7 +12,7 @@ from distributed import Client, as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from models.card import ModelCard
-from pipeline.graph import ImageGraph, Tiling, image_graph
+from pipeline.graph import ImageGraph, Tiling, discard_staging, image_graph
 from pipeline.inputs import open_for_model
 from pipeline.sources import SourceError, image_stem
 
@@ -80,6 +80,7 @@ def run_images(
     events = events or RunEvents()
     report = RunReport()
     graphs: dict[str, ImageGraph] = {}
+    out_dirs: dict[str, Path] = {}
     priority = 0  # each image's bands below the previous image's: one image after another
     taken: set[str] = {p.name for p in (output_dirs or {}).values()}
     first_of = {}
@@ -99,6 +100,7 @@ def run_images(
                     labels=labels, density_cell=density_cell, priority=priority,
                 )
             priority -= graphs[str(image)].bands
+            out_dirs[str(image)] = out_dir
             events.started(str(image), out_dir)
             for warning in caught:
                 report.warnings.setdefault(str(image), []).append(str(warning.message))
@@ -138,4 +140,6 @@ def run_images(
                 events.batch_done(image_of_batch[future.key])
                 progress.advance(tiles_task)
             future.release()
+    for name in report.failed.keys() & out_dirs.keys():  # now that none of their tasks still runs
+        discard_staging(out_dirs[name])
     return report
