@@ -273,6 +273,10 @@ def test_query_cli(run, tmp_path):
         (["query", str(out), "--output", str(tmp_path / "all.gpkg")], "several CRSs"),
         (["query", str(out), "--within", str(tmp_path / "garbage.gpkg")], "garbage.gpkg: not a readable vector file"),
         (["query", str(out), "--within", str(tmp_path / "points.geojson")], "points.geojson: no polygons to count in"),
+        (["query", str(out), "--image", "alpha", "--bbox", "0,0,9,9", "--bbox-crs", "pixels"],
+         "nothing to search: the bbox is in pixels and every image has a CRS (EPSG:32631)"),
+        (["query", str(out), "--image", "o'hare", "--bbox", "0,0,9,9", "--bbox-crs", "EPSG:4326"],
+         "the bbox is in EPSG:4326 and every image is in pixel space"),
     ]:
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, (bad, result.output)

@@ -138,12 +138,13 @@ def select(
     for row in rows:
         if images is None or row["image_id"] in images:
             groups.setdefault(row["crs"], []).append(row["image_id"])
-    frames = []
+    frames, skipped = [], []
     for wkt, ids in groups.items():
         crs = CRS.from_wkt(wkt) if wkt else None
         area = bbox_in(bbox, bbox_crs, crs) if bbox is not None else None
         local = regions_in(regions, crs) if regions is not None else None
         if (area is not None and area.is_empty) or (regions is not None and local is None):
+            skipped.append(crs)
             continue
         shape = None if local is None else shapely.box(*local.total_bounds)
         files = [str(partition_path(catalogue, i)) for i in ids]
@@ -151,7 +152,21 @@ def select(
         if area is not None:
             frame = frame[shapely.intersects(frame.geometry.values, area)].reset_index(drop=True)
         frames.append(frame)
+    if skipped and not frames:
+        raise QueryError(_nothing_applies(skipped, bbox_crs if bbox is not None else None, regions))
     return frames
+
+
+def _nothing_applies(crss: list[CRS | None], bbox_crs: str | None, regions: gpd.GeoDataFrame | None) -> str:
+    """Why a bbox or regions apply to none of the images (a CRS on one side only)."""
+    if None in crss:
+        images = "every image is in pixel space (slides, unreferenced rasters)"
+        remedy = "give --bbox-crs pixels, or no --bbox-crs for each image's own coordinates" if bbox_crs else "use regions without a CRS, in pixels"
+    else:
+        images = f"every image has a CRS ({', '.join(sorted({c.to_string() for c in crss}))})"
+        remedy = "give the bbox in a CRS, or no --bbox-crs for each image's own coordinates" if bbox_crs else "give the regions a CRS"
+    given = f"the bbox is in {bbox_crs}" if bbox_crs else f"the regions have {'no CRS' if regions.crs is None else regions.crs.to_string()}"
+    return f"nothing to search: {given} and {images}; {remedy}"
 
 
 def combine(frames: list[gpd.GeoDataFrame], to_crs: str | None = None) -> gpd.GeoDataFrame:
