@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 from affine import Affine
 from rasterio.windows import Window
 
@@ -32,8 +34,11 @@ def write_geotiff(
     )
     if height >= blocksize and width >= blocksize:
         profile.update(tiled=True, blockxsize=blocksize, blockysize=blocksize)
-    with rasterio.open(path, "w", **profile) as dataset:
-        dataset.write(image.transpose(2, 0, 1))
+    with warnings.catch_warnings():
+        if crs is None:  # pixel space asked for: GDAL's "not georeferenced" is the point
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **profile) as dataset:
+            dataset.write(image.transpose(2, 0, 1))
     return path
 
 
