@@ -24,7 +24,7 @@ from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.transform import xy
+from rasterio.transform import from_gcps, xy
 from rasterio.windows import Window
 
 from pipeline.grid import Span
@@ -158,6 +158,9 @@ def resample_factor(pixel_size: float | None, target: float | None) -> float:
     return 1.0 if abs(factor - 1) <= RESAMPLE_TOLERANCE else factor
 
 
+GCP_FIT_TOLERANCE = 0.5  # pixels: GCPs fitted no worse than this by one affine transform are used through it
+
+
 def check_upsampling(path: Path, factor: float, pixel_size: float | None, target: float | None, unit: str) -> None:
     """Refuse reads upsampled more than ``MAX_UPSAMPLING`` times: a pixel size that far from the
     model's is a metadata (or ``--mpp``) mistake, and the processed image would be enormous."""
@@ -202,8 +205,8 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         warnings.warn(f"{path}: {dtype} data scaled to 8 bits from per-band ranges {ranges}", stacklevel=3)
     if len(dataset.subdatasets) > 1:  # a multi-page TIFF (not a pyramid: those are overviews)
         warnings.warn(f"{path}: {len(dataset.subdatasets)} images in the file; only the first is read", stacklevel=3)
-    crs_wkt = dataset.crs.to_wkt() if dataset.crs else None
-    size = pixel_size_m(crs_wkt, dataset.transform, dataset.width, dataset.height) if target_m else None
+    crs_wkt, transform = _georeferencing(dataset, path)
+    size = pixel_size_m(crs_wkt, transform, dataset.width, dataset.height) if target_m else None
     factor = resample_factor(size, target_m)
     check_upsampling(path, factor, size, target_m, "m")
     height, width = max(1, round(dataset.height / factor)), max(1, round(dataset.width / factor))
@@ -214,11 +217,38 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         bands=bands,
         dtype=dtype,
         value_range=ranges,
-        transform=dataset.transform @ Affine.scale(dataset.width / width, dataset.height / height),
+        transform=transform @ Affine.scale(dataset.width / width, dataset.height / height),
         crs_wkt=crs_wkt,
         factor=factor,
         palette=palette,
     )
+
+
+def _georeferencing(dataset, path: Path) -> tuple[str | None, Affine]:
+    """The CRS (WKT) and pixel → CRS transform of a raster's outputs. Without a geotransform (GDAL
+    then reports the identity), GCPs that one affine transform fits within ``GCP_FIT_TOLERANCE``
+    pixels give that transform; otherwise outputs are in pixel coordinates, and a warning names
+    what was not used (a CRS alone, GCPs that need a warp, RPCs)."""
+    if not dataset.transform.is_identity:
+        return (dataset.crs.to_wkt() if dataset.crs else None), dataset.transform
+    gcps, gcp_crs = dataset.gcps
+    if len(gcps) >= 3 and gcp_crs is not None:
+        fit = from_gcps(gcps)
+        residual = max(float(np.hypot(*np.subtract(~fit @ (g.x, g.y), (g.col, g.row)))) for g in gcps)
+        if residual <= GCP_FIT_TOLERANCE:
+            warnings.warn(f"{path}: georeferenced by its {len(gcps)} GCPs, through the affine transform that fits "
+                          f"them (largest residual {residual:.2g} px)", stacklevel=4)
+            return gcp_crs.to_wkt(), fit
+        unused = f"{len(gcps)} GCPs that no affine transform fits (largest residual {residual:.1f} px)"
+    elif dataset.rpcs:
+        unused = "RPCs only"
+    elif dataset.crs:
+        unused = f"a CRS ({dataset.crs.to_string()[:60]}) but no geotransform"
+    else:
+        return None, dataset.transform
+    warnings.warn(f"{path}: georeferenced by {unused}, which Seamline does not use; orthorectify it first "
+                  "(e.g. gdalwarp) to get polygons in a CRS", stacklevel=4)
+    return None, dataset.transform
 
 
 def checked_value_range(value_range) -> tuple[float, float]:

@@ -1,3 +1,6 @@
+import re
+import warnings
+
 import numpy as np
 import pytest
 import rasterio
@@ -183,3 +186,48 @@ def test_nodata_regions_are_masked_from_an_overview_before_reading(tmp_path):
     assert len(kept) <= len(overlapping) + 8 and 0.05 < info["data_fraction"] < 0.15
     full = open_raster(write_geotiff(image + 1, tmp_path / "full.tif"))
     assert len(foreground_tiles(full, tiles)[0]) == len(tiles)
+
+
+def test_georeferencing_without_a_geotransform(tmp_path):
+    """GCPs that one affine fits give that affine; a CRS alone, GCPs needing a warp and RPCs give pixel
+    space (never pixel rows labelled as metres), each with a warning naming what was not used."""
+    from affine import Affine
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.rpc import RPC
+
+    truth = Affine(0.5, 0, 430000, 0, -0.5, 5420000)
+    corners = [(0, 0), (0, 80), (64, 0), (64, 80), (32, 40)]
+
+    def raster(name, **georef):
+        path = tmp_path / f"{name}.tif"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            write_geotiff(np.full((64, 80, 3), 90, np.uint8), path, crs=georef.pop("crs", None), transform=Affine.identity())
+        with rasterio.open(path, "r+") as dataset:
+            for key, value in georef.items():
+                setattr(dataset, key, value)
+        return path
+
+    def gcps(shift=0.0):
+        points = [GroundControlPoint(row=r, col=c, x=(truth * (c, r))[0], y=(truth * (c, r))[1]) for r, c in corners]
+        points[-1] = GroundControlPoint(row=32, col=40 + shift, x=points[-1].x, y=points[-1].y)  # off the affine by `shift` px
+        return points, CRS.from_epsg(32631)
+
+    rpcs = RPC(height_off=0, height_scale=100, lat_off=48.8, lat_scale=0.01, line_num_coeff=[0, 0, -1] + [0] * 17,
+               line_den_coeff=[1] + [0] * 19, line_off=32, line_scale=32, long_off=2.3, long_scale=0.01,
+               samp_num_coeff=[0, 1] + [0] * 18, samp_den_coeff=[1] + [0] * 19, samp_off=40, samp_scale=40)
+    cases = {
+        "fitted": (raster("fitted", gcps=gcps()), "georeferenced by its 5 GCPs, through the affine transform"),
+        "warped": (raster("warped", gcps=gcps(shift=6.0)), "5 GCPs that no affine transform fits (largest residual"),
+        "rpcs": (raster("rpcs", rpcs=rpcs), "georeferenced by RPCs only, which Seamline does not use"),
+        "crs-only": (raster("crs-only", crs="EPSG:32631"), "georeferenced by a CRS (EPSG:32631) but no geotransform"),
+    }
+    for name, (path, message) in cases.items():
+        with pytest.warns(UserWarning, match=re.escape(message)):
+            source = open_raster(path)
+        if name == "fitted":
+            assert source.transform.almost_equals(truth) and CRS.from_wkt(source.crs_wkt).to_epsg() == 32631
+        else:
+            assert source.crs_wkt is None and source.transform.is_identity, name
