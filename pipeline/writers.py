@@ -23,6 +23,7 @@ import pyogrio
 import shapely
 
 from pipeline.detections import Detections
+from pipeline.ground_area import ground_area_m2
 from pipeline.label_store import move_into_place
 from pipeline.sources import RasterSource
 
@@ -44,10 +45,11 @@ def atomic_path(path: Path):
 
 
 def to_source_crs(geometry: np.ndarray, source: RasterSource) -> np.ndarray:
-    """Pixel (column, row) polygons → the source's CRS through its affine transform, once."""
+    """Pixel (column, row) polygons → the source's CRS through its affine transform, once; exterior
+    rings counter-clockwise, holes clockwise (the OGC and RFC 7946 rule; a north-up transform mirrors)."""
     a, b, c, d, e, f = source.transform[:6]
     matrix = np.array([[a, d], [b, e]])
-    return shapely.transform(geometry, lambda xy: xy @ matrix + np.array([c, f]))
+    return shapely.orient_polygons(shapely.transform(geometry, lambda xy: xy @ matrix + np.array([c, f])))
 
 
 def instances_table(
@@ -56,6 +58,7 @@ def instances_table(
     """One row per instance, ids from ``first_id``, geometry as WKB in the source CRS (pixels when
     it has none): the instances layer's columns."""
     geometry = to_source_crs(detections.geometry, source)
+    ground = ground_area_m2(geometry, source.crs_wkt)
     n = len(detections)
     columns = {
         "instance_id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
@@ -66,6 +69,7 @@ def instances_table(
         "area": pa.array(shapely.area(geometry)),
         "area_px": pa.array(shapely.area(detections.geometry) * source.pixel_scale**2),
         **({"area_um2": pa.array(shapely.area(detections.geometry) * (source.pixel_scale * source.mpp) ** 2)} if source.mpp else {}),
+        **({"area_m2": pa.array(ground)} if ground is not None else {}),
         "tile_id": pa.array(detections.tile.astype(np.int32)),
         "geometry": pa.array(shapely.to_wkb(geometry), pa.binary()),
     }

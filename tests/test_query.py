@@ -27,7 +27,7 @@ from pipeline.sources import open_raster
 from pipeline.synthetic_raster import DEFAULT_TRANSFORM, write_geotiff
 from workflows.analyst_cli import register
 from workflows.catalogue import IMAGES, build_catalogue, partition_path
-from workflows.query import QueryError, _fetch, query, select
+from workflows.query import QueryError, _fetch, query, select, write_result
 
 ODD = "rect'); DROP TABLE instances; --"  # a class name that would break string-built SQL
 CLASSES = ["ellipse", ODD, "triangle"]
@@ -169,9 +169,12 @@ def test_attribute_filters_match_brute_force(run):
         mine = result[result["image_id"] == name].set_index("instance_id").geometry
         theirs = truth[name].to_crs(UTM).set_index("instance_id").geometry.loc[mine.index]
         assert mine.geom_equals_exact(theirs, tolerance=1e-6).all()
-    lo, hi = truth["alpha"]["area"].quantile([0.25, 0.75])
-    result = query(out, area_range=(lo, hi), images=["alpha"])
-    assert ids(result) == brute(truth, lambda f: f["area"].between(lo, hi), ["alpha"]) != set()
+    lo, hi = truth["alpha"]["area_m2"].quantile([0.25, 0.75])  # m² on the ground, whatever the CRS
+    result = query(out, area_range=(lo, hi), images=["alpha", "beta"], to_crs=UTM)
+    expected = brute(truth, lambda f: f["area_m2"].between(lo, hi), ["alpha", "beta"])
+    assert ids(result) == expected and {i for i, _ in expected} == {"alpha", "beta"}
+    lo, hi = truth["o'hare"]["area"].quantile([0.25, 0.75])  # px² in pixel space
+    assert ids(query(out, area_range=(lo, hi), images=["o'hare"])) == brute(truth, lambda f: f["area"].between(lo, hi), ["o'hare"]) != set()
     result = query(out, classes=["ellipse"], images=["o'hare"])
     assert ids(result) == brute(truth, lambda f: f["class"] == "ellipse", ["o'hare"]) != set()
     assert result.crs is None
@@ -187,6 +190,42 @@ def test_bbox_in_a_crs_applies_to_images_in_every_crs(run):
     assert ids(result) == expected
     assert {i for i, _ in expected} == {"alpha", "beta"} and len(expected) < len(truth["alpha"]) + len(truth["beta"])
     assert result.crs.to_epsg() == 32631
+
+
+def test_a_world_bbox_or_region_finds_every_georeferenced_instance(run, tmp_path):
+    """A lon/lat box or region far larger than the images (the world) is cut to them before it is
+    reprojected: into a UTM zone or Web Mercator, the whole box would not reproject."""
+    out, truth = run
+    everything = brute(truth, lambda f: f["score"] >= 0, GEOREFERENCED)
+    assert ids(query(out, bbox=(-180, -90, 180, 90), bbox_crs="EPSG:4326")) == everything
+    world = gpd.GeoDataFrame({"name": ["world"]}, geometry=[shapely.box(-180, -90, 180, 90)], crs="EPSG:4326")
+    assert query(out, within=world)["count"].tolist() == [len(everything)]
+
+
+def test_outputs_hold_ground_areas_and_counter_clockwise_exteriors(run, tmp_path):
+    out, truth = run
+    alpha, beta = truth["alpha"], truth["beta"]
+    assert np.allclose(alpha["area_m2"], alpha["area"], rtol=2e-3)  # UTM: the scale factor, within 0.1 %
+    latitude = np.radians(gpd.GeoSeries(beta.geometry, crs=beta.crs).to_crs("EPSG:4326").centroid.y)
+    assert np.allclose(beta["area_m2"], beta["area"] * np.cos(latitude) ** 2, rtol=1e-2)  # Web Mercator inflates
+    assert "area_m2" not in truth["o'hare"]
+    for name, frame in truth.items():
+        stored = gpd.read_parquet(partition_path(out / "catalogue", name))
+        for geometry in (frame.geometry.values, stored.geometry.values):
+            assert shapely.is_ccw(shapely.get_exterior_ring(geometry)).all(), name
+    assert json.loads(pq.read_metadata(partition_path(out / "catalogue", "alpha")).metadata[b"geo"])["columns"]["geometry"]["orientation"] == "counterclockwise"
+
+
+def test_geojson_in_a_crs_without_an_epsg_code_is_written_in_lon_lat(run, tmp_path):
+    out, truth = run
+    local = 'PROJCS["site grid",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],PARAMETER["latitude_of_origin",48],PARAMETER["central_meridian",2],PARAMETER["scale_factor",1],PARAMETER["false_easting",0],PARAMETER["false_northing",0],UNIT["metre",1]]'
+    frame = query(out, images=["alpha"], to_crs=local)
+    write_result(frame, tmp_path / "site.geojson")
+    back = gpd.read_file(tmp_path / "site.geojson")
+    assert back.crs.to_epsg() == 4326  # RFC 7946, not site-grid metres read as degrees
+    assert back.geom_equals_exact(frame.to_crs("EPSG:4326").geometry, tolerance=1e-9).all()
+    write_result(query(out, images=["alpha"]), tmp_path / "utm.geojson")
+    assert gpd.read_file(tmp_path / "utm.geojson").crs.to_epsg() == 32631  # an EPSG code travels as is
 
 
 def test_pixel_bbox_applies_to_pixel_space_images(run):
@@ -221,8 +260,8 @@ def test_counts_per_region_with_regions_in_another_crs(run, tmp_path):
         per_class = member[member["class"] == name].groupby("index_right").size().reindex(range(3), fill_value=0)
         assert stats[f"count_{name}"].tolist() == per_class.tolist()
     assert np.allclose(stats["mean_score"].iloc[:2], grouped["score"].mean().iloc[:2])
-    assert np.allclose(stats["total_area"], grouped["area"].sum().reindex(range(3), fill_value=0))
-    assert np.allclose(stats["mean_area"].iloc[:2], grouped["area"].mean().iloc[:2]) and np.isnan(stats["mean_area"].iloc[2])
+    assert np.allclose(stats["total_area"], grouped["area_m2"].sum().reindex(range(3), fill_value=0))  # m², both CRSs
+    assert np.allclose(stats["mean_area"].iloc[:2], grouped["area_m2"].mean().iloc[:2]) and np.isnan(stats["mean_area"].iloc[2])
 
 
 def test_values_travel_as_sql_parameters(run):

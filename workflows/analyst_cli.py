@@ -18,7 +18,7 @@ from rich.table import Table
 from pipeline.preview import image_grid, render_density, render_overlay
 from pipeline.sources import open_image
 from workflows.catalogue import CatalogueError, build_catalogue, find_output, read_images
-from workflows.query import QueryError, query, select, write_result
+from workflows.query import QueryError, crs_label, ground_area, query, select, write_result
 
 console = Console()
 
@@ -60,14 +60,14 @@ def catalogue_command(out: OutArgument) -> None:
 def _instances_table(frames, limit: int) -> None:
     rows = pd.concat([
         pd.DataFrame({
-            "image": f["image_id"], "id": f["instance_id"], "class": f["class"], "score": f["score"], "area": f["area"],
+            "image": f["image_id"], "id": f["instance_id"], "class": f["class"], "score": f["score"], "area": ground_area(f),
             "x": shapely.get_x(shapely.point_on_surface(f.geometry.values)),
             "y": shapely.get_y(shapely.point_on_surface(f.geometry.values)),
-            "crs": f.crs.to_string() if f.crs else "pixels",
+            "crs": crs_label(f.crs),
         })
         for f in frames
     ] or [pd.DataFrame(columns=["image", "id", "class", "score", "area", "x", "y", "crs"])])
-    table = Table(title="instances (x, y: a point inside each, in its image's CRS)")
+    table = Table(title="instances (x, y: a point inside each, in its image's CRS; area: m², px² in pixel space)")
     for column in rows.columns:
         table.add_column(column, justify="right" if column in {"id", "score", "area", "x", "y"} else "left")
     for row in rows.head(limit).itertuples(index=False):
@@ -95,7 +95,7 @@ def query_command(
     bbox_crs: Annotated[Optional[str], typer.Option(help="CRS of --bbox (e.g. EPSG:4326), or 'pixels' for slides / unreferenced images.")] = None,
     classes: Annotated[Optional[list[str]], typer.Option("--class", help="Keep this class (repeat for several).")] = None,
     min_score: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Minimum score (0 to 1).")] = None,
-    min_area: Annotated[Optional[float], typer.Option(help="Minimum area (CRS units², px² in pixel space).")] = None,
+    min_area: Annotated[Optional[float], typer.Option(help="Minimum area: m² on the ground for georeferenced images, px² in pixel space.")] = None,
     max_area: Annotated[Optional[float], typer.Option(help="Maximum area.")] = None,
     images: Annotated[Optional[list[str]], typer.Option("--image", help="Keep this image id (repeat for several).")] = None,
     within: Annotated[Optional[Path], typer.Option(help="Regions (GeoPackage, GeoJSON …): counts and statistics per region.")] = None,

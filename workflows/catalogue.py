@@ -28,8 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pyogrio
+import shapely
 from pyogrio.errors import DataLayerError, DataSourceError
 
+from pipeline.ground_area import ground_area_m2
 from pipeline.writers import INSTANCES_LAYER
 
 CATALOGUE = "catalogue"
@@ -38,7 +40,7 @@ PARTITION_FILE = "part-0.parquet"
 ROW_GROUP_ROWS = 16_384  # instances come sorted by position: row groups are strips a bbox filter can skip
 COLUMNS = {
     "image_id": "str", "instance_id": "int64", "class_id": "int32", "class": "str", "score": "float64",
-    "area": "float64", "area_px": "float64", "area_um2": "float64", "tile_id": "int32",
+    "area": "float64", "area_px": "float64", "area_um2": "float64", "area_m2": "float64", "tile_id": "int32",
 }
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("image", pa.string()), ("folder", pa.string()), ("crs", pa.string()),
@@ -109,11 +111,15 @@ def partition_path(catalogue: Path, image_id: str) -> Path:
 
 def partition_frame(output: ImageOutput, start: int = 0, rows: int | None = None) -> gpd.GeoDataFrame:
     """An image's instances (``rows`` of them from row ``start``; all by default) with the
-    catalogue's columns and types (``area_um2`` null for rasters)."""
+    catalogue's columns and types (``area_um2`` null for rasters, ``area_m2`` for what is not georeferenced)."""
     frame = output.instances(start, rows)
     frame["image_id"] = output.image_id
+    frame.geometry = shapely.orient_polygons(frame.geometry.values)  # outputs of earlier versions were not
     if "area_um2" not in frame:
         frame["area_um2"] = np.nan
+    if "area_m2" not in frame:  # not georeferenced, or written before outputs had it
+        ground = ground_area_m2(frame.geometry.values, frame.crs.to_wkt() if frame.crs else None)
+        frame["area_m2"] = np.nan if ground is None else ground
     return frame[[*COLUMNS, "geometry"]].astype(COLUMNS)
 
 
@@ -124,6 +130,7 @@ def _geoparquet_table(frame: gpd.GeoDataFrame, bounds: list[float] | None) -> pa
 
     table = _geopandas_to_arrow(frame, index=False, schema_version="1.1.0", write_covering_bbox=True)
     geo = json.loads(table.schema.metadata[b"geo"])
+    geo["columns"]["geometry"]["orientation"] = "counterclockwise"  # partition_frame orients every polygon
     if bounds is not None:
         geo["columns"]["geometry"]["bbox"] = bounds
     return table.replace_schema_metadata({**table.schema.metadata, b"geo": json.dumps(geo).encode()})
@@ -143,7 +150,8 @@ def _atomic(path: Path):
 
 def _is_current(output: ImageOutput, catalogue: Path) -> bool:
     part = partition_path(catalogue, output.image_id)
-    return part.is_file() and part.stat().st_mtime_ns == output.geopackage.stat().st_mtime_ns
+    return (part.is_file() and part.stat().st_mtime_ns == output.geopackage.stat().st_mtime_ns
+            and set(COLUMNS) <= set(pq.read_schema(part).names))  # written with today's columns
 
 
 def _write_partition(output: ImageOutput, catalogue: Path) -> None:

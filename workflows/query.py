@@ -5,12 +5,14 @@ DuckDB prefilters the catalogue with parameterised SQL (``?`` placeholders only)
 decides exact intersections. Images are handled in groups sharing a CRS: a bbox or regions in a
 CRS apply to georeferenced images (reprojected to each image's CRS), ``"pixels"`` (or regions
 without a CRS) to pixel-space images (slides, unreferenced rasters); a bbox without ``bbox_crs``
-is taken in every image's own coordinates. Areas are those of the outputs: CRS units² (px² in
-pixel space). An instance belongs to a region when its representative point lies within it.
+is taken in every image's own coordinates. Area filters and region statistics use ground areas:
+m² (``area_m2``) for georeferenced images, px² in pixel space. An instance belongs to a region when
+its representative point lies within it.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import duckdb
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pyogrio
 import shapely
 from pyproj import CRS
@@ -28,6 +31,7 @@ from workflows.catalogue import CATALOGUE, COLUMNS, build_catalogue, partition_p
 
 PIXELS = "pixels"
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON"}
+GROUND_AREA = "coalesce(area_m2, area)"  # m² for georeferenced images, px² in pixel space
 SELECTED = ", ".join(f'"{c}"' for c in [*COLUMNS, "geometry"])
 Bbox = tuple[float, float, float, float]
 
@@ -60,8 +64,10 @@ def known_classes(images: list[dict]) -> list[str]:
     return list(dict.fromkeys(c for row in images for c in row["counts"]))
 
 
-def bbox_in(bbox: Bbox, bbox_crs: str | None, crs: CRS | None) -> shapely.Geometry:
-    """The bbox as a polygon in ``crs``; empty when it does not apply to images in that CRS."""
+def bbox_in(bbox: Bbox, bbox_crs: str | None, crs: CRS | None, extent: Bbox | None = None) -> shapely.Geometry:
+    """The bbox as a polygon in ``crs``; empty when it does not apply to images in that CRS. With
+    the images' ``extent`` (in ``crs``), the bbox is first cut to it, in ``bbox_crs``: a box far
+    larger than the images (the world, in lon/lat) does not reproject into a UTM zone."""
     box = shapely.box(*bbox)
     if bbox_crs is None:
         return box
@@ -70,14 +76,48 @@ def bbox_in(bbox: Bbox, bbox_crs: str | None, crs: CRS | None) -> shapely.Geomet
     if crs is None:
         return box
     dense = shapely.segmentize(box, max(bbox[2] - bbox[0], bbox[3] - bbox[1]) / 100)
-    return gpd.GeoSeries([dense], crs=bbox_crs).to_crs(crs).iloc[0]
+    if extent is None:
+        return gpd.GeoSeries([dense], crs=bbox_crs).to_crs(crs).iloc[0]
+    dense = shapely.intersection(dense, _footprint(extent, crs, bbox_crs))
+    return _unwrapped(gpd.GeoSeries([dense], crs=bbox_crs).to_crs(crs).values, crs, extent)[0]
 
 
-def regions_in(regions: gpd.GeoDataFrame, crs: CRS | None) -> gpd.GeoDataFrame | None:
-    """Regions in ``crs``; None when they do not apply (a CRS on one side only)."""
+def regions_in(regions: gpd.GeoDataFrame, crs: CRS | None, extent: Bbox | None = None) -> gpd.GeoDataFrame | None:
+    """Regions in ``crs``; None when they do not apply (a CRS on one side only). With the images'
+    ``extent``, each region is first cut to it (as ``bbox_in``); rows stay in order."""
     if (regions.crs is None) != (crs is None):
         return None
-    return regions if crs is None else regions.to_crs(crs)
+    if crs is None:
+        return regions
+    if extent is None:
+        return regions.to_crs(crs)
+    local = regions.set_geometry(regions.geometry.intersection(_footprint(extent, crs, regions.crs))).to_crs(crs)
+    return local.set_geometry(_unwrapped(local.geometry.values, crs, extent), crs=crs)
+
+
+def _footprint(extent: Bbox, crs: CRS, into) -> shapely.Geometry:
+    """``extent`` (in ``crs``), grown by 1 %, as a polygon in ``into``."""
+    x0, y0, x1, y1 = extent
+    pad = 0.01 * max(x1 - x0, y1 - y0) + 1e-9
+    box = shapely.segmentize(shapely.box(x0 - pad, y0 - pad, x1 + pad, y1 + pad), 25 * pad)
+    return gpd.GeoSeries([box], crs=crs).to_crs(into).iloc[0]
+
+
+def _unwrapped(geometry: np.ndarray, crs: CRS, extent: Bbox) -> np.ndarray:
+    """In a lon/lat ``crs``, longitudes moved by whole turns next to ``extent``: reprojection wraps
+    them into ±180, which splits a shape around an image on the antimeridian across the globe."""
+    if not crs.is_geographic:
+        return geometry
+    centre = (extent[0] + extent[2]) / 2
+    return shapely.transform(geometry, lambda xy: np.column_stack([xy[:, 0] + 360 * np.round((centre - xy[:, 0]) / 360), xy[:, 1]]))
+
+
+def _extent(files: list[str]) -> Bbox | None:
+    """Bounds of the instances of these catalogue partitions (their GeoParquet ``bbox``); None when
+    none has any."""
+    boxes = [json.loads(pq.read_metadata(f).metadata[b"geo"])["columns"]["geometry"].get("bbox") for f in files]
+    boxes = np.array([b for b in boxes if b], dtype=float).reshape(-1, 4)
+    return (*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0)) if len(boxes) else None
 
 
 def _fetch(files: list[str], classes, min_score, area_range, extent: tuple | None) -> gpd.GeoDataFrame:
@@ -90,7 +130,7 @@ def _fetch(files: list[str], classes, min_score, area_range, extent: tuple | Non
         clauses.append("score >= ?")
         params.append(float(min_score))
     lo, hi = area_range or (None, None)
-    for clause, value in (("area >= ?", lo), ("area <= ?", hi)):
+    for clause, value in ((f"{GROUND_AREA} >= ?", lo), (f"{GROUND_AREA} <= ?", hi)):
         if value is not None:
             clauses.append(clause)
             params.append(float(value))
@@ -138,23 +178,37 @@ def select(
     for row in rows:
         if images is None or row["image_id"] in images:
             groups.setdefault(row["crs"], []).append(row["image_id"])
-    frames, skipped = [], []
+    frames, skipped, applied = [], [], 0
     for wkt, ids in groups.items():
         crs = CRS.from_wkt(wkt) if wkt else None
-        area = bbox_in(bbox, bbox_crs, crs) if bbox is not None else None
-        local = regions_in(regions, crs) if regions is not None else None
-        if (area is not None and area.is_empty) or (regions is not None and local is None):
-            skipped.append(crs)
+        if (bbox is not None and bbox_crs is not None and (bbox_crs == PIXELS) != (crs is None)) or (
+            regions is not None and (regions.crs is None) != (crs is None)
+        ):
+            skipped.append(crs)  # a CRS on one side only
             continue
-        shape = None if local is None else shapely.box(*local.total_bounds)
+        applied += 1
         files = [str(partition_path(catalogue, i)) for i in ids]
+        extent = _extent(files) if crs is not None else None
+        area = bbox_in(bbox, bbox_crs, crs, extent) if bbox is not None else None
+        local = regions_in(regions, crs, extent) if regions is not None else None
+        if (area is not None and area.is_empty) or (local is not None and local.geometry.is_empty.all()):
+            continue  # away from every instance of these images
+        shape = None if local is None else shapely.box(*local.total_bounds)
         frame = _fetch(files, classes, min_score, area_range, _envelope(area, shape)).set_crs(crs)
         if area is not None:
             frame = frame[shapely.intersects(frame.geometry.values, area)].reset_index(drop=True)
         frames.append(frame)
-    if skipped and not frames:
+    if skipped and not applied:
         raise QueryError(_nothing_applies(skipped, bbox_crs if bbox is not None else None, regions))
     return frames
+
+
+def crs_label(crs: CRS | None) -> str:
+    """A CRS in a few words: its authority code, else its name; ``pixels`` for none."""
+    if crs is None:
+        return PIXELS
+    authority = crs.to_authority(min_confidence=90)
+    return ":".join(authority) if authority else crs.name
 
 
 def _nothing_applies(crss: list[CRS | None], bbox_crs: str | None, regions: gpd.GeoDataFrame | None) -> str:
@@ -163,9 +217,9 @@ def _nothing_applies(crss: list[CRS | None], bbox_crs: str | None, regions: gpd.
         images = "every image is in pixel space (slides, unreferenced rasters)"
         remedy = "give --bbox-crs pixels, or no --bbox-crs for each image's own coordinates" if bbox_crs else "use regions without a CRS, in pixels"
     else:
-        images = f"every image has a CRS ({', '.join(sorted({c.to_string() for c in crss}))})"
+        images = f"every image has a CRS ({', '.join(sorted({crs_label(c) for c in crss}))})"
         remedy = "give the bbox in a CRS, or no --bbox-crs for each image's own coordinates" if bbox_crs else "give the regions a CRS"
-    given = f"the bbox is in {bbox_crs}" if bbox_crs else f"the regions have {'no CRS' if regions.crs is None else regions.crs.to_string()}"
+    given = f"the bbox is in {bbox_crs}" if bbox_crs else f"the regions have {'no CRS' if regions.crs is None else crs_label(regions.crs)}"
     return f"nothing to search: {given} and {images}; {remedy}"
 
 
@@ -181,23 +235,29 @@ def combine(frames: list[gpd.GeoDataFrame], to_crs: str | None = None) -> gpd.Ge
             raise QueryError(f"images without a CRS cannot be reprojected: {', '.join(unreferenced)}")
         found = [f.to_crs(to_crs) for f in found]
     elif any(f.crs != found[0].crs for f in found):
-        names = sorted({f.crs.to_string() if f.crs else PIXELS for f in found})
+        names = sorted({crs_label(f.crs) for f in found})
         raise QueryError(f"matches lie in several CRSs ({', '.join(names)}): choose one with to_crs (--to-crs) or filter images")
     return gpd.GeoDataFrame(pd.concat(found, ignore_index=True), crs=found[0].crs)
 
 
+def ground_area(frame: gpd.GeoDataFrame) -> np.ndarray:
+    """Areas comparable across images: m² for georeferenced ones, px² in pixel space."""
+    return frame["area_m2"].fillna(frame["area"]).to_numpy()
+
+
 def region_stats(frames: list[gpd.GeoDataFrame], regions: gpd.GeoDataFrame, classes: list[str]) -> gpd.GeoDataFrame:
-    """Per region: ``count``, ``count_<class>``, ``mean_score``, ``mean_area``, ``total_area``."""
+    """Per region: ``count``, ``count_<class>``, ``mean_score``, ``mean_area``, ``total_area`` (m² on the
+    ground, px² in pixel space)."""
     members = [pd.DataFrame({"region": np.array([], int), "class": np.array([], str), "score": [], "area": []})]
     for frame in frames:
-        local = regions_in(regions, frame.crs)
+        local = regions_in(regions, frame.crs, tuple(frame.total_bounds) if len(frame) else None)
         if local is None or frame.empty:
             continue
         points = shapely.point_on_surface(frame.geometry.values)
         inside, region = shapely.STRtree(local.geometry.values).query(points, predicate="within")
         members.append(pd.DataFrame({
             "region": region, "class": frame["class"].to_numpy()[inside],
-            "score": frame["score"].to_numpy()[inside], "area": frame["area"].to_numpy()[inside],
+            "score": frame["score"].to_numpy()[inside], "area": ground_area(frame)[inside],
         }))
     member = pd.concat(members)
     index = pd.RangeIndex(len(regions), name="region")
@@ -263,5 +323,7 @@ def write_result(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
         if suffix == ".csv":
             frame.to_wkt().to_csv(tmp, index=False)
         else:
+            if suffix == ".geojson" and frame.crs is not None and frame.crs.to_json_dict().get("id", {}).get("authority") != "EPSG":
+                frame = frame.to_crs("EPSG:4326")  # GeoJSON names a CRS only by EPSG code: else RFC 7946's lon/lat
             pyogrio.write_dataframe(frame, tmp, driver=DRIVERS[suffix], layer=path.stem)
     return path
