@@ -19,7 +19,7 @@ import shapely
 def _geodetic(crs_wkt: str) -> tuple[pyproj.Transformer, float, float] | None:
     """Transformer to the CRS's own lon/lat, the ellipsoid's semi-major axis (m) and e²; None for a
     CRS not tied to the Earth (an engineering CRS)."""
-    crs = pyproj.CRS.from_wkt(crs_wkt)
+    crs = pyproj.CRS.from_user_input(crs_wkt)
     geodetic = crs.geodetic_crs
     if geodetic is None or geodetic.ellipsoid is None:
         return None
