@@ -76,6 +76,9 @@ def test_workflow_errors_name_key_and_line(tmp_path):
     path.write_text("inputs: {paths: [a]}\n")
     with pytest.raises(WorkflowError, match="outputs"):
         load_workflow(path)
+    path.write_text("inputs: {paths: [a]}\noutputs:\n  dir: out\nmodel: buildings\ntiling: {batch_size: 2}\nmodel: nuclei-he\n")
+    with pytest.raises(WorkflowError, match="bad.yaml:6: model: given twice"):
+        load_workflow(path)
     path.write_text("- not a mapping\n")
     with pytest.raises(WorkflowError, match="mapping"):
         load_workflow(path)
@@ -280,3 +283,90 @@ def test_status_tells_apart_images_of_one_name(tmp_path):
     output = CliRunner().invoke(app, ["status", str(tmp_path)]).output
     assert output.count("scene.tif") == 2 and output.count("→") == 1  # the second one shows its folder
     assert "scene.tif → scene-2" in output or ("scene.tif →" in output and "│ scene-2" in output)  # rich may wrap it
+
+
+def test_folders_and_manifests_are_read_as_an_operator_expects(tmp_path):
+    """Any letter case; no hidden files or folders (macOS `._*`, `.snapshot/`); never the run's own
+    outputs; one spelling per file; Excel's CSV (a BOM) and a row without a path; nothing found refused."""
+    archive = tmp_path / "archive"
+    for name in ["a.tif", "B.TIF", "deep/c.tiff", ".hidden.tif", "._a.tif", ".snapshot/a.tif", "out/report/a.png", "notes.txt"]:
+        (archive / name).parent.mkdir(parents=True, exist_ok=True)
+        (archive / name).write_bytes(b"x")
+    (tmp_path / "w.yaml").write_text("inputs:\n  paths: [archive, sub/../archive]\noutputs:\n  dir: archive/out\n")
+    workflow = load_workflow(tmp_path / "w.yaml")
+    images, problems = list_inputs(workflow.inputs, workflow.outputs.dir)
+    assert [p.relative_to(archive).as_posix() for p in images] == ["B.TIF", "a.tif", "deep/c.tiff"] and not problems
+    assert all(".." not in p.parts for p in images)
+
+    (tmp_path / "m.csv").write_bytes("\ufeffpath,note\narchive/a.tif,x\n,no file\n".encode())
+    (tmp_path / "m.yaml").write_text("inputs:\n  manifest: m.csv\noutputs:\n  dir: out\n")
+    images, problems = list_inputs(load_workflow(tmp_path / "m.yaml").inputs)
+    assert images == [archive / "a.tif"] and list(problems.values()) == [f"{tmp_path / 'm.csv'}:3: no path in this row"]
+    (tmp_path / "m.csv").write_bytes(b"\x1f\x8b\x08\x00\xff\xfe\x00")  # a gzip, not a CSV
+    with pytest.raises(WorkflowError, match="m.csv: not a CSV text file"):
+        list_inputs(load_workflow(tmp_path / "m.yaml").inputs)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "e.yaml").write_text("inputs:\n  paths: [empty]\n  patterns: ['*.tif']\noutputs:\n  dir: out\n")
+    with pytest.raises(WorkflowError, match=r"no image found in .*empty \(patterns \*\.tif\)"):
+        list_inputs(load_workflow(tmp_path / "e.yaml").inputs)
+    result = seamline("run", tmp_path / "e.yaml")
+    assert result.returncode == 2 and "no image found" in result.stdout
+    result = seamline("run", tmp_path / "w.yaml", "--out", tmp_path / "elsewhere", "--model", "nuclei-he")
+    assert result.returncode == 2 and "--out, --model: a workflow file sets these itself" in " ".join(result.stdout.split())
+
+
+def test_kept_batches_are_named_by_the_file_and_model_they_came_from(tmp_path):
+    """A file or model replaced in place (same names, same settings) must not resume from the
+    batches of the one before."""
+    import shutil
+
+    from workflows.run import resume_folder
+
+    scene = tmp_path / "scene.tif"
+    write_scene(scene, seed=1, height=300, width=300)
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir(), model)
+    card = load_card(model)
+    tiling = Tiling(card.tile_size, card.overlap, 2)
+
+    def folder():
+        return resume_folder(tmp_path / "out", scene, open_raster(scene), model, tiling)
+
+    first = folder()
+    assert folder() == first
+    write_scene(scene, seed=2, height=300, width=300)  # new content, same name and size
+    second = folder()
+    assert second != first
+    with open(model / "model.yaml", "a") as handle:
+        handle.write("# retrained\n")
+    assert folder() not in (first, second)
+
+
+def test_a_rerun_leaves_no_stale_labels_or_kept_batches(tmp_path):
+    write_scene(tmp_path / "s.tif", seed=5, height=400, width=500)
+    out = tmp_path / "out"
+    options = ["--out", out, "--workers", "1", "--threads", "1"]
+    assert seamline("run", tmp_path / "s.tif", *options).returncode == 0
+    assert (out / "s" / "labels.zarr").is_dir()
+    (out / "s" / ".partial-0123").mkdir()  # kept by a run that died, under other settings
+    result = seamline("run", tmp_path / "s.tif", *options, "--no-zarr")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in (out / "s").iterdir()) == ["counts.csv", "counts.json", "instances.gpkg"]
+
+
+def test_the_ledger_follows_its_output_directory_when_it_moves(tmp_path):
+    from workflows.ledger import Ledger, fingerprint
+
+    image = tmp_path / "scene.tif"
+    image.write_bytes(b"pixels")
+    with Ledger(tmp_path / "old") as ledger:
+        ledger.started(image, fingerprint(image), "config", "model", tmp_path / "old" / "scene")
+        ledger.done(image, {"instances": 3, "counts": {"a": 3}})
+    (tmp_path / "old" / "scene").mkdir()
+    (tmp_path / "old" / "scene" / "counts.json").write_text("{}")
+    (tmp_path / "old").rename(tmp_path / "new")
+    with Ledger(tmp_path / "new") as ledger:
+        row = ledger.get(image)
+        assert ledger.folder(row) == tmp_path / "new" / "scene"  # not the old place: results must not go there
+        assert ledger.is_current(image, fingerprint(image), "config", "model")

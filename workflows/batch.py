@@ -87,12 +87,12 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
     except ValueError as err:  # an overlap that does not fit the tile size (the card's, or the workflow's)
         raise ValueError(f"tiling: {err}") from None
     metrics = Metrics(workflow.name)
-    if workflow.monitoring.metrics_port:
-        start_http_server(workflow.monitoring.metrics_port, addr="127.0.0.1", registry=metrics.registry)
     with run_lock(out), Ledger(out) as ledger:
+        if workflow.monitoring.metrics_port:  # once the lock is held: a second run must fail on the lock, not the port
+            start_http_server(workflow.monitoring.metrics_port, addr="127.0.0.1", registry=metrics.registry)
         config = config_hash(settings_of(workflow, tiling))
         model = model_hash(model_dir)
-        images, problems = list_inputs(workflow.inputs)
+        images, problems = list_inputs(workflow.inputs, out)
         for path, reason in problems.items():
             ledger.failed(Path(path), reason)
         prints = {str(i): fingerprint(i, workflow.inputs.hash_content) for i in images}
@@ -103,7 +103,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
         output_dirs = {}
         for image in todo:
             row = ledger.get(image)
-            output_dirs[str(image)] = Path(row["output_dir"]) if row and row["output_dir"] else output_dir(out, image, taken)
+            output_dirs[str(image)] = (row and ledger.folder(row)) or output_dir(out, image, taken)
         metrics.pending.set(len(todo))
 
         def done(image: str, summary: dict) -> None:

@@ -84,6 +84,7 @@ FlipsOption = Annotated[Optional[bool], typer.Option("--flips/--no-flips", help=
 
 @app.command()
 def run(
+    ctx: typer.Context,
     images: Annotated[list[Path], typer.Argument(help="Images (GeoTIFFs, slides, OME-TIFFs …) to segment, or one workflow YAML file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory; one folder per image.")] = Path("seamline-out"),
     model: Annotated[Optional[str], typer.Option(help=f"Model directory or shipped model name ({', '.join(shipped_models())}).")] = None,
@@ -105,7 +106,15 @@ def run(
     """Segment IMAGES tile by tile, merge across seams, write GeoPackage + counts per image.
 
     With one workflow file (.yaml), run it: only new or changed images, recorded in OUT/ledger.sqlite."""
-    if len(images) == 1 and images[0].suffix.lower() in {".yaml", ".yml"}:
+    workflows = [i for i in images if i.suffix.lower() in {".yaml", ".yml"}]
+    if workflows:
+        if len(images) > 1:
+            _fail(f"{workflows[0]}: a workflow file runs alone (one per command), not with other files")
+        ignored = [f"--{name.replace('_', '-')}" for name in ctx.params if name not in {"images", "force", "progress", "scheduler"}
+                   and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+        if ignored:
+            _fail(f"{', '.join(ignored)}: a workflow file sets these itself (outputs, model, tiling, read, cluster); "
+                  "with it, only --force, --scheduler and --no-progress apply")
         _run_workflow(images[0], force, progress, scheduler)
     try:
         model_dir, card = _model(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from contextlib import contextmanager
@@ -34,6 +35,24 @@ class SideProcessShutdown(WorkerPlugin):
         side_process.shutdown()
 
 
+class _InputErrorFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Compute Failed") and "SourceError(" in message)
+
+
+class InputErrorsOnce(WorkerPlugin):
+    """Keeps workers from logging a traceback block per task for a bad input file (a corrupt or
+    truncated image fails every tile read, and again on each retry): the run names it once, in one line."""
+
+    name = "seamline-input-errors-once"
+
+    def setup(self, worker) -> None:
+        logger = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _InputErrorFilter) for f in logger.filters):
+            logger.addFilter(_InputErrorFilter())
+
+
 @contextmanager
 def connect(
     scheduler: str | None = None, workers: int = 1, threads_per_worker: int | None = None, dashboard: str = "127.0.0.1:8787"
@@ -52,6 +71,7 @@ def connect(
             raise ClusterError(f"Dask scheduler {scheduler}: cannot connect ({err})") from err
         with client:
             client.register_plugin(SideProcessShutdown())
+            client.register_plugin(InputErrorsOnce())
             warn_if_daemonic(client)
             yield client
         return
@@ -65,6 +85,7 @@ def connect(
         )
         with cluster, Client(cluster) as client:
             client.register_plugin(SideProcessShutdown())
+            client.register_plugin(InputErrorsOnce())
             yield client
 
 

@@ -126,7 +126,12 @@ class Ledger:
             unchanged = row["sha256"] == print_.sha256
         else:
             unchanged = (row["size"], row["mtime_ns"]) == (print_.size, print_.mtime_ns)
-        return unchanged and bool(row["output_dir"]) and (Path(row["output_dir"]) / "counts.json").is_file()
+        folder = self.folder(row)
+        return unchanged and folder is not None and (folder / "counts.json").is_file()
+
+    def folder(self, row: sqlite3.Row) -> Path | None:
+        """An image's output folder, in the output directory where this ledger is now (moved or not)."""
+        return self.path.parent / Path(row["output_dir"]).name if row["output_dir"] else None
 
     def _upsert(self, path: Path, **values) -> None:
         columns = ["path", *values]
@@ -141,7 +146,7 @@ class Ledger:
     def started(self, path: Path, print_: Fingerprint, config: str, model: str, output_dir: Path) -> None:
         self._upsert(
             path, size=print_.size, mtime_ns=print_.mtime_ns, sha256=print_.sha256, config_hash=config,
-            model_hash=model, status="running", output_dir=str(output_dir), started=time.time(),
+            model_hash=model, status="running", output_dir=output_dir.name, started=time.time(),
             finished=None, seconds=None, error=None, warnings=None,
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import geopandas as gpd
 
@@ -19,13 +20,13 @@ td:first-child,th:first-child,td.text{text-align:left}.failed{color:#b00}img{max
 
 def _picture(row, folder: Path, max_size: int) -> str:
     """A thumbnail with the polygons drawn, made once per result (kept while the result is)."""
-    out_dir = Path(row["output_dir"])
+    out_dir = folder.parent / Path(row["output_dir"]).name  # the ledger's folders are in its output directory
     png = folder / f"{out_dir.name}.png"
     gpkg = out_dir / "instances.gpkg"
     if not png.is_file() or png.stat().st_mtime < gpkg.stat().st_mtime:
         with atomic_path(png) as tmp:
             render_overlay(row["path"], gpd.read_file(gpkg, layer="instances"), tmp, max_size=max_size)
-    return f'<img src="{html.escape(png.name)}" alt="{html.escape(out_dir.name)}">'
+    return f'<img src="{html.escape(quote(png.name))}" alt="{html.escape(out_dir.name)}">'  # a '#' or '%' in a name is a URL's
 
 
 def write_report(out_root: Path, title: str, max_size: int = 512) -> Path:

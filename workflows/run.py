@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,12 +31,12 @@ class RunReport:
         return not self.failed
 
 
-RESERVED = {"catalogue", "report"}  # folders of the run itself, never an image's
+RESERVED = {"catalogue", "report", "run.json", "ledger.sqlite", "metrics.prom"}  # the run's own, never an image's
 
 
 def output_dir(out_root: Path, image: Path, taken: set[str]) -> Path:
     """``out_root/<image stem>``, disambiguated when two inputs share a stem."""
-    name = stem = image_stem(image)
+    name = stem = image_stem(image).lstrip(".") or "image"  # a hidden folder would hide the results
     n = 1
     while name in taken or name in RESERVED:
         n += 1
@@ -94,7 +95,7 @@ def run_images(
                 source = open_for_model(image, card, bands, value_range, mpp)
                 if source.image_id != out_dir.name:  # two inputs with one stem: ids follow their folders
                     source = replace(source, name=out_dir.name)
-                resume_dir = out_dir / f".partial-{tokenize(source, str(model_dir), tiling)}" if resume else None
+                resume_dir = resume_folder(out_dir, Path(image), source, Path(model_dir), tiling) if resume else None
                 graphs[str(image)] = image_graph(
                     source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir,
                     labels=labels, density_cell=density_cell, priority=priority,
@@ -137,9 +138,23 @@ def run_images(
                     events.failed(name, report.failed[name])
                 progress.advance(images_task)
             else:
-                events.batch_done(image_of_batch[future.key])
+                if future.status == "finished":
+                    events.batch_done(image_of_batch[future.key])
                 progress.advance(tiles_task)
             future.release()
     for name in report.failed.keys() & out_dirs.keys():  # now that none of their tasks still runs
         discard_staging(out_dirs[name])
+    for name in report.done:  # what an older run kept or wrote and this one does not replace
+        stale = [*out_dirs[name].glob(".partial-*"), *([] if labels else [out_dirs[name] / "labels.zarr"])]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
     return report
+
+
+def resume_folder(out_dir: Path, image: Path, source, model_dir: Path, tiling: Tiling) -> Path:
+    """Where an image's segmented batches are kept for a resume. Named by the settings and by the
+    state (size, mtime) of the image file and of the model's files: batches of a file or model
+    replaced in place since are never reused."""
+    files = [image, *model_dir.iterdir()]
+    states = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
+    return out_dir / f".partial-{tokenize(source, str(model_dir), tiling, states)}"

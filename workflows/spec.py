@@ -7,7 +7,9 @@ error names the key and its line. Relative paths are relative to the workflow fi
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,23 @@ class Workflow(Strict):
     monitoring: Monitoring = Monitoring()
 
 
+def _repeated_keys(node: yaml.Node | None, path: str = "") -> list[tuple[str, int]]:
+    """(key, line) of every key given a second time in its mapping (YAML keeps the last silently)."""
+    found = []
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            name = f"{path}{key.value}"
+            if key.value in seen:
+                found.append((name, key.start_mark.line + 1))
+            seen.add(key.value)
+            found += _repeated_keys(value, f"{name}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found += _repeated_keys(item, path)
+    return found
+
+
 def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
     """Line (1-based) of the YAML node at ``location`` (the deepest one that exists)."""
     line = node.start_mark.line + 1 if node is not None else None
@@ -126,8 +145,8 @@ def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
 
 def _resolve(base: Path, raw: dict[str, Any]) -> dict[str, Any]:
     """Paths in the file are relative to the workflow's folder."""
-    def absolute(value):
-        return str(value) if Path(value).is_absolute() else str(base / value)
+    def absolute(value):  # one spelling per file: the ledger knows images by path
+        return os.path.normpath(value if Path(value).is_absolute() else base / value)
 
     inputs = raw.get("inputs")
     if isinstance(inputs, dict):
@@ -160,6 +179,8 @@ def load_workflow(path: str | Path) -> Workflow:
         raise WorkflowError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise WorkflowError(f"{path}: a workflow is a mapping of keys (inputs, model, outputs, …)")
+    if repeated := _repeated_keys(node):
+        raise WorkflowError("; ".join(f"{path}:{line}: {key}: given twice (the first would be ignored)" for key, line in repeated))
     try:
         return Workflow.model_validate(_resolve(path.resolve().parent, raw))
     except ValidationError as err:
@@ -175,29 +196,57 @@ def _under(path: Path, roots: list[Path]) -> bool:
     return any(resolved.is_relative_to(root.resolve()) for root in roots)
 
 
-def list_inputs(inputs: Inputs) -> tuple[list[Path], dict[str, str]]:
+def _in_folder(folder: Path, patterns: list[str], skip: Path | None) -> list[Path]:
+    """Files under ``folder`` matching any pattern, in any letter case; hidden files and folders
+    (``.snapshot/``, macOS ``._*``) and the folder ``skip`` (the run's own outputs) left out."""
+    wanted = [p.lower() for p in patterns]
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [f for f in folders if not f.startswith(".") and (skip is None or Path(root, f).resolve() != skip)]
+        found += [Path(root, f) for f in files
+                  if not f.startswith(".") and any(fnmatch.fnmatchcase(f.lower(), w) for w in wanted)]
+    return found
+
+
+def _manifest_paths(manifest: Path) -> tuple[list[Path], dict[str, str]]:
+    """Paths of a CSV manifest's 'path' column (relative to the manifest), and its rows without one."""
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's CSVs start with a BOM
+            rows = list(csv.DictReader(handle))
+    except OSError as err:
+        raise WorkflowError(f"{manifest}: cannot read the manifest ({err.strerror})") from err
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise WorkflowError(f"{manifest}: not a CSV text file with a 'path' column ({err})") from err
+    if rows and "path" not in rows[0]:
+        raise WorkflowError(f"{manifest}: the manifest needs a 'path' column (it has: {', '.join(map(str, rows[0]))})")
+    paths, problems = [], {}
+    for line, row in enumerate(rows, start=2):
+        value = (row.get("path") or "").strip()
+        if not value:
+            problems[f"{manifest}:{line}"] = f"{manifest}:{line}: no path in this row"
+            continue
+        paths.append(Path(os.path.normpath(value if Path(value).is_absolute() else manifest.parent / value)))
+    return paths, problems
+
+
+def list_inputs(inputs: Inputs, outputs: Path | None = None) -> tuple[list[Path], dict[str, str]]:
     """(images to process in a stable order, {path: why it cannot be used}) — a missing file is
-    reported, not dropped silently, and never stops the others."""
+    reported, not dropped silently, and never stops the others. Folders are searched without the
+    ``outputs`` folder (a run's pictures are no input). Inputs that match nothing at all are refused:
+    a nightly job with a typo must not pass green."""
+    skip = outputs.resolve() if outputs is not None else None
     found: list[Path] = []
     problems: dict[str, str] = {}
     for entry in inputs.paths:
         if entry.is_dir():
-            found += [p for pattern in inputs.patterns for p in entry.rglob(pattern) if p.is_file()]
+            found += _in_folder(entry, inputs.patterns, skip)
         else:
             found.append(entry)
     for pattern in inputs.globs:
-        found += [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+        found += [Path(os.path.normpath(p)) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
     if inputs.manifest is not None:
-        try:
-            with open(inputs.manifest, newline="") as handle:
-                rows = list(csv.DictReader(handle))
-        except OSError as err:
-            raise WorkflowError(f"{inputs.manifest}: cannot read the manifest ({err.strerror})") from err
-        if rows and "path" not in rows[0]:
-            raise WorkflowError(f"{inputs.manifest}: the manifest needs a 'path' column")
-        for row in rows:
-            value = Path(row["path"])
-            found.append(value if value.is_absolute() else inputs.manifest.parent / value)
+        listed, problems = _manifest_paths(inputs.manifest)
+        found += listed
     images: list[Path] = []
     seen: set[Path] = set()
     for image in found:
@@ -211,4 +260,7 @@ def list_inputs(inputs: Inputs) -> tuple[list[Path], dict[str, str]]:
             problems[str(image)] = f"{image}: file not found"
         else:
             images.append(image)
+    if not images and not problems:
+        where = [*map(str, inputs.paths), *inputs.globs, *([str(inputs.manifest)] if inputs.manifest else [])]
+        raise WorkflowError(f"no image found in {', '.join(where)} (patterns {', '.join(inputs.patterns)})")
     return sorted(images, key=str), problems
