@@ -370,3 +370,35 @@ def test_the_ledger_follows_its_output_directory_when_it_moves(tmp_path):
         row = ledger.get(image)
         assert ledger.folder(row) == tmp_path / "new" / "scene"  # not the old place: results must not go there
         assert ledger.is_current(image, fingerprint(image), "config", "model")
+
+
+def test_the_catalogue_serves_only_what_the_ledger_has_as_done(tmp_path):
+    """A renamed image is served once (under its new name), a deleted one not at all, and one that
+    changed and now fails no longer serves the results of its earlier version (they stay on disk)."""
+    (tmp_path / "archive").mkdir()
+    for i in range(3):
+        write_scene(tmp_path / "archive" / f"scene{i}.tif", seed=60 + i, height=300, width=400)
+    workflow = workflow_file(tmp_path, report=True)
+    assert seamline("run", workflow).returncode == 0
+    archive = tmp_path / "archive"
+    (archive / "scene0.tif").rename(archive / "renamed.tif")
+    (archive / "scene1.tif").unlink()
+    (archive / "scene2.tif").write_bytes((archive / "renamed.tif").read_bytes()[:2000])  # changed, now unreadable
+    second = seamline("run", workflow)
+    assert second.returncode == 1 and "gone since the last run" in second.stdout
+    rows = ledger_rows(tmp_path / "out")
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "scene0.tif": "missing", "scene1.tif": "missing", "scene2.tif": "failed", "renamed.tif": "done"}
+    assert rows["scene2.tif"]["instances"] is None and (tmp_path / "out" / "scene2" / "instances.gpkg").is_file()
+    served = sorted(p.name for p in (tmp_path / "out" / "catalogue").glob("image_id=*"))
+    assert served == ["image_id=renamed"]
+
+
+def test_a_model_folder_beside_the_workflow_is_found_from_any_directory(tmp_path, monkeypatch):
+    (tmp_path / "jobs" / "mymodel").mkdir(parents=True)
+    (tmp_path / "jobs" / "mymodel" / "model.yaml").write_text((resolve_model_dir() / "model.yaml").read_text())
+    (tmp_path / "jobs" / "w.yaml").write_text("inputs: {paths: [a]}\noutputs: {dir: out}\nmodel: mymodel\n")
+    monkeypatch.chdir(tmp_path)  # as cron runs it: not from the workflow's folder
+    assert load_workflow(tmp_path / "jobs" / "w.yaml").model == str(tmp_path / "jobs" / "mymodel")
+    (tmp_path / "jobs" / "w.yaml").write_text("inputs: {paths: [a]}\noutputs: {dir: out}\nmodel: nuclei-he\n")
+    assert load_workflow(tmp_path / "jobs" / "w.yaml").model == "nuclei-he"  # shipped names stay names

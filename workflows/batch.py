@@ -95,6 +95,8 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
         images, problems = list_inputs(workflow.inputs, out)
         for path, reason in problems.items():
             ledger.failed(Path(path), reason)
+        for path in ledger.retire_missing({str(i) for i in images} | set(problems)):
+            log(f"gone since the last run: {path} (its results are kept in the folder, not served)")
         prints = {str(i): fingerprint(i, workflow.inputs.hash_content) for i in images}
         todo = [i for i in images if force or not ledger.is_current(i, prints[str(i)], config, model)]
         outcome = BatchOutcome(RunReport(), [str(i) for i in images if i not in todo], dict(problems))

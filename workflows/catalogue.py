@@ -33,6 +33,7 @@ from pyogrio.errors import DataLayerError, DataSourceError
 
 from pipeline.ground_area import ground_area_m2
 from pipeline.writers import INSTANCES_LAYER
+from workflows.ledger import LEDGER_NAME, Ledger
 
 CATALOGUE = "catalogue"
 IMAGES = "images.parquet"
@@ -92,7 +93,17 @@ def image_outputs(out_root: str | Path) -> list[ImageOutput]:
     if not out_root.is_dir():
         raise CatalogueError(f"{out_root}: output directory not found")
     folders = sorted(p.parent for p in out_root.glob("*/instances.gpkg") if (p.parent / "counts.json").is_file())
-    return [ImageOutput(folder) for folder in folders if folder.name != CATALOGUE]
+    current = _ledger_done(out_root)
+    return [ImageOutput(f) for f in folders if f.name != CATALOGUE and (current is None or f.name in current)]
+
+
+def _ledger_done(out_root: Path) -> set[str] | None:
+    """Output folders a workflow's ledger has as done (None: no ledger). Results of images that
+    failed since, or whose file is gone, stay on disk but are no longer served."""
+    if not (out_root / LEDGER_NAME).is_file():
+        return None
+    with Ledger(out_root) as ledger:
+        return {ledger.folder(row).name for row in ledger.rows() if row["status"] == "done" and row["output_dir"]}
 
 
 def find_output(out_root: str | Path, image_id: str) -> ImageOutput:

@@ -165,4 +165,15 @@ class Ledger:
         )
 
     def failed(self, path: Path, error: str) -> None:
-        self._upsert(path, status="failed", finished=time.time(), error=error)
+        """No current result: the counts of an earlier success are cleared (its files are kept, not served)."""
+        self._upsert(path, status="failed", finished=time.time(), error=error, instances=None, counts=None,
+                     tiles=None, tiles_skipped=None, batches_resumed=None)
+
+    def retire_missing(self, present: set[str]) -> list[str]:
+        """Mark ``missing`` the images recorded here whose file is gone (deleted or renamed) and is not
+        among ``present``; returns their paths."""
+        gone = [row["path"] for row in self.rows()
+                if row["status"] != "missing" and row["path"] not in present and not Path(row["path"]).exists()]
+        for path in gone:
+            self._upsert(Path(path), status="missing", error="the file is gone (deleted, moved or renamed)")
+        return gone

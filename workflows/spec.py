@@ -161,7 +161,8 @@ def _resolve(base: Path, raw: dict[str, Any]) -> dict[str, Any]:
     if isinstance(outputs, dict) and isinstance(outputs.get("dir"), str):
         outputs["dir"] = absolute(outputs["dir"])
     model = raw.get("model")
-    if isinstance(model, str) and ("/" in model or model.startswith(".")) and (base / model).exists():
+    if isinstance(model, str) and (("/" in model or model.startswith(".")) and (base / model).exists()
+                                   or (base / model / "model.yaml").is_file()):  # a model folder beside the workflow
         raw["model"] = absolute(model)
     return raw
 
