@@ -402,3 +402,17 @@ def test_a_model_folder_beside_the_workflow_is_found_from_any_directory(tmp_path
     assert load_workflow(tmp_path / "jobs" / "w.yaml").model == str(tmp_path / "jobs" / "mymodel")
     (tmp_path / "jobs" / "w.yaml").write_text("inputs: {paths: [a]}\noutputs: {dir: out}\nmodel: nuclei-he\n")
     assert load_workflow(tmp_path / "jobs" / "w.yaml").model == "nuclei-he"  # shipped names stay names
+
+
+def test_an_images_seconds_start_when_the_image_before_it_finished(tmp_path):
+    from workflows.ledger import Ledger, fingerprint
+
+    image = tmp_path / "scene.tif"
+    image.write_bytes(b"pixels")
+    with Ledger(tmp_path / "out") as ledger:
+        ledger.started(image, fingerprint(image), "config", "model", tmp_path / "out" / "scene")  # with the others
+        time.sleep(0.3)  # the images before it
+        since = time.time()
+        time.sleep(0.1)  # its own work
+        ledger.done(image, {"instances": 1, "counts": {"a": 1}}, since=since)
+        assert 0.1 <= ledger.get(image)["seconds"] < 0.3

@@ -155,11 +155,14 @@ class Ledger:
         previous = row["warnings"] if row and row["warnings"] else ""
         self._upsert(path, status=row["status"] if row else "pending", warnings=f"{previous}{message}\n")
 
-    def done(self, path: Path, summary: dict) -> None:
+    def done(self, path: Path, summary: dict, since: float | None = None) -> None:
+        """``since``: when this image's own work began, if later than its start (images of a run are
+        all started at once, and processed one after another)."""
         row = self.get(path)
         now = time.time()
+        began = max(filter(None, [row["started"] if row else None, since]), default=None)
         self._upsert(
-            path, status="done", finished=now, seconds=now - row["started"] if row and row["started"] else None,
+            path, status="done", finished=now, seconds=now - began if began else None,
             instances=summary["instances"], counts=json.dumps(summary["counts"]), tiles=summary.get("tiles"),
             tiles_skipped=summary.get("tiles_skipped"), batches_resumed=summary.get("batches_resumed", 0), error=None,
         )
