@@ -416,3 +416,20 @@ def test_an_images_seconds_start_when_the_image_before_it_finished(tmp_path):
         time.sleep(0.1)  # its own work
         ledger.done(image, {"instances": 1, "counts": {"a": 1}}, since=since)
         assert 0.1 <= ledger.get(image)["seconds"] < 0.3
+
+
+def test_status_tells_a_killed_run_from_a_live_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from workflows.cli import app
+    from workflows.ledger import LOCK_NAME, Ledger, fingerprint
+
+    image = tmp_path / "scene.tif"
+    image.write_bytes(b"pixels")
+    with Ledger(tmp_path / "out") as ledger:
+        ledger.started(image, fingerprint(image), "config", "model", tmp_path / "out" / "scene")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid, shown in [(int(finished.stdout), "interrupted: 1"), (os.getpid(), "running: 1")]:
+        (tmp_path / "out" / LOCK_NAME).write_text(f"{pid}\n")
+        result = CliRunner().invoke(app, ["status", str(tmp_path / "out")])
+        assert result.exit_code == 0 and shown in result.output, result.output

@@ -383,12 +383,14 @@ def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None
 @app.command()
 def status(out: Annotated[Path, typer.Argument(help="Output directory of a workflow run.")]) -> None:
     """Print the run ledger: per image its status, time, instances and error."""
-    from workflows.ledger import LEDGER_NAME, Ledger
+    from workflows.ledger import LEDGER_NAME, Ledger, run_alive
 
     if not (out / LEDGER_NAME).is_file():
         _fail(f"{out}: no {LEDGER_NAME} here (not the output directory of a workflow run)")
     with Ledger(out) as ledger:
-        rows = ledger.rows()
+        alive = run_alive(out)
+        rows = [{**row, "status": "interrupted" if row["status"] == "running" and not alive else row["status"]}
+                for row in map(dict, ledger.rows())]
     table = Table(title=f"Seamline ledger — {out}")
     for column in ("image", "status", "seconds", "instances", "tiles", "skipped", "resumed"):
         table.add_column(column, justify="left" if column in {"image", "status"} else "right")

@@ -90,6 +90,18 @@ def run_lock(out_dir: Path):
         handle.close()
 
 
+def run_alive(out_dir: Path) -> bool:
+    """Whether the process that last took ``out_dir``'s lock (its PID is in the lock file) still
+    runs on this machine: rows it left ``running`` are otherwise from a run that was killed."""
+    try:
+        os.kill(int((out_dir / LOCK_NAME).read_text().split()[0]), 0)
+    except PermissionError:  # alive, another user's
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 class Ledger:
     """Per-image records in ``OUT/ledger.sqlite`` (WAL mode: ``seamline status`` can read during a run)."""
 
