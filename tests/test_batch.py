@@ -127,6 +127,7 @@ def test_incremental_reruns_and_failure_isolation(archive):
     metrics = (out / "metrics.prom").read_text()
     assert 'seamline_images_done_total{workflow="test"} 2.0' in metrics
     assert 'seamline_images_failed_total{workflow="test"} 1.0' in metrics
+    assert 'seamline_last_run_success{workflow="test"} 0.0' in metrics and "seamline_last_run_finished_timestamp_seconds" in metrics
     page = (out / "report" / "index.html").read_text()
     assert "scene0.tif" in page and "corrupt.tif" in page and 'src="scene1.png"' in page
     assert (out / "report" / "scene0.png").stat().st_size > 1000

@@ -46,6 +46,10 @@ class Metrics:
         self.done = Counter("seamline_images_done", "Images processed", **labels).labels(workflow)
         self.failed = Counter("seamline_images_failed", "Images that failed", **labels).labels(workflow)
         self.pending = Gauge("seamline_images_pending", "Images still to process", **labels).labels(workflow)
+        self.finished = Gauge("seamline_last_run_finished_timestamp_seconds", "When the last run ended (alert when old)",
+                              **labels).labels(workflow)
+        self.success = Gauge("seamline_last_run_success", "1 when the last run processed every image, else 0",
+                             **labels).labels(workflow)
 
     def write(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -142,6 +146,8 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
                 )
         metrics.failed.inc(len(problems))
         finish_outputs(workflow, out, log)
+        metrics.finished.set_to_current_time()
+        metrics.success.set(int(outcome.ok))
         if workflow.monitoring.metrics_file:
             metrics.write(out / "metrics.prom")
         with atomic_path(out / "run.json") as tmp:
