@@ -91,6 +91,7 @@ def test_compose_structure() -> None:
     command = _command(runner)
     assert "seamline run" in command
     assert "--scheduler tcp://scheduler:8786" in command
+    assert '--model "$$SEAMLINE_MODEL"' in command and "SEAMLINE_MODEL" in runner["environment"]  # never silently the demo model
     assert "run" in runner.get("profiles", [])
 
     # Workers read images and write outputs themselves: the same paths everywhere.
@@ -139,6 +140,7 @@ def test_nightly_runner_runs_a_shipped_workflow_on_the_cluster():
     nightly = yaml.safe_load(COMPOSE.read_text())["services"]["nightly"]
     command = _command(nightly)
     assert "seamline run" in command and "--scheduler tcp://scheduler:8786" in command
+    assert "|| true" not in command and "failed with exit code" in command  # a failed night shows in the log
     default = nightly["environment"]["SEAMLINE_WORKFLOW"].split(":-")[1].rstrip("}")
     assert default.startswith("/app/workflows/")
     for name in ("satellite-archive.yaml", "slide-archive.yaml"):
