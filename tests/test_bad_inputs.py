@@ -132,6 +132,17 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path):
     assert (tmp_path / "taken").read_text() == "someone's notes"
 
 
+def test_nothing_to_segment_is_refused_before_a_cluster_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from workflows.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "typo.tif"), str(tmp_path), "--out", str(tmp_path / "out")])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "typo.tif: no such file" in message and "a folder; give its images" in message
+    assert "dashboard" not in message and not (tmp_path / "out").exists()
+
+
 def test_unreadable_file_is_named(tmp_path):
     from pipeline.sources import SourceError, open_raster
 

@@ -313,6 +313,9 @@ def test_folders_and_manifests_are_read_as_an_operator_expects(tmp_path):
         list_inputs(load_workflow(tmp_path / "e.yaml").inputs)
     result = seamline("run", tmp_path / "e.yaml")
     assert result.returncode == 2 and "no image found" in result.stdout
+    (tmp_path / "typo.yaml").write_text("inputs:\n  paths: [archiv]\noutputs:\n  dir: typo-out\n")
+    result = seamline("run", tmp_path / "typo.yaml")
+    assert result.returncode == 2 and "not found: " in result.stdout and not (tmp_path / "typo-out").exists()
     result = seamline("run", tmp_path / "w.yaml", "--out", tmp_path / "elsewhere", "--model", "nuclei-he")
     assert result.returncode == 2 and "--out, --model: a workflow file sets these itself" in " ".join(result.stdout.split())
 

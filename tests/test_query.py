@@ -303,6 +303,7 @@ def test_query_cli(run, tmp_path):
     gpd.GeoDataFrame(geometry=[shapely.Point(430000, 5420000)], crs=UTM).to_file(tmp_path / "points.geojson")
     for bad, message in [
         (["query", str(tmp_path / "missing")], "output directory not found"),
+        (["query", str(tmp_path)], "not the output directory of a run"),
         (["query", str(out), "--class", "hexagon"], "unknown class 'hexagon'"),
         (["query", str(out), "--image", "zeta"], "unknown image 'zeta'"),
         (["query", str(out), "--bbox", "1,2,3"], "--bbox '1,2,3'"),
@@ -320,6 +321,7 @@ def test_query_cli(run, tmp_path):
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, (bad, result.output)
     assert runner.invoke(app, ["query", str(out), "--limit", "-1"]).exit_code == 2
+    assert not (tmp_path / "catalogue").exists()  # a folder that is not an output gets nothing written into it
     assert runner.invoke(app, ["query", str(out), "--min-score", "2"]).exit_code == 2
 
 

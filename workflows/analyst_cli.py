@@ -71,7 +71,7 @@ def _instances_table(frames, limit: int) -> None:
     for column in rows.columns:
         table.add_column(column, justify="right" if column in {"id", "score", "area", "x", "y"} else "left")
     for row in rows.head(limit).itertuples(index=False):
-        table.add_row(row.image, str(row.id), row[2], _number(row.score), _number(row.area), f"{row.x:.10g}", f"{row.y:.10g}", row.crs)
+        table.add_row(row.image, str(row.id), row[2], f"{row.score:.5f}", _number(row.area), f"{row.x:.10g}", f"{row.y:.10g}", row.crs)
     console.print(table)
     if len(rows) > limit:
         console.print(f"… {len(rows) - limit} more (use --limit or --output)")

@@ -91,13 +91,13 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
         )
     except ValueError as err:  # an overlap that does not fit the tile size (the card's, or the workflow's)
         raise ValueError(f"tiling: {err}") from None
+    images, problems = list_inputs(workflow.inputs, out)  # before the lock: inputs that are a typo leave nothing behind
     metrics = Metrics(workflow.name)
     with run_lock(out), Ledger(out) as ledger:
         if workflow.monitoring.metrics_port:  # once the lock is held: a second run must fail on the lock, not the port
             start_http_server(workflow.monitoring.metrics_port, addr="127.0.0.1", registry=metrics.registry)
         config = config_hash(settings_of(workflow, tiling))
         model = model_hash(model_dir)
-        images, problems = list_inputs(workflow.inputs, out)
         for path, reason in problems.items():
             ledger.failed(Path(path), reason)
         for path in ledger.retire_missing({str(i) for i in images} | set(problems)):

@@ -204,6 +204,9 @@ def build_catalogue(out_root: str | Path) -> Path:
     """Create or refresh ``out_root/catalogue``: rewrite partitions whose GeoPackage changed,
     remove those of images no longer present, rewrite ``images.parquet`` when anything changed."""
     outputs = image_outputs(out_root)
+    if not outputs and not any((Path(out_root) / name).is_file() for name in ("run.json", LEDGER_NAME)):
+        raise CatalogueError(f"{out_root}: not the output directory of a run (no run.json, no image folder with "
+                             "instances.gpkg and counts.json); give the --out of `seamline run`")
     catalogue = Path(out_root) / CATALOGUE
     changed = [o for o in outputs if not _is_current(o, catalogue)]
     for output in changed:

@@ -87,7 +87,7 @@ def run(
     ctx: typer.Context,
     images: Annotated[list[Path], typer.Argument(help="Images (GeoTIFFs, slides, OME-TIFFs …) to segment, or one workflow YAML file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory; one folder per image.")] = Path("seamline-out"),
-    model: Annotated[Optional[str], typer.Option(help=f"Model directory or shipped model name ({', '.join(shipped_models())}).")] = None,
+    model: Annotated[Optional[str], typer.Option(help=f"Model directory or shipped model name ({', '.join(shipped_models())}); default: the demo model synthetic-shapes.")] = None,
     tile_size: Annotated[Optional[int], typer.Option(help="Tile (window) size in pixels; default from the model card.")] = None,
     overlap: Annotated[Optional[int], typer.Option(help="Minimum overlap between tiles; default from the model card.")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per model call (one Dask task per batch).")] = 4,
@@ -116,6 +116,9 @@ def run(
             _fail(f"{', '.join(ignored)}: a workflow file sets these itself (outputs, model, tiling, read, cluster); "
                   "with it, only --force, --scheduler and --no-progress apply")
         _run_workflow(images[0], force, progress, scheduler)
+    if not any(i.is_file() for i in images):  # nothing to segment: say so before a cluster starts
+        _fail("; ".join(f"{i}: a folder; give its images (e.g. {i}/*.tif) or a workflow file" if i.is_dir()
+                        else f"{i}: no such file" for i in images))
     try:
         model_dir, card = _model(model)
         tiling = _tiling(card, tile_size, overlap, batch_size, flips)
@@ -320,10 +323,12 @@ def _record_split(path: Path, recorded: dict, resume: bool) -> None:
 @app.command()
 def evaluate(
     fmt: FormatOption, images: ImagesOption, out: Annotated[Path, typer.Option(help="Report directory.")],
-    annotations: AnnotationsOption = None, model: Annotated[Optional[str], typer.Option(help="Model directory or shipped name.")] = None,
+    annotations: AnnotationsOption = None,
+    model: Annotated[Optional[str], typer.Option(help="Model directory or shipped name (default: the demo model synthetic-shapes).")] = None,
     class_name: ClassOption = "object", class_field: ClassFieldOption = None,
     only: Annotated[Optional[str], typer.Option(help="Comma-separated image names to score (e.g. a model's validation split).")] = None,
-    tile_size: Optional[int] = None, overlap: Optional[int] = None,
+    tile_size: Annotated[Optional[int], typer.Option(help="Tile size in pixels; default from the model card.")] = None,
+    overlap: Annotated[Optional[int], typer.Option(help="Minimum overlap between tiles; default from the model card.")] = None,
     calibrate: Annotated[bool, typer.Option(help="Write the F1-maximising score threshold found on these images into the model card (calibrate on images the model will not be judged on).")] = False,
     flips: FlipsOption = None,
 ) -> None:
@@ -430,9 +435,9 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
     table.add_column("total", justify="right")
     table.add_column("outputs")
     for image, summary in report.done.items():
-        counts = summary["counts"]
-        table.add_row(Path(image).name, *(str(counts[c]) for c in card.classes), str(summary["instances"]),
-                      str(Path(summary["outputs"]["geopackage"]).parent))
+        counts, folder = summary["counts"], Path(summary["outputs"]["geopackage"]).parent
+        name = Path(image).name if image_stem(image) == folder.name else f"{Path(image).name} → {folder.name}"  # the id
+        table.add_row(name, *(str(counts[c]) for c in card.classes), str(summary["instances"]), str(folder))
     console.print(table)
     for message in (m for messages in report.warnings.values() for m in messages):
         console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)

@@ -261,7 +261,8 @@ def list_inputs(inputs: Inputs, outputs: Path | None = None) -> tuple[list[Path]
             problems[str(image)] = f"{image}: file not found"
         else:
             images.append(image)
-    if not images and not problems:
+    if not images and all(p.endswith(": file not found") for p in problems.values()):  # a typo, not bad images
         where = [*map(str, inputs.paths), *inputs.globs, *([str(inputs.manifest)] if inputs.manifest else [])]
-        raise WorkflowError(f"no image found in {', '.join(where)} (patterns {', '.join(inputs.patterns)})")
+        missing = f"; not found: {', '.join(problems)}" if problems else ""
+        raise WorkflowError(f"no image found in {', '.join(where)} (patterns {', '.join(inputs.patterns)}){missing}")
     return sorted(images, key=str), problems
