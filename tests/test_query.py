@@ -304,6 +304,7 @@ def test_query_cli(run, tmp_path):
     for bad, message in [
         (["query", str(tmp_path / "missing")], "output directory not found"),
         (["query", str(tmp_path)], "not the output directory of a run"),
+        (["query", str(out), "--bbox", "9000000,9000000,9000001,9000001"], "lies outside every image's instances"),
         (["query", str(out), "--class", "hexagon"], "unknown class 'hexagon'"),
         (["query", str(out), "--image", "zeta"], "unknown image 'zeta'"),
         (["query", str(out), "--bbox", "1,2,3"], "--bbox '1,2,3'"),

@@ -178,7 +178,7 @@ def select(
     for row in rows:
         if images is None or row["image_id"] in images:
             groups.setdefault(row["crs"], []).append(row["image_id"])
-    frames, skipped, applied = [], [], 0
+    frames, skipped, applied, extents = [], [], 0, []
     for wkt, ids in groups.items():
         crs = CRS.from_wkt(wkt) if wkt else None
         if (bbox is not None and bbox_crs is not None and (bbox_crs == PIXELS) != (crs is None)) or (
@@ -188,7 +188,9 @@ def select(
             continue
         applied += 1
         files = [str(partition_path(catalogue, i)) for i in ids]
-        extent = _extent(files) if crs is not None else None
+        extent = _extent(files)
+        extents.append((crs, extent))
+        extent = extent if crs is not None else None
         area = bbox_in(bbox, bbox_crs, crs, extent) if bbox is not None else None
         local = regions_in(regions, crs, extent) if regions is not None else None
         if (area is not None and area.is_empty) or (local is not None and local.geometry.is_empty.all()):
@@ -200,6 +202,11 @@ def select(
         frames.append(frame)
     if skipped and not applied:
         raise QueryError(_nothing_applies(skipped, bbox_crs if bbox is not None else None, regions))
+    spans = [(c, e) for c, e in extents if e is not None]
+    if bbox is not None and bbox_crs is None and spans and not any(shapely.box(*bbox).intersects(shapely.box(*e)) for _, e in spans):
+        where = "; ".join(f"{crs_label(c)}: x {e[0]:.10g} to {e[2]:.10g}, y {e[1]:.10g} to {e[3]:.10g}" for c, e in spans[:3])
+        raise QueryError(f"--bbox {tuple(bbox)} lies outside every image's instances, in their own coordinates ({where}); "
+                         "a box in another CRS needs --bbox-crs")
     return frames
 
 
