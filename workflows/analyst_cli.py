@@ -125,7 +125,7 @@ def preview_command(
     image_id: Annotated[str, typer.Argument(help="Image id: its folder name in OUT.")],
     region: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in output coordinates (CRS, or pixels): full resolution.")] = None,
     density: Annotated[bool, typer.Option(help="A heatmap of instances per cell instead of the overlay.")] = False,
-    cell_size: Annotated[int, typer.Option(help="Density cell size in image pixels.")] = 256,
+    cell_size: Annotated[int, typer.Option("--cell-size", "--density-cell", help="Density cell size in image pixels (run: --density-cell).")] = 256,
     max_size: Annotated[int, typer.Option(help="Longest side of the overlay in pixels.")] = 2048,
     output: Annotated[Optional[Path], typer.Option(help="PNG to write; default OUT/IMAGE_ID/preview.png (density.png).")] = None,
 ) -> None:
