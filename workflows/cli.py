@@ -116,9 +116,6 @@ def run(
             _fail(f"{', '.join(ignored)}: a workflow file sets these itself (outputs, model, tiling, read, cluster); "
                   "with it, only --force, --scheduler and --no-progress apply")
         _run_workflow(images[0], force, progress, scheduler)
-    if not any(i.is_file() for i in images):  # nothing to segment: say so before a cluster starts
-        _fail("; ".join(f"{i}: a folder; give its images (e.g. {i}/*.tif) or a workflow file" if i.is_dir()
-                        else f"{i}: no such file" for i in images))
     try:
         model_dir, card = _model(model)
         tiling = _tiling(card, tile_size, overlap, batch_size, flips)
@@ -130,6 +127,9 @@ def run(
         _fail(f"--mpp {mpp} must be positive")
     if not 8 <= density_cell <= 65536:
         _fail(f"--density-cell {density_cell} must be between 8 and 65536")
+    if not any(i.is_file() for i in images):  # nothing to segment: say so before a cluster starts
+        _fail("; ".join(f"{i}: a folder; give its images (e.g. {i}/*.tif) or a workflow file" if i.is_dir()
+                        else f"{i}: no such file" for i in images))
     _check_output_dir(out)
     report = _run_and_report(list(images), model_dir, card, out, tiling, scheduler, workers, threads, band_list, range_pair,
                              progress, mpp, labels=zarr, density_cell=density_cell)
