@@ -122,7 +122,7 @@ def partition_path(catalogue: Path, image_id: str) -> Path:
 
 def partition_frame(output: ImageOutput, start: int = 0, rows: int | None = None) -> gpd.GeoDataFrame:
     """An image's instances (``rows`` of them from row ``start``; all by default) with the
-    catalogue's columns and types (``area_um2`` null for rasters, ``area_m2`` for what is not georeferenced)."""
+    catalogue's columns and types (``area_um2`` null for rasters, ``area_m2`` null without a CRS)."""
     frame = output.instances(start, rows)
     frame["image_id"] = output.image_id
     frame.geometry = shapely.orient_polygons(frame.geometry.values)  # outputs of earlier versions were not
