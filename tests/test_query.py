@@ -339,3 +339,15 @@ def test_a_damaged_geopackage_is_named(run, tmp_path):
         result = CliRunner().invoke(app, command)
         message = " ".join(result.output.split())
         assert result.exit_code == 2 and "alpha/instances.gpkg: not a readable GeoPackage" in message, (command, result.output)
+
+
+def test_a_compound_crs_joins_its_horizontal_crs():
+    from workflows.query import combine
+
+    def frame(crs):
+        return gpd.GeoDataFrame({"image_id": ["a"]}, geometry=[shapely.box(430000, 5419000, 430010, 5419010)], crs=crs)
+
+    joined = combine([frame("EPSG:32631"), frame("EPSG:32631+5773")])
+    assert len(joined) == 2 and joined.crs.to_epsg() == 32631
+    with pytest.raises(QueryError, match="several CRSs"):
+        combine([frame("EPSG:32631"), frame("EPSG:32632")])

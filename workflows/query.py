@@ -231,8 +231,9 @@ def _nothing_applies(crss: list[CRS | None], bbox_crs: str | None, regions: gpd.
 
 
 def combine(frames: list[gpd.GeoDataFrame], to_crs: str | None = None) -> gpd.GeoDataFrame:
-    """One frame in ``to_crs``, or in the CRS all matches share; mixing CRSs needs ``to_crs``."""
-    found = [f for f in frames if len(f)]
+    """One frame in ``to_crs``, or in the CRS all matches share; mixing CRSs needs ``to_crs``. Polygons
+    have no height: a compound CRS counts as its horizontal part (EPSG:32631+5773 as EPSG:32631)."""
+    found = [f.set_crs(_horizontal(f.crs), allow_override=True) for f in frames if len(f)]
     if not found:
         empty = frames[0] if frames else gpd.GeoDataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()}, geometry=[])
         return empty.set_crs(to_crs, allow_override=True) if to_crs else empty
@@ -245,6 +246,10 @@ def combine(frames: list[gpd.GeoDataFrame], to_crs: str | None = None) -> gpd.Ge
         names = sorted({crs_label(f.crs) for f in found})
         raise QueryError(f"matches lie in several CRSs ({', '.join(names)}): choose one with to_crs (--to-crs) or filter images")
     return gpd.GeoDataFrame(pd.concat(found, ignore_index=True), crs=found[0].crs)
+
+
+def _horizontal(crs: CRS | None) -> CRS | None:
+    return crs.sub_crs_list[0] if crs is not None and crs.is_compound else crs
 
 
 def ground_area(frame: gpd.GeoDataFrame) -> np.ndarray:
