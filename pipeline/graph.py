@@ -21,7 +21,7 @@ from dask.delayed import Delayed, delayed
 from pipeline.grid import TileGrid
 from pipeline.sources import RasterSource, valid_overview
 from pipeline.batch_cache import load_batch
-from pipeline.label_store import create_label_store
+from pipeline.label_store import create_label_store, discard_unfinished
 from pipeline.stages import read_batch, segment_and_keep, segment_batch
 from pipeline.streaming import LabelRaster, finalise_labels, finish_image, merge_step, start_image, touched_blocks
 from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask
@@ -57,16 +57,7 @@ class ImageGraph:
     bands: int  # bands of tile rows: the priorities the graph's tiles took
 
 
-def discard_staging(out_dir: Path) -> None:
-    """Remove what a failed image's graph staged in ``out_dir`` (merge parts, an unfinished
-    labels.zarr); the batches a resumable run keeps stay, and so do earlier outputs. The folder
-    goes too when nothing is left in it."""
-    for staged in [*out_dir.glob(".instances-parts.*"), *out_dir.glob(".labels.zarr.*.tmp")]:
-        shutil.rmtree(staged, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        out_dir.rmdir()
-
-
+PARTS_PREFIX = ".instances-parts."  # the merge's staged Parquet parts, until the write commits them
 MIN_BAND_TILES = 64  # tiles per band of the merge: the instances held at a time scale with it
 MERGE_PRIORITY = 2**30  # merge, labels and write tasks run before any tile that is ready too
 LABEL_CHUNKS_PER_BLOCK = 4  # labels.zarr is rasterised in blocks of 4 × 4 chunks of a tile side
@@ -131,7 +122,7 @@ def image_graph(
         block = tiling.tile_size * LABEL_CHUNKS_PER_BLOCK
         touched = touched_blocks(source.height, source.width, block, foreground)
         label_raster = delayed(LabelRaster, pure=True)(store, block, touched, density_cell, dask_key_name=f"labels-blocks-{token}")
-    parts_dir = out_dir / f".instances-parts.{token}"
+    parts_dir = out_dir / f"{PARTS_PREFIX}{token}"
     stream = delayed(start_image, pure=True)(
         parts_dir, len(class_names), source.height, source.width, label_raster, dask_key_name=f"merge-start-{token}"
     )
@@ -175,3 +166,14 @@ def image_graph(
             dask_key_name=f"write-{token}",
         )
     return ImageGraph(source=source, batches=batches, result=result, bands=len(bands))
+
+
+def discard_staging(out_dir: Path) -> None:
+    """Remove what a failed image's graph staged in ``out_dir`` (merge parts, an unfinished
+    labels.zarr); the batches a resumable run keeps stay, and so do earlier outputs. The folder
+    goes too when nothing is left in it."""
+    for parts in out_dir.glob(f"{PARTS_PREFIX}*"):
+        shutil.rmtree(parts, ignore_errors=True)
+    discard_unfinished(out_dir / "labels.zarr")
+    with contextlib.suppress(OSError):
+        out_dir.rmdir()

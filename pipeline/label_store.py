@@ -100,6 +100,12 @@ def block_levels(chunk: int, per_task: int, height: int, width: int) -> int:
     return levels
 
 
+def discard_unfinished(path: Path) -> None:
+    """Remove the temporary siblings of store ``path`` that were never finalised."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def create_label_store(
     path: Path, height: int, width: int, chunk: int, class_names: list[str],
     transform: Affine, crs_wkt: str | None, mpp: float | None, per_task: int = 4,
@@ -115,8 +121,7 @@ def create_label_store(
     if len(class_names) > 255:
         raise ValueError(f"{len(class_names)} classes: the uint8 class raster holds at most 255")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run that died before finalising
-        shutil.rmtree(stale, ignore_errors=True)
+    discard_unfinished(path)  # left by a run that died before finalising
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     root = zarr.open_group(tmp, mode="w-", zarr_format=3)
     root.attrs.update({

@@ -86,7 +86,8 @@ def read_view(source: RasterSource | SlideSource, region: Region | None = None, 
         corners = np.column_stack(~transform @ tuple(shapely.get_coordinates(shapely.box(*region)).T))
         (c0, r0), (c1, r1) = np.clip(corners.min(0), 0, None), np.minimum(corners.max(0), (width, height))
         if c1 <= c0 or r1 <= r0:
-            x0, y0, x1, y1 = shapely.bounds(shapely.transform(shapely.box(0, 0, width, height), lambda xy: np.column_stack(transform @ tuple(xy.T))))
+            outline = shapely.transform(shapely.box(0, 0, width, height), lambda xy: np.column_stack(transform @ tuple(xy.T)))
+            x0, y0, x1, y1 = shapely.bounds(outline)
             raise ValueError(f"region {tuple(region)} lies outside the image, which spans x {x0:.10g} to {x1:.10g}, "
                              f"y {y0:.10g} to {y1:.10g} in its output coordinates (its CRS, or pixels)")
     scaled = _scaled(source, max(1.0, max(c1 - c0, r1 - r0) / max_size))

@@ -158,9 +158,6 @@ def resample_factor(pixel_size: float | None, target: float | None) -> float:
     return 1.0 if abs(factor - 1) <= RESAMPLE_TOLERANCE else factor
 
 
-GCP_FIT_TOLERANCE = 0.5  # pixels: GCPs fitted no worse than this by one affine transform are used through it
-
-
 def check_upsampling(path: Path, factor: float, pixel_size: float | None, target: float | None, unit: str) -> None:
     """Refuse reads upsampled more than ``MAX_UPSAMPLING`` times: a pixel size that far from the
     model's is a metadata (or ``--mpp``) mistake, and the processed image would be enormous."""
@@ -222,6 +219,9 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         factor=factor,
         palette=palette,
     )
+
+
+GCP_FIT_TOLERANCE = 0.5  # pixels: GCPs fitted no worse than this by one affine transform are used through it
 
 
 def _georeferencing(dataset, path: Path) -> tuple[str | None, Affine]:

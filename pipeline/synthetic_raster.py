@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from models.synthetic import Scene, make_scene

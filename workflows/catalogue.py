@@ -125,12 +125,13 @@ def partition_frame(output: ImageOutput, start: int = 0, rows: int | None = None
     catalogue's columns and types (``area_um2`` null for rasters, ``area_m2`` null without a CRS)."""
     frame = output.instances(start, rows)
     frame["image_id"] = output.image_id
-    frame.geometry = shapely.orient_polygons(frame.geometry.values)  # outputs of earlier versions were not
     if "area_um2" not in frame:
         frame["area_um2"] = np.nan
-    if "area_m2" not in frame:  # not georeferenced, or written before outputs had it
+    if "area_m2" not in frame:  # not georeferenced, or written before outputs had ground areas and oriented rings
         ground = ground_area_m2(frame.geometry.values, frame.crs.to_wkt() if frame.crs else None)
         frame["area_m2"] = np.nan if ground is None else ground
+        if ground is not None:
+            frame.geometry = shapely.orient_polygons(frame.geometry.values)
     return frame[[*COLUMNS, "geometry"]].astype(COLUMNS)
 
 

@@ -65,15 +65,11 @@ def known_classes(images: list[dict]) -> list[str]:
 
 
 def bbox_in(bbox: Bbox, bbox_crs: str | None, crs: CRS | None, extent: Bbox | None = None) -> shapely.Geometry:
-    """The bbox as a polygon in ``crs``; empty when it does not apply to images in that CRS. With
-    the images' ``extent`` (in ``crs``), the bbox is first cut to it, in ``bbox_crs``: a box far
-    larger than the images (the world, in lon/lat) does not reproject into a UTM zone."""
+    """The bbox as a polygon in ``crs`` (for images it applies to: see ``_applies``). With the
+    images' ``extent`` (in ``crs``), the bbox is first cut to it, in ``bbox_crs``: a box far larger
+    than the images (the world, in lon/lat) does not reproject into a UTM zone."""
     box = shapely.box(*bbox)
-    if bbox_crs is None:
-        return box
-    if (bbox_crs == PIXELS) != (crs is None):
-        return shapely.Polygon()
-    if crs is None:
+    if bbox_crs is None or crs is None:
         return box
     dense = shapely.segmentize(box, max(bbox[2] - bbox[0], bbox[3] - bbox[1]) / 100)
     if extent is None:
@@ -181,10 +177,8 @@ def select(
     frames, skipped, applied, extents = [], [], 0, []
     for wkt, ids in groups.items():
         crs = CRS.from_wkt(wkt) if wkt else None
-        if (bbox is not None and bbox_crs is not None and (bbox_crs == PIXELS) != (crs is None)) or (
-            regions is not None and (regions.crs is None) != (crs is None)
-        ):
-            skipped.append(crs)  # a CRS on one side only
+        if not _applies(crs, bbox_crs if bbox is not None else None, regions):
+            skipped.append(crs)
             continue
         applied += 1
         files = [str(partition_path(catalogue, i)) for i in ids]
@@ -208,6 +202,13 @@ def select(
         raise QueryError(f"--bbox {tuple(bbox)} lies outside every image's instances, in their own coordinates ({where}); "
                          "a box in another CRS needs --bbox-crs")
     return frames
+
+
+def _applies(crs: CRS | None, bbox_crs: str | None, regions: gpd.GeoDataFrame | None) -> bool:
+    """Whether a bbox in ``bbox_crs`` and ``regions`` can apply to images in ``crs``: not when a
+    CRS is on one side only (pixels against a CRS, or the reverse)."""
+    bbox_fits = bbox_crs is None or (bbox_crs == PIXELS) == (crs is None)
+    return bbox_fits and (regions is None or (regions.crs is None) == (crs is None))
 
 
 def crs_label(crs: CRS | None) -> str:
