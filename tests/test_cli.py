@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from typer.testing import CliRunner
 from models.synthetic import make_scene
 from pipeline.synthetic_raster import write_geotiff
 from tests.helpers import model_variant
-from workflows.cli import app
+from workflows.cli import _print_warning, app, command
 
 runner = CliRunner()
 
@@ -25,10 +26,14 @@ def dataset(tmp_path, n=2, crs=None):
 
 def test_dataset_stats_and_evaluate_through_the_cli(tmp_path):
     images, labels = dataset(tmp_path)
-    result = runner.invoke(app, ["dataset", "stats", "-f", "label-images", "--images", str(images), "--annotations", str(labels)])
+    data = ["dataset", "stats", "-f", "label-images", "--images", str(images), "--annotations", str(labels)]
+    result = runner.invoke(app, [*data, "--json"])
     assert result.exit_code == 0, result.output
     stats = json.loads(result.output)
     assert stats["images"] == 2 and stats["instances"] > 20
+    tables = runner.invoke(app, data).output
+    assert f"2 images, {stats['instances']:,} instances" in tables
+    assert f"{stats['area_px']['median']:,.0f}" in tables and "1 image(s) without" not in tables
 
     out = tmp_path / "report"
     result = runner.invoke(app, ["evaluate", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
@@ -38,6 +43,19 @@ def test_dataset_stats_and_evaluate_through_the_cli(tmp_path):
     assert report["class_agnostic"]  # the dataset's one class is not among the model's
     assert report["summary"]["f1"] > 0.85 and report["coco"]["mask_ap50"] > 0.8
     assert (out / "report.md").read_text().startswith("# Evaluation") and (out / "pr_curve.png").stat().st_size > 0
+
+
+def test_help_and_warnings_read_as_text(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    command().main(["run", "--help"], prog_name="seamline", standalone_mode=False)
+    help_text = capsys.readouterr().out
+    flags = [line for line in help_text.splitlines() if "--no-progress" in line or "--no-zarr" in line]
+    assert len(flags) == 2 and not any("<bool>" in line for line in flags)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _print_warning
+        warnings.warn("scene.tif: 3 of 9 objects [outside the image] ignored")
+    assert capsys.readouterr().err == "warning: scene.tif: 3 of 9 objects [outside the image] ignored\n"
 
 
 def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from models.card import ModelCardError, check_weights_file, load_card
@@ -21,6 +23,7 @@ from pipeline.sources import SourceError, checked_value_range, image_stem
 from pipeline.writers import atomic_path
 from workflows.analyst_cli import register as register_analyst_commands
 from workflows.cluster import ClusterError, connect, has_gpu_workers
+from workflows.dataset_view import stats_view
 from workflows.datasets import DatasetFormat, load_dataset, split
 from workflows.run import run_images
 
@@ -209,10 +212,14 @@ def _load(fmt, images, annotations, class_name, class_field):
 def dataset_stats_command(
     fmt: FormatOption, images: ImagesOption, annotations: AnnotationsOption = None,
     class_name: ClassOption = "object", class_field: ClassFieldOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of tables.")] = False,
 ) -> None:
     """Images, instances per class, object sizes and class balance of an annotated dataset."""
     stats = dataset_stats(_load(fmt, images, annotations, class_name, class_field))
-    console.print_json(json.dumps(stats, default=float))
+    if as_json:
+        console.print_json(json.dumps(stats, default=float))
+    else:
+        console.print(stats_view(stats))
 
 
 @app.command()
@@ -456,8 +463,28 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
     return report
 
 
+def command():
+    """The command line as a Click command, its help showing no type for on/off flags (typer's
+    default shows ``<bool>`` beside ``--progress / --no-progress``)."""
+    root = typer.main.get_command(app)
+    commands = [root]
+    while commands:
+        command = commands.pop()
+        commands.extend(getattr(command, "commands", {}).values())
+        for param in command.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+    return root
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line saying what happened, without the Python source line that raised them."""
+    Console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(str(message))}")
+
+
 def main() -> None:
-    app()
+    warnings.showwarning = _print_warning
+    command()()
 
 
 if __name__ == "__main__":
