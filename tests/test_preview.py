@@ -17,26 +17,29 @@ from pipeline.graph import Tiling, image_graph
 from pipeline.preview import FILL_ALPHA, class_colour, density_grid, image_grid, read_view, render_density, render_overlay
 from pipeline.sources import open_image, open_raster
 from pipeline.synthetic_raster import DEFAULT_TRANSFORM, write_geotiff
+from workflows import analyst_cli
 from workflows.analyst_cli import register
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the pixel-space image
 
 
-def segment(image, path, out, crs, transform, nodata=None):
+def segment(image, path, out, crs, transform, nodata=None, density_cell=None):
     write_geotiff(image, path, crs=crs, transform=transform, nodata=nodata)
     model = resolve_model_dir()
-    graph = image_graph(open_raster(path), str(model), load_card(model).classes, out, Tiling(512, 64, 4))
+    graph = image_graph(open_raster(path), str(model), load_card(model).classes, out, Tiling(512, 64, 4),
+                        labels=density_cell is not None, density_cell=density_cell or 256)
     dask.compute(graph.result, scheduler="sync")
     return path, gpd.read_file(out / "instances.gpkg", layer="instances")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """OUT with scene (800×600 px, UTM, 0.5 m pixels), plain (pixel space) and empty (no instances)."""
+    """OUT with scene (800×600 px, UTM, 0.5 m pixels, labels.zarr with 64 px density cells), plain
+    (pixel space) and empty (no instances)."""
     root = tmp_path_factory.mktemp("preview")
     out = root / "out"
     return out, {
-        "scene": segment(make_scene(7, 600, 800, density=1.5).image, root / "scene.tif", out / "scene", "EPSG:32631", DEFAULT_TRANSFORM),
+        "scene": segment(make_scene(7, 600, 800, density=1.5).image, root / "scene.tif", out / "scene", "EPSG:32631", DEFAULT_TRANSFORM, density_cell=64),
         "plain": segment(make_scene(8, 400, 500, density=1.5).image, root / "plain.tif", out / "plain", None, Affine.identity()),
         "empty": segment(np.zeros((300, 400, 3), np.uint8), root / "empty.tif", out / "empty", "EPSG:32631", DEFAULT_TRANSFORM, 0),
     }
@@ -128,16 +131,20 @@ def test_slide_overlay(shared_data, tmp_path):
     assert sampled == 1 and blended == 1 and differs == 1
 
 
-def test_preview_cli(run, tmp_path):
+def test_preview_cli(run, tmp_path, monkeypatch):
     out, _ = run
+    cells = []
+    monkeypatch.setattr(analyst_cli, "render_density", lambda *args: cells.append(args[-1]))
     app = typer.Typer()
     register(app)
     runner = CliRunner()
     result = runner.invoke(app, ["preview", str(out), "scene", "--max-size", "200"])
     assert result.exit_code == 0, result.output
     assert Image.open(out / "scene" / "preview.png").size == (200, 150)
-    result = runner.invoke(app, ["preview", str(out), "plain", "--density", "--cell-size", "100", "--output", str(tmp_path / "d.png")])
-    assert result.exit_code == 0 and (tmp_path / "d.png").is_file()
+    for image, *cell in (["plain", "--cell-size", "100"], ["scene"], ["plain"]):  # default: the run's cell
+        result = runner.invoke(app, ["preview", str(out), image, *cell, "--density"])
+        assert result.exit_code == 0, result.output
+    assert cells == [100, 64, 256]
     result = runner.invoke(app, ["preview", str(out), "plain", "--region", "0,0,100,50", "--output", str(tmp_path / "r.png")])
     assert result.exit_code == 0 and Image.open(tmp_path / "r.png").size == (100, 50)
     for bad, message in [

@@ -125,13 +125,13 @@ def preview_command(
     image_id: Annotated[str, typer.Argument(help="Image id: its folder name in OUT.")],
     region: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in output coordinates (CRS, or pixels): full resolution.")] = None,
     density: Annotated[bool, typer.Option(help="A heatmap of instances per cell instead of the overlay.")] = False,
-    cell_size: Annotated[int, typer.Option("--cell-size", "--density-cell", help="Density cell size in image pixels (run: --density-cell).")] = 256,
+    cell_size: Annotated[Optional[int], typer.Option("--cell-size", "--density-cell", help="Density cell size in image pixels; default: the run's --density-cell (labels.zarr), else 256.")] = None,
     max_size: Annotated[int, typer.Option(help="Longest side of the overlay in pixels.")] = 2048,
     output: Annotated[Optional[Path], typer.Option(help="PNG to write; default OUT/IMAGE_ID/preview.png (density.png).")] = None,
 ) -> None:
     """A picture of one image's instances: polygons coloured by class over the image, or their density."""
     box = _box(region, "--region")
-    if cell_size < 1 or max_size < 1:
+    if (cell_size is not None and cell_size < 1) or max_size < 1:
         _fail("--cell-size and --max-size must be positive")
     if output is not None and output.suffix.lower() != ".png":
         _fail(f"--output {output}: previews are PNG files (.png)")
@@ -141,7 +141,7 @@ def preview_command(
         frame = found.instances()
         png = output or found.folder / ("density.png" if density else "preview.png")
         if density:
-            render_density(frame, *image_grid(source), png, cell_size)
+            render_density(frame, *image_grid(source), png, cell_size or found.density_cell_size() or 256)
         else:
             render_overlay(source, frame, png, box, max_size)
     except ValueError as err:  # CatalogueError, SourceError, a region outside the image

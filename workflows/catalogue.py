@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pyogrio
 import shapely
+import zarr
 from pyogrio.errors import DataLayerError, DataSourceError
 
 from pipeline.ground_area import ground_area_m2
@@ -73,6 +74,11 @@ class ImageOutput:
     def instances(self, start: int = 0, rows: int | None = None) -> gpd.GeoDataFrame:
         """``rows`` instances (all by default) from row ``start``; a damaged GeoPackage is named."""
         return self._reading(pyogrio.read_dataframe, skip_features=start, max_features=rows)
+
+    def density_cell_size(self) -> int | None:
+        """The cell of the density grids in its ``labels.zarr`` (None without one)."""
+        store = self.folder / "labels.zarr"
+        return zarr.open_group(store, mode="r").attrs.get("density_cell_size") if store.is_dir() else None
 
     def info(self) -> dict:
         """pyogrio's description of the instances layer (feature count, bounds)."""
