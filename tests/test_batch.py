@@ -437,3 +437,29 @@ def test_status_tells_a_killed_run_from_a_live_one(tmp_path):
         (tmp_path / "out" / LOCK_NAME).write_text(f"{pid}\n")
         result = CliRunner().invoke(app, ["status", str(tmp_path / "out")])
         assert result.exit_code == 0 and shown in result.output, result.output
+
+
+def test_a_failing_image_stops_its_other_batches(tmp_path):
+    """A tile that cannot be read fails its image at once; the image's other batches are cancelled,
+    not segmented for nothing, and the next image is unaffected."""
+    import tifffile
+    from distributed import Client, LocalCluster
+
+    from workflows.run import RunEvents, run_images
+
+    write_scene(tmp_path / "bad.tif", seed=80, height=1536, width=1536)
+    write_scene(tmp_path / "good.tif", seed=81, height=300, width=300)
+    with tifffile.TiffFile(tmp_path / "bad.tif") as tif:
+        offset, size = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    with open(tmp_path / "bad.tif", "r+b") as file:  # the top-left tile's deflate stream: garbage
+        file.seek(offset)
+        file.write(b"\xff" * size)
+    done = []
+    events = RunEvents(batch_done=lambda image: done.append(Path(image).name))
+    card = load_card(resolve_model_dir())
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        report = run_images(client, [tmp_path / "bad.tif", tmp_path / "good.tif"], resolve_model_dir(), card,
+                            tmp_path / "out", Tiling(256, 32, 2), show_progress=False, events=events)
+    assert list(report.failed) == [str(tmp_path / "bad.tif")] and "bad.tif" in report.failed[str(tmp_path / "bad.tif")]
+    assert list(report.done) == [str(tmp_path / "good.tif")] and done.count("good.tif") >= 1
+    assert done.count("bad.tif") <= 4, done  # of its 25 batches

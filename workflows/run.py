@@ -136,6 +136,7 @@ def run_images(
                     cause = str(error) if named else f"{name}: {type(error).__name__}: {error}"
                     report.failed[name] = " ".join(cause.split())
                     events.failed(name, report.failed[name])
+                    client.cancel([f for f, owner in zip(batch_futures, owners) if owner == name and not f.done()])
                 progress.advance(images_task)
             else:
                 if future.status == "finished":
