@@ -157,10 +157,6 @@ def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None 
         yield client
 
 
-def worker_env(client) -> dict[str, str | None]:
-    return next(iter(client.run(lambda: {k: os.environ.get(k) for k in WORKER_ENV}).values()))
-
-
 def cluster_run(client, images: list[Path], model_dir: Path, out: Path, tiling: Tiling, labels: bool = True) -> int:
     """Images through ``workflows.run.run_images`` in one run, as ``seamline run`` does (``labels``:
     also labels.zarr, as without ``--no-zarr``); the instances found in all of them."""
