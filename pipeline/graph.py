@@ -114,10 +114,9 @@ def image_graph(
     foreground, tissue = foreground_tiles(source, tiles) if tiling.tissue_mask else (tiles, None)
     label_raster = None
     if labels:
-        mpp = source.mpp * source.pixel_scale if source.mpp else None
         store = delayed(create_label_store, pure=True)(
             out_dir / "labels.zarr", source.height, source.width, tiling.tile_size, class_names, source.transform,
-            source.crs_wkt, mpp, LABEL_CHUNKS_PER_BLOCK, dask_key_name=f"labels-create-{token}",
+            source.crs_wkt, source.mpp, LABEL_CHUNKS_PER_BLOCK, dask_key_name=f"labels-create-{token}",
         )
         block = tiling.tile_size * LABEL_CHUNKS_PER_BLOCK
         touched = touched_blocks(source.height, source.width, block, foreground)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ElementTree
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +29,11 @@ from pipeline.handles import open_cached
 from pipeline.sources import SourceError, check_upsampling, image_stem, read_error_reason, resample_factor
 
 TOLERANCE = 1.2
+# what reading a damaged file raises: the readers' own errors, and the codecs' (imagecodecs raises
+# RuntimeErrors, Python's zlib its own error, tifffile ImportError for a codec it lacks)
+READ_ERRORS = (
+    openslide.OpenSlideError, tifffile.TiffFileError, OSError, ValueError, KeyError, RuntimeError, zlib.error, ImportError,
+)
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".ome"}
 GEOTIFF_TAGS = {33550, 33922, 34264, 34735}
 UM_PER_UNIT = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -106,7 +112,10 @@ class SlideSource:
 
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
         """(RGB thumbnail, valid mask, processed pixels per thumbnail pixel), read once."""
-        rgba = _THUMBNAILS[self.backend](self.path, max_size)
+        try:
+            rgba = _THUMBNAILS[self.backend](self.path, max_size)
+        except READ_ERRORS as err:
+            raise SourceError(f"{self.path}: thumbnail read failed, the file may be truncated or corrupt ({read_error_reason(err)})") from None
         return rgba[..., :3], rgba[..., 3] > 0, self.width / rgba.shape[1]
 
     def read(self, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +127,7 @@ class SlideSource:
         reason = None
         try:
             rgba = _REGIONS[self.backend](self.path, self.level, self.downsample, left, top, right - left, bottom - top)
-        except (openslide.OpenSlideError, tifffile.TiffFileError, OSError, ValueError, KeyError) as err:
+        except READ_ERRORS as err:
             reason = read_error_reason(err)
         if reason is not None:  # raised outside the handler, so without the reader's errors chained
             raise SourceError(
@@ -255,7 +264,7 @@ def open_slide(path: str | Path, target_mpp: float | None = None, mpp: float | N
     backend = "openslide" if is_slide(path) else "tifffile"
     try:
         found, sizes = _describe_openslide(path) if backend == "openslide" else _describe_tiff(path)
-    except (openslide.OpenSlideError, tifffile.TiffFileError, OSError, ValueError, IndexError) as err:
+    except (*READ_ERRORS, IndexError) as err:
         raise SourceError(f"{path}: not a readable slide ({err})") from err
     level0 = mpp if mpp is not None else found
     if level0 is None and target_mpp is not None:

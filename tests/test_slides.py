@@ -279,3 +279,67 @@ def test_generated_slide_with_tissue_islands_reads_only_tissue(tmp_path):
         for island in islands for polygon in label_polygons(island.scene.labels).values()
     ])
     assert match_f1(frame.geometry.values, truth) > 0.9
+
+
+def test_labels_of_a_resampled_slide_carry_its_processed_pixel_size(tmp_path):
+    """A 0.5 µm/px slide read at 0.25 µm/px: labels.zarr's pixels are 0.25 µm (OME-NGFF scale),
+    and its transform maps them to level-0 pixels."""
+    import zarr
+
+    from pipeline.synthetic_slide import make_islands, write_slide
+
+    path = write_slide(tmp_path / "slide.ome.tif", 1200, 1000, make_islands(1200, 1000, 1, 300, seed=2), mpp=0.5)
+    model = resolve_model_dir()
+    source = open_image(path, target_mpp=0.25)
+    assert source.factor == pytest.approx(0.5) and (source.height, source.width) == (2400, 2000)
+    graph = image_graph(source, str(model), load_card(model).classes, tmp_path / "out", Tiling(512, 64, 4), labels=True)
+    dask.compute(graph.result, scheduler="sync")
+    root = zarr.open_group(tmp_path / "out" / "labels.zarr", mode="r")
+    for name in ("labels", "classes"):
+        datasets = root[name].attrs["ome"]["multiscales"][0]["datasets"]
+        assert [d["coordinateTransformations"][0]["scale"] for d in datasets[:2]] == [[0.25, 0.25], [0.5, 0.5]]
+    assert root.attrs["geotransform"] == [0.0, 0.5, 0.0, 0.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "lzw", "zstd", "jpeg2000"])
+def test_pyramidal_tiffs_in_the_usual_codecs_read(tmp_path, compression):
+    """JPEG (QuPath's and bfconvert's OME-TIFF default), LZW, zstd and JPEG 2000 tiles decode."""
+    import tifffile
+
+    from models.synthetic import make_scene
+    from pipeline.grid import Span
+
+    image = make_scene(3, 700, 600).image
+    path = tmp_path / f"{compression}.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as writer:
+        options = dict(tile=(256, 256), photometric="rgb", compression=compression)
+        writer.write(image, subifds=1, metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}, **options)
+        writer.write(image[::2, ::2], subfiletype=1, **options)
+    source = open_image(path, target_mpp=0.25)
+    pixels, valid = source.read(Span(100, 500), Span(50, 450))
+    decoded = tifffile.imread(path) if compression == "jpeg" else image  # JPEG is lossy: its own decoding
+    assert valid.all() and (pixels == decoded[100:500, 50:450]).all()
+
+
+def test_a_corrupt_tile_of_a_pyramidal_tiff_is_named(tmp_path):
+    """Garbage in one compressed tile: the read fails with the file, the level and the rows, not
+    with a codec's bare error."""
+    import tifffile
+
+    from models.synthetic import make_scene
+    from pipeline.grid import Span
+    from pipeline.sources import SourceError
+
+    path = tmp_path / "corrupt.ome.tif"
+    tifffile.imwrite(path, make_scene(4, 600, 600).image, ome=True, tile=(256, 256), photometric="rgb",
+                     compression="zlib", metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    with tifffile.TiffFile(path) as tif:
+        offset, size = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(b"\xff" * size)
+    source = open_image(path, target_mpp=0.25)
+    with pytest.raises(SourceError, match=r"corrupt.ome.tif: read failed at level 0, rows 0:256, the file may be truncated"):
+        source.read(Span(0, 256), Span(0, 256))
+    with pytest.raises(SourceError, match=r"corrupt.ome.tif: thumbnail read failed"):
+        source.thumbnail()
