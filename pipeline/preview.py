@@ -10,6 +10,7 @@ slide pyramid level nearest the scale), never at full resolution when that excee
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,7 +75,9 @@ def _scaled(source: RasterSource | SlideSource, scale: float) -> RasterSource | 
         return replace(source, width=w, height=h, transform=transform @ Affine.scale(width / w, height / h), factor=width / w)
     from pipeline.slides import open_slide
 
-    return open_slide(source.path, target_mpp=scale, mpp=1.0)  # "microns" = level-0 pixels
+    with warnings.catch_warnings():  # "microns" = level-0 pixels: not the file's µm, and said so
+        warnings.simplefilter("ignore")
+        return open_slide(source.path, target_mpp=scale, mpp=1.0, bands=source.bands)
 
 
 def read_view(source: RasterSource | SlideSource, region: Region | None = None, max_size: int = 2048) -> View:

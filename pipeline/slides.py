@@ -12,6 +12,7 @@ the thumbnail's tissue is applied to every tile (never per tile, which would put
 from __future__ import annotations
 
 import logging
+import warnings
 import xml.etree.ElementTree as ElementTree
 import zlib
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ from pipeline.handles import open_cached
 from pipeline.sources import SourceError, check_upsampling, image_stem, read_error_reason, resample_factor
 
 TOLERANCE = 1.2
+MAX_MICROSCOPE_MPP = 10.0  # coarser resolution tags are a default DPI, not a microscope's pixel size
 # what reading a damaged file raises: the readers' own errors, and the codecs' (imagecodecs raises
 # RuntimeErrors, Python's zlib its own error, tifffile ImportError for a codec it lacks)
 READ_ERRORS = (
@@ -65,6 +67,23 @@ def is_pyramidal_tiff(path: str | Path) -> bool:
             return len(tif.series[0].levels) > 1 and not GEOTIFF_TAGS & set(page.tags.keys())
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return False
+
+
+def is_microscopy_tiff(path: str | Path, mpp_given: bool = False) -> bool:
+    """A single-level 8-bit TIFF without georeferencing whose resolution tags give a microscope's
+    pixel size (≤ 10 µm; 72 or 300 dpi are not), or for which ``--mpp`` is given: a region or TMA
+    core exported from a slide, read like a slide (its µm per pixel honoured)."""
+    if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            if page.dtype != np.uint8 or GEOTIFF_TAGS & set(page.tags.keys()):
+                return False
+            found = _tiff_mpp(tif)
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+        return False
+    return mpp_given or (found is not None and found <= MAX_MICROSCOPE_MPP)
 
 
 def choose_level(level_mpp: list[float], target_mpp: float | None) -> int:
@@ -113,9 +132,12 @@ class SlideSource:
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
         """(RGB thumbnail, valid mask, processed pixels per thumbnail pixel), read once."""
         try:
-            rgba = _THUMBNAILS[self.backend](self.path, max_size)
+            rgba = _THUMBNAILS[self.backend](self.path, max_size, self.bands)
         except READ_ERRORS as err:
             raise SourceError(f"{self.path}: thumbnail read failed, the file may be truncated or corrupt ({read_error_reason(err)})") from None
+        expected = max(1, round(rgba.shape[1] * self.height / self.width))
+        if abs(rgba.shape[0] - expected) > 1:  # from a level squeezed in one direction (see consistent_levels)
+            rgba = np.asarray(Image.fromarray(rgba).resize((rgba.shape[1], expected), Image.Resampling.NEAREST))
         return rgba[..., :3], rgba[..., 3] > 0, self.width / rgba.shape[1]
 
     def read(self, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +148,9 @@ class SlideSource:
         right, bottom = max(int(np.ceil(x1)), left + 1), max(int(np.ceil(y1)), top + 1)
         reason = None
         try:
-            rgba = _REGIONS[self.backend](self.path, self.level, self.downsample, left, top, right - left, bottom - top)
+            rgba = _REGIONS[self.backend](
+                self.path, self.level, self.downsample, left, top, right - left, bottom - top, self.bands
+            )
         except READ_ERRORS as err:
             reason = read_error_reason(err)
         if reason is not None:  # raised outside the handler, so without the reader's errors chained
@@ -165,15 +189,18 @@ class SlideSource:
         return replace(self, colour=(tuple(map(float, gain)), tuple(map(float, offset))))
 
 
-def _openslide_region(path: str, level: int, downsample: float, left: int, top: int, width: int, height: int) -> np.ndarray:
+def _openslide_region(
+    path: str, level: int, downsample: float, left: int, top: int, width: int, height: int, bands: tuple[int, ...]
+) -> np.ndarray:
     with open_cached(path, openslide.OpenSlide) as slide:
-        region = slide.read_region((round(left * downsample), round(top * downsample)), level, (width, height))
-    return np.asarray(region)
+        region = np.asarray(slide.read_region((round(left * downsample), round(top * downsample)), level, (width, height)))
+    return _rgba(region[..., :3], region[..., 3], bands)
 
 
-def _openslide_thumbnail(path: str, max_size: int) -> np.ndarray:
+def _openslide_thumbnail(path: str, max_size: int, bands: tuple[int, ...]) -> np.ndarray:
     with openslide.OpenSlide(path) as slide:
-        return np.asarray(slide.get_thumbnail((max_size, max_size)).convert("RGBA"))
+        rgba = np.asarray(slide.get_thumbnail((max_size, max_size)).convert("RGBA"))
+    return _rgba(rgba[..., :3], rgba[..., 3], bands)
 
 
 def _tiff_level(tif: tifffile.TiffFile, level: int):
@@ -182,34 +209,41 @@ def _tiff_level(tif: tifffile.TiffFile, level: int):
     return zarr.open(series.aszarr(level=level), mode="r"), series.levels[level].axes
 
 
-def _as_rgba(data: np.ndarray, axes: str) -> np.ndarray:
-    """Any tifffile axes order (YXS, CYX, TCZYX, …) → (h, w, 4) uint8 RGBA (alpha from a 4th band)."""
+def _tiff_rgba(data: np.ndarray, axes: str, bands: tuple[int, ...]) -> np.ndarray:
+    """Any tifffile axes order (YXS, CYX, TCZYX, …) → (h, w, 4) uint8 RGBA of ``bands``. A fourth
+    sample of an RGBA page (axis S) is alpha; channels (axis C, e.g. fluorescence) never are."""
     keep = [a for a in axes if a in "YXCS"]
     index = tuple(slice(None) if a in keep else 0 for a in axes)
     data = np.asarray(data[index])
     order = [keep.index("Y"), keep.index("X")] + [i for i, a in enumerate(keep) if a in "CS"]
     data = data.transpose(order).reshape(data.shape[order[0]], data.shape[order[1]], -1)
     if data.dtype != np.uint8:
-        raise ValueError(f"{data.dtype} pixels; slides must be 8-bit RGB")
-    if data.shape[2] == 1:
-        data = np.repeat(data, 3, axis=2)
-    alpha = data[..., 3] if data.shape[2] >= 4 else np.full(data.shape[:2], 255, np.uint8)
-    return np.dstack([data[..., :3], alpha])
+        raise ValueError(f"{data.dtype} pixels; slides must be 8-bit")
+    has_alpha = "S" in keep and data.shape[2] == 4
+    return _rgba(data[..., :3] if has_alpha else data, data[..., 3] if has_alpha else None, bands)
 
 
-def _tiff_region(path: str, level: int, downsample: float, left: int, top: int, width: int, height: int) -> np.ndarray:
+def _rgba(channels: np.ndarray, alpha: np.ndarray | None, bands: tuple[int, ...]) -> np.ndarray:
+    """(h, w, 4): the three 1-based ``bands`` of ``channels``, then alpha (opaque without one)."""
+    alpha = np.full(channels.shape[:2], 255, np.uint8) if alpha is None else alpha
+    return np.dstack([channels[..., [b - 1 for b in bands]], alpha])
+
+
+def _tiff_region(
+    path: str, level: int, downsample: float, left: int, top: int, width: int, height: int, bands: tuple[int, ...]
+) -> np.ndarray:
     with open_cached(path, tifffile.TiffFile) as tif:
         array, axes = _tiff_level(tif, level)
         index = tuple(
             slice(top, top + height) if a == "Y" else slice(left, left + width) if a == "X" else slice(None) for a in axes
         )
-        data = _as_rgba(array[index], axes)
+        data = _tiff_rgba(array[index], axes, bands)
     out = np.zeros((height, width, 4), np.uint8)
     out[: data.shape[0], : data.shape[1]] = data
     return out
 
 
-def _tiff_thumbnail(path: str, max_size: int) -> np.ndarray:
+def _tiff_thumbnail(path: str, max_size: int, bands: tuple[int, ...]) -> np.ndarray:
     """The smallest pyramid level at least ``max_size`` / 2 on its long side, decimated to fit."""
     with tifffile.TiffFile(path) as tif:
         levels = tif.series[0].levels
@@ -219,7 +253,7 @@ def _tiff_thumbnail(path: str, max_size: int) -> np.ndarray:
         array, axes = _tiff_level(tif, level)
         step = max(1, int(np.ceil(sides[level] / max_size)))
         index = tuple(slice(None, None, step) if a in "YX" else slice(None) for a in axes)
-        return _as_rgba(array[index], axes)
+        return _tiff_rgba(array[index], axes, bands)
 
 
 _REGIONS = {"openslide": _openslide_region, "tifffile": _tiff_region}
@@ -241,40 +275,81 @@ def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
     return None
 
 
-def _describe_openslide(path: Path) -> tuple[float | None, list[tuple[int, int]]]:
+def _describe_openslide(path: Path) -> tuple[float | None, list[tuple[int, int]], int]:
     with openslide.OpenSlide(str(path)) as slide:
         found = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        return (float(found) if found else None), list(slide.level_dimensions)
+        return (float(found) if found else None), list(slide.level_dimensions), 3
 
 
-def _describe_tiff(path: Path) -> tuple[float | None, list[tuple[int, int]]]:
+def _describe_tiff(path: Path) -> tuple[float | None, list[tuple[int, int]], int]:
+    """(level-0 µm per pixel, level sizes, colour channels: an RGBA page's alpha not counted)."""
     with tifffile.TiffFile(path) as tif:
         levels = tif.series[0].levels
         sizes = [(lv.shape[lv.axes.index("X")], lv.shape[lv.axes.index("Y")]) for lv in levels]
-        samples = [lv.shape[lv.axes.index(a)] for lv in levels[:1] for a in lv.axes if a in "CS"]
-        if levels[0].dtype != np.uint8 or (samples and samples[0] not in (1, 3, 4)):
-            raise SourceError(f"{path}: {levels[0].dtype} with {samples or [1]} samples; slides must be 8-bit RGB(A)")
-        return _tiff_mpp(tif), sizes
+        samples = {a: levels[0].shape[levels[0].axes.index(a)] for a in "CS" if a in levels[0].axes}
+        if levels[0].dtype != np.uint8:
+            raise SourceError(f"{path}: {levels[0].dtype} pixels; slides must be 8-bit")
+        channels = int(np.prod(list(samples.values()), dtype=int))
+        return _tiff_mpp(tif), sizes, 3 if samples == {"S": 4} else channels
 
 
-def open_slide(path: str | Path, target_mpp: float | None = None, mpp: float | None = None) -> SlideSource:
+def slide_bands(path: Path, bands: tuple[int, ...] | None, channels: int) -> tuple[int, int, int]:
+    """The three 1-based channels a model sees: ``bands`` (one is repeated), or the file's own
+    RGB; a grey slide repeats its channel."""
+    if bands is None:
+        if channels == 2:
+            raise SourceError(f"{path}: 2 channels; choose one (or three) with --bands")
+        if channels > 3:
+            warnings.warn(f"{path}: {channels} channels, the first three used (--bands picks others)", stacklevel=3)
+        return (1, 1, 1) if channels == 1 else (1, 2, 3)
+    if max(bands) > channels:
+        raise SourceError(f"{path}: --bands {','.join(map(str, bands))}: the slide has {channels} channel(s)")
+    if len(bands) not in (1, 3):
+        raise SourceError(f"{path}: --bands {','.join(map(str, bands))}: slides take one band or three")
+    return tuple(bands * 3 if len(bands) == 1 else bands)
+
+
+def consistent_levels(sizes: list[tuple[int, int]]) -> list[int]:
+    """Levels whose height follows their width's downsample (within 2 px and 2 %): a level
+    squeezed in one direction would put tiles and tissue in the wrong rows."""
+    (width0, height0) = sizes[0]
+    keep = []
+    for k, (width, height) in enumerate(sizes):
+        expected = height0 * width / width0
+        if abs(height - expected) <= max(2.0, 0.02 * expected):
+            keep.append(k)
+    return keep
+
+
+def open_slide(
+    path: str | Path, target_mpp: float | None = None, mpp: float | None = None, bands: tuple[int, ...] | None = None
+) -> SlideSource:
     """Open a slide (OpenSlide or pyramidal TIFF); ``mpp`` overrides (or supplies) its level-0
-    microns per pixel. The level and resampling follow ``target_mpp`` (the model's resolution)."""
+    microns per pixel. The level and resampling follow ``target_mpp`` (the model's resolution);
+    ``bands`` picks channels (1-based; see ``slide_bands``)."""
     path = Path(path)
     backend = "openslide" if is_slide(path) else "tifffile"
     try:
-        found, sizes = _describe_openslide(path) if backend == "openslide" else _describe_tiff(path)
+        found, sizes, channels = _describe_openslide(path) if backend == "openslide" else _describe_tiff(path)
     except (*READ_ERRORS, IndexError) as err:
         raise SourceError(f"{path}: not a readable slide ({err})") from err
+    if mpp is not None and found and abs(mpp / found - 1) > 0.05:
+        warnings.warn(f"{path}: --mpp {mpp:g} overrides the file's {found:g} µm per pixel", stacklevel=2)
     level0 = mpp if mpp is not None else found
     if level0 is None and target_mpp is not None:
         raise SourceError(f"{path}: no resolution metadata (microns per pixel); pass --mpp")
-    downsamples = [sizes[0][0] / w for w, _ in sizes]
-    level = choose_level([level0 * d for d in downsamples] if level0 else downsamples, target_mpp)
-    factor = resample_factor(level0 * downsamples[level] if level0 else None, target_mpp)
+    usable = consistent_levels(sizes)
+    if len(usable) < len(sizes):
+        skipped = ", ".join(f"{k} ({w}×{h})" for k, (w, h) in enumerate(sizes) if k not in usable)
+        warnings.warn(f"{path}: pyramid level(s) {skipped} not scaled like level 0 in both directions: not used", stacklevel=2)
+    downsamples = [sizes[0][0] / sizes[k][0] for k in usable]
+    chosen = choose_level([level0 * d for d in downsamples] if level0 else downsamples, target_mpp)
+    level = usable[chosen]
+    factor = resample_factor(level0 * downsamples[chosen] if level0 else None, target_mpp)
     check_upsampling(path, factor, level0, target_mpp, "µm")
     width, height = sizes[level]
     return SlideSource(
         str(path.resolve()), max(1, round(height / factor)), max(1, round(width / factor)), level,
-        float(downsamples[level]), level0, sizes[0], (width, height), factor, backend,
+        float(downsamples[chosen]), level0, sizes[0], (width, height), factor, backend,
+        bands=slide_bands(path, bands, channels),
     )

@@ -1,8 +1,27 @@
 """Tissue detection on a slide thumbnail, so background tiles are never read at full resolution.
 
-Stained tissue is coloured and glass is grey-white: Otsu's threshold on HSV saturation of a
-thumbnail separates them, slide by slide; small holes and specks are closed and opened away and
-the mask is dilated by a margin so tissue edges are never cut off.
+The rule, on the thumbnail's valid pixels, after a 3 × 3 mean filter (so that faint staining is
+told by its mean colour, not pixel by pixel through the noise):
+
+1. Featureless: where no channel varies by more than one level (blank glass, an all-black field,
+   any single colour) there is no tissue and the mask is empty.
+2. Colour: stained brightfield tissue (H&E, IHC) is coloured and glass is grey-white. A thumbnail
+   carries usable colour when at least ``COLOUR_FRACTION`` (0.1 %) of its valid pixels have a
+   chroma (largest minus smallest channel) of at least ``FLOOR`` (0.05 of the full range); a grey
+   scan has none. Tissue is then HSV saturation above Otsu's threshold on saturation, and above a
+   floor: ``FLOOR``, or less where the glass is cleaner, ``STEP`` (0.025) above the glass's
+   saturation (the most common one), so that very pale staining on clean glass is kept.
+3. Intensity: a thumbnail without usable colour (a scanner in grey mode, a hematoxylin-only
+   slide, a one-channel fluorescence image replicated to grey) is told by grey level (the mean of
+   the channels). The background is the most common grey level (the peak of a 64-bin histogram):
+   below mid-grey (0.5) the slide is a dark field (fluorescence) and tissue is brighter than Otsu's
+   threshold on grey level; otherwise it is brightfield and tissue is darker. Either way tissue
+   is also at least ``STEP`` away from the background's end of the range (the 1st percentile of
+   grey level for a dark field, the 99th for brightfield), so that noise on blank glass or on an
+   empty dark field is not tissue.
+
+Small holes and specks are then closed and opened away, and the mask is dilated by a margin so
+that tissue edges are never cut off.
 """
 
 from __future__ import annotations
@@ -11,6 +30,11 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.grid import Tile
+
+FLOOR = 0.05  # the saturation that is always enough for tissue; the chroma that makes a pixel coloured
+COLOUR_FRACTION = 0.001  # the share of valid pixels that must be coloured for the colour rule
+STEP = 0.025  # the least step from the background (saturation or grey level) that is tissue
+MID_GREY = 0.5  # a background (most common grey level) below it is a dark field: fluorescence
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -26,15 +50,38 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[np.argmax(between[:-1])])
 
 
+def most_common(values: np.ndarray, bins: int) -> float:
+    """The centre of the fullest of ``bins`` histogram bins of ``values`` in [0, 1]."""
+    histogram, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    return float(edges[np.argmax(histogram)] + 0.5 / bins)
+
+
 def tissue_mask(thumbnail: np.ndarray, valid: np.ndarray | None = None, margin: int = 2) -> np.ndarray:
-    """Boolean tissue mask of an RGB uint8 thumbnail (Otsu on saturation, then cleaned)."""
-    rgb = thumbnail.astype(np.float32) / 255
-    high, low = rgb.max(2), rgb.min(2)
-    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
-    usable = valid if valid is not None else np.ones(saturation.shape, bool)
-    if not usable.any():
-        return np.zeros(saturation.shape, bool)
-    mask = (saturation > max(otsu_threshold(saturation[usable]), 0.05)) & usable
+    """Boolean tissue mask of an RGB uint8 thumbnail: by saturation where it is coloured, by grey
+    level (dark on bright, or bright on dark) where it is not; see the module's docstring."""
+    usable = valid if valid is not None else np.ones(thumbnail.shape[:2], bool)
+    channels = [thumbnail[..., c] for c in range(3)]  # channel by channel: reductions over a last axis of 3 are slow
+    if not usable.any() or all(np.ptp(c[usable]) <= 1 for c in channels):
+        return np.zeros(thumbnail.shape[:2], bool)
+    chroma = np.maximum(np.maximum(*channels[:2]), channels[2]) - np.minimum(np.minimum(*channels[:2]), channels[2])
+    coloured = np.mean(chroma[usable] >= FLOOR * 255) >= COLOUR_FRACTION
+    # 3 × 3 means of the usable neighbours only, so invalid pixels leave no trace
+    weight = np.maximum(ndimage.uniform_filter(usable.astype(np.float32), 3, mode="nearest"), 1e-6)
+    r, g, b = (ndimage.uniform_filter(np.where(usable, c / np.float32(255), 0), 3, mode="nearest") / weight for c in channels)
+    if coloured:
+        high, low = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+        saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
+        values = saturation[usable]
+        floor = min(FLOOR, most_common(values, 256) + STEP)
+        mask = saturation > max(otsu_threshold(values), floor)
+    else:
+        grey = (r + g + b) / 3
+        values = grey[usable]
+        if most_common(values, 64) < MID_GREY:  # dark field: tissue is bright
+            mask = grey > max(otsu_threshold(values), np.percentile(values, 1) + STEP)
+        else:  # brightfield: tissue is dark
+            mask = grey < min(otsu_threshold(values), np.percentile(values, 99) - STEP)
+    mask &= usable
     mask = ndimage.binary_opening(ndimage.binary_closing(mask, iterations=2), iterations=1)
     return ndimage.binary_dilation(mask, iterations=margin) if margin else mask
 

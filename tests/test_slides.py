@@ -343,3 +343,82 @@ def test_a_corrupt_tile_of_a_pyramidal_tiff_is_named(tmp_path):
         source.read(Span(0, 256), Span(0, 256))
     with pytest.raises(SourceError, match=r"corrupt.ome.tif: thumbnail read failed"):
         source.thumbnail()
+
+
+def test_fluorescence_channels_are_channels_and_bands_pick_them(tmp_path):
+    """An OME-TIFF's channel axis (DAPI, FITC, …) is never alpha; --bands picks channels; a second
+    channel without --bands is refused, naming the option."""
+    import tifffile
+
+    from pipeline.grid import Span
+    from pipeline.sources import SourceError
+
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 100, (4, 300, 400), dtype=np.uint8)  # channel 4 mostly < 128: "transparent" as alpha
+    path = tmp_path / "four.ome.tif"
+    tifffile.imwrite(path, stack, ome=True, tile=(256, 256), metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    with pytest.warns(UserWarning, match="4 channels, the first three used"):
+        source = open_image(path, target_mpp=0.5)
+    pixels, valid = source.read(Span(0, 300), Span(0, 400))
+    assert valid.all() and (pixels == stack[:3].transpose(1, 2, 0)).all()
+    source = open_image(path, bands=(4,), target_mpp=0.5)
+    pixels, valid = source.read(Span(0, 300), Span(0, 400))
+    assert valid.all() and all((pixels[..., k] == stack[3]).all() for k in range(3))
+    thumbnail, _, _ = source.thumbnail()
+    assert (thumbnail[..., 0] == stack[3]).all()
+    with pytest.raises(SourceError, match="four.ome.tif: --bands 5: the slide has 4 channel"):
+        open_image(path, bands=(5,), target_mpp=0.5)
+    two = tmp_path / "two.ome.tif"
+    tifffile.imwrite(two, stack[:2], ome=True, metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    with pytest.raises(SourceError, match="two.ome.tif: 2 channels; choose one .or three. with --bands"):
+        open_image(two, target_mpp=0.5)
+
+
+def test_mpp_that_contradicts_the_file_is_said(shared_data):
+    path = shared_data / "wsi-cmu1-small-region" / "CMU-1-Small-Region.svs"
+    with pytest.warns(UserWarning, match=r"CMU-1-Small-Region.svs: --mpp 0.25 overrides the file's 0.499 µm per pixel"):
+        open_slide(path, target_mpp=0.25, mpp=0.25)
+
+
+def test_a_level_squeezed_in_one_direction_is_not_used(tmp_path):
+    """Level 1 halves the width but not the height: reading it, or placing tissue by it, would put
+    rows in the wrong place; the next consistent level is used and the thumbnail keeps the aspect."""
+    import tifffile
+
+    from models.synthetic import make_scene
+
+    image = make_scene(5, 1200, 1000).image
+    path = tmp_path / "squeezed.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as writer:
+        options = dict(tile=(256, 256), photometric="rgb")
+        writer.write(image, subifds=2, metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}, **options)
+        writer.write(image[::3, ::2], subfiletype=1, **options)  # 400 × 500: y downsampled 3×, x 2×
+        writer.write(image[::4, ::4], subfiletype=1, **options)
+    with pytest.warns(UserWarning, match=r"level\(s\) 1 \(500×400\) not scaled like level 0"):
+        source = open_image(path, target_mpp=0.5)
+    assert (source.level, source.height, source.width) == (0, 600, 500) and source.factor == pytest.approx(2.0)
+    thumbnail, valid, scale = source.thumbnail(max_size=600)
+    assert thumbnail.shape[0] == pytest.approx(thumbnail.shape[1] * 1.2, abs=1)
+
+
+def test_a_flat_microscopy_tiff_is_read_at_its_pixel_size(tmp_path):
+    """A region exported from a slide (one level, resolution tags in µm range, no georeferencing)
+    is resampled to the model's pixel size like a slide; 72 dpi tags are not a microscope's."""
+    import tifffile
+
+    from pipeline.sources import RasterSource
+
+    image = np.zeros((400, 600, 3), np.uint8)
+    microns = tmp_path / "region.tif"
+    tifffile.imwrite(microns, image, photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")  # 0.5 µm
+    source = open_image(microns, target_mpp=0.25)
+    assert not isinstance(source, RasterSource) and source.mpp == pytest.approx(0.5) and (source.height, source.width) == (800, 1200)
+    dpi = tmp_path / "photo.tif"
+    tifffile.imwrite(dpi, image, photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
+    assert isinstance(open_image(dpi, target_mpp=0.25), RasterSource)
+    assert open_image(dpi, target_mpp=0.25, mpp=0.5).mpp == 0.5  # --mpp says it is one
+    from pipeline.synthetic_raster import write_geotiff
+
+    geotiff = write_geotiff(image, tmp_path / "scene.tif")
+    with pytest.warns(UserWarning, match="scene.tif: --mpp is for slides and microscopy TIFFs; ignored"):
+        assert isinstance(open_image(geotiff, mpp=0.5), RasterSource)
