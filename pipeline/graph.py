@@ -33,7 +33,7 @@ class Tiling:
     overlap: int
     batch_size: int = 4
     match_iou: float = 0.5
-    tissue_mask: bool = True
+    tissue_mask: bool = True  # slides: only tiles over tissue (False: every tile with data)
     test_time_flips: bool | None = None  # None: as the model card says
 
     def __post_init__(self) -> None:
@@ -63,9 +63,10 @@ MERGE_PRIORITY = 2**30  # merge, labels and write tasks run before any tile that
 LABEL_CHUNKS_PER_BLOCK = 4  # labels.zarr is rasterised in blocks of 4 × 4 chunks of a tile side
 
 
-def foreground_tiles(source, tiles: list) -> tuple[list, dict | None]:
-    """Only tiles over tissue (slides: Otsu on the thumbnail) or data (rasters: nodata / alpha
-    mask of an overview); the others are never read at full resolution."""
+def foreground_tiles(source, tiles: list, tissue: bool = True) -> tuple[list, dict | None]:
+    """Only tiles over tissue (slides: ``pipeline.tissue`` on the thumbnail; without ``tissue``,
+    any pixel the slide has) or data (rasters: nodata / alpha mask of an overview); the others are
+    never read at full resolution."""
     if not hasattr(source, "thumbnail"):
         mask, scale = valid_overview(source)
         if not mask.any():
@@ -73,7 +74,9 @@ def foreground_tiles(source, tiles: list) -> tuple[list, dict | None]:
         keep = tiles_with_tissue(tiles, mask, scale)
         return [t for t, k in zip(tiles, keep) if k], {"data_fraction": float(mask.mean())}
     thumbnail, valid, scale = source.thumbnail()
-    mask = tissue_mask(thumbnail, valid)
+    mask = tissue_mask(thumbnail, valid) if tissue else valid
+    if valid.any() and not mask.any():
+        warnings.warn(f"{source.path}: no tissue found on the thumbnail: nothing to segment (--no-tissue reads every tile)", stacklevel=2)
     keep = tiles_with_tissue(tiles, mask, scale)
     info = {"tissue_fraction": float(mask.mean())}
     if source.mpp:
@@ -111,7 +114,7 @@ def image_graph(
     grid = TileGrid(source.height, source.width, tiling.tile_size, tiling.overlap)
     tiles = grid.tiles
     token = tokenize(source, model_dir, tiling, str(out_dir), labels, density_cell)
-    foreground, tissue = foreground_tiles(source, tiles) if tiling.tissue_mask else (tiles, None)
+    foreground, tissue = foreground_tiles(source, tiles, tiling.tissue_mask)
     label_raster = None
     if labels:
         store = delayed(create_label_store, pure=True)(

@@ -422,3 +422,20 @@ def test_a_flat_microscopy_tiff_is_read_at_its_pixel_size(tmp_path):
     geotiff = write_geotiff(image, tmp_path / "scene.tif")
     with pytest.warns(UserWarning, match="scene.tif: --mpp is for slides and microscopy TIFFs; ignored"):
         assert isinstance(open_image(geotiff, mpp=0.5), RasterSource)
+
+
+def test_a_slide_without_tissue_is_said_and_no_tissue_reads_every_tile(tmp_path):
+    import tifffile
+
+    from pipeline.graph import foreground_tiles
+    from pipeline.grid import TileGrid
+
+    path = tmp_path / "glass.ome.tif"
+    tifffile.imwrite(path, np.full((700, 600, 3), 231, np.uint8), ome=True, photometric="rgb",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    source = open_image(path, target_mpp=0.25)
+    tiles = TileGrid(source.height, source.width, 256, 32).tiles
+    with pytest.warns(UserWarning, match="glass.ome.tif: no tissue found on the thumbnail: nothing to segment"):
+        assert foreground_tiles(source, tiles)[0] == []
+    kept, info = foreground_tiles(source, tiles, tissue=False)
+    assert kept == tiles and info["tissue_fraction"] == 1.0

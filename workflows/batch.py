@@ -87,6 +87,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
             workflow.tiling.tile_size or card.tile_size,
             card.overlap if workflow.tiling.overlap is None else workflow.tiling.overlap,
             workflow.tiling.batch_size,
+            tissue_mask=workflow.tiling.tissue,
             test_time_flips=workflow.tiling.test_time_flips,
         )
     except ValueError as err:  # an overlap that does not fit the tile size (the card's, or the workflow's)

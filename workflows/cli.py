@@ -50,12 +50,13 @@ def _model(model: str | None):
     return model_dir, card
 
 
-def _tiling(card, tile_size: int | None, overlap: int | None, batch_size: int, flips: bool | None) -> Tiling:
+def _tiling(card, tile_size: int | None, overlap: int | None, batch_size: int, flips: bool | None, tissue: bool = True) -> Tiling:
     """The tiling asked for, the card's where not given (``Tiling`` refuses one no grid can use)."""
     return Tiling(
         tile_size=card.tile_size if tile_size is None else tile_size,
         overlap=card.overlap if overlap is None else overlap,
         batch_size=batch_size,
+        tissue_mask=tissue,
         test_time_flips=flips,
     )
 
@@ -97,13 +98,14 @@ def run(
     scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address, e.g. tcp://host:8786; default: a local cluster.")] = None,
     workers: Annotated[int, typer.Option(min=1, max=256, help="Worker processes of the local cluster.")] = 1,
     threads: Annotated[Optional[int], typer.Option(min=1, max=256, help="Threads per local worker; default: cores ÷ workers.")] = None,
-    bands: Annotated[Optional[str], typer.Option(help="1-based bands to read, e.g. '3,2,1' or '1'.")] = None,
+    bands: Annotated[Optional[str], typer.Option(help="1-based bands (slides: channels) to read, e.g. '3,2,1' or '1'.")] = None,
     value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit data; default: 0.5-99.5th percentiles per band.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    mpp: Annotated[Optional[float], typer.Option(help="Slides: level-0 microns per pixel, when the file lacks it or is wrong.")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Slides and microscopy TIFFs: level-0 microns per pixel, when files lack it or are wrong (applies to every input).")] = None,
+    tissue: Annotated[bool, typer.Option(help="Slides: segment only tiles over tissue found on a thumbnail; --no-tissue: every tile with pixels.")] = True,
     force: Annotated[bool, typer.Option(help="Workflow runs: reprocess every image, even those the ledger has as up to date.")] = False,
     zarr: Annotated[bool, typer.Option(help="Also write labels.zarr (instance and class rasters, pyramid, density grids).")] = True,
-    density_cell: Annotated[int, typer.Option(help="Density grid cell in pixels (labels.zarr).")] = 256,
+    density_cell: Annotated[int, typer.Option(help="Density grid cell in pixels as segmented (a resampled slide's, not level 0's) (labels.zarr).")] = 256,
     flips: FlipsOption = None,
 ) -> None:
     """Segment IMAGES tile by tile, merge across seams, write GeoPackage + counts per image.
@@ -121,7 +123,7 @@ def run(
         _run_workflow(images[0], force, progress, scheduler)
     try:
         model_dir, card = _model(model)
-        tiling = _tiling(card, tile_size, overlap, batch_size, flips)
+        tiling = _tiling(card, tile_size, overlap, batch_size, flips, tissue)
         band_list = _bands(bands) if bands else None
         range_pair = _value_range(value_range) if value_range else None
     except ValueError as err:

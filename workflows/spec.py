@@ -49,6 +49,7 @@ class TilingSpec(Strict):
     overlap: int | None = Field(None, ge=0)
     batch_size: int = Field(4, ge=1, le=256)
     test_time_flips: bool | None = Field(None, description="flip test-time augmentation; None: as the model card says")
+    tissue: bool = Field(True, description="slides: only tiles over tissue found on a thumbnail; false: every tile with pixels")
 
 
 class ReadSpec(Strict):
