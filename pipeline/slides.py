@@ -27,7 +27,9 @@ from PIL import Image
 
 from pipeline.grid import Span
 from pipeline.handles import open_cached
-from pipeline.sources import SourceError, check_upsampling, image_stem, read_error_reason, resample_factor
+from pipeline.sources import (
+    SourceError, check_upsampling, checked_value_range, image_stem, read_error_reason, resample_factor,
+)
 
 TOLERANCE = 1.2
 MAX_MICROSCOPE_MPP = 10.0  # coarser resolution tags are a default DPI, not a microscope's pixel size
@@ -111,6 +113,7 @@ class SlideSource:
     backend: str = "openslide"
     colour: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     bands: tuple[int, ...] = (1, 2, 3)
+    value_range: tuple[tuple[float, float], ...] | None = None  # per band, for non-8-bit pixels
     crs_wkt: str | None = None
     name: str | None = None  # the image's id in the outputs; default: the file's stem
 
@@ -132,7 +135,7 @@ class SlideSource:
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
         """(RGB thumbnail, valid mask, processed pixels per thumbnail pixel), read once."""
         try:
-            rgba = _THUMBNAILS[self.backend](self.path, max_size, self.bands)
+            rgba = _THUMBNAILS[self.backend](self.path, max_size, self.bands, self.value_range)
         except READ_ERRORS as err:
             raise SourceError(f"{self.path}: thumbnail read failed, the file may be truncated or corrupt ({read_error_reason(err)})") from None
         expected = max(1, round(rgba.shape[1] * self.height / self.width))
@@ -149,7 +152,7 @@ class SlideSource:
         reason = None
         try:
             rgba = _REGIONS[self.backend](
-                self.path, self.level, self.downsample, left, top, right - left, bottom - top, self.bands
+                self.path, self.level, self.downsample, left, top, right - left, bottom - top, self.bands, self.value_range
             )
         except READ_ERRORS as err:
             reason = read_error_reason(err)
@@ -190,14 +193,16 @@ class SlideSource:
 
 
 def _openslide_region(
-    path: str, level: int, downsample: float, left: int, top: int, width: int, height: int, bands: tuple[int, ...]
+    path: str, level: int, downsample: float, left: int, top: int, width: int, height: int, bands: tuple[int, ...],
+    ranges: None = None,
 ) -> np.ndarray:
+    """An RGBA window of a level (OpenSlide reads 8-bit RGBA only: no ``ranges``)."""
     with open_cached(path, openslide.OpenSlide) as slide:
         region = np.asarray(slide.read_region((round(left * downsample), round(top * downsample)), level, (width, height)))
     return _rgba(region[..., :3], region[..., 3], bands)
 
 
-def _openslide_thumbnail(path: str, max_size: int, bands: tuple[int, ...]) -> np.ndarray:
+def _openslide_thumbnail(path: str, max_size: int, bands: tuple[int, ...], ranges: None = None) -> np.ndarray:
     with openslide.OpenSlide(path) as slide:
         rgba = np.asarray(slide.get_thumbnail((max_size, max_size)).convert("RGBA"))
     return _rgba(rgba[..., :3], rgba[..., 3], bands)
@@ -209,18 +214,30 @@ def _tiff_level(tif: tifffile.TiffFile, level: int):
     return zarr.open(series.aszarr(level=level), mode="r"), series.levels[level].axes
 
 
-def _tiff_rgba(data: np.ndarray, axes: str, bands: tuple[int, ...]) -> np.ndarray:
-    """Any tifffile axes order (YXS, CYX, TCZYX, …) → (h, w, 4) uint8 RGBA of ``bands``. A fourth
-    sample of an RGBA page (axis S) is alpha; channels (axis C, e.g. fluorescence) never are."""
+def _tiff_channels(data: np.ndarray, axes: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Any tifffile axes order (YXS, CYX, TCZYX, …) → ((h, w, channels) as stored, alpha or None).
+    A fourth sample of an RGBA page (axis S) is alpha; channels (axis C, e.g. fluorescence) never are."""
     keep = [a for a in axes if a in "YXCS"]
     index = tuple(slice(None) if a in keep else 0 for a in axes)
     data = np.asarray(data[index])
     order = [keep.index("Y"), keep.index("X")] + [i for i, a in enumerate(keep) if a in "CS"]
     data = data.transpose(order).reshape(data.shape[order[0]], data.shape[order[1]], -1)
-    if data.dtype != np.uint8:
-        raise ValueError(f"{data.dtype} pixels; slides must be 8-bit")
     has_alpha = "S" in keep and data.shape[2] == 4
-    return _rgba(data[..., :3] if has_alpha else data, data[..., 3] if has_alpha else None, bands)
+    return (data[..., :3], data[..., 3]) if has_alpha else (data, None)
+
+
+def _tiff_rgba(data: np.ndarray, axes: str, bands: tuple[int, ...], ranges=None) -> np.ndarray:
+    """(h, w, 4) uint8 RGBA of ``bands``; non-8-bit channels mapped linearly from ``ranges``
+    (one (low, high) per band) to 0–255."""
+    channels, alpha = _tiff_channels(data, axes)
+    if ranges is None:
+        if channels.dtype != np.uint8:
+            raise ValueError(f"{channels.dtype} pixels without a value range")
+        return _rgba(channels, alpha, bands)
+    picked = channels[..., [b - 1 for b in bands]].astype(np.float32)
+    low, high = (np.asarray(r, np.float32) for r in zip(*ranges))
+    scaled = np.clip(np.nan_to_num((picked - low) / (high - low) * 255, nan=0.0), 0, 255).round().astype(np.uint8)
+    return _rgba(scaled, alpha if alpha is None else (alpha > 0).astype(np.uint8) * 255, (1, 2, 3))
 
 
 def _rgba(channels: np.ndarray, alpha: np.ndarray | None, bands: tuple[int, ...]) -> np.ndarray:
@@ -230,21 +247,27 @@ def _rgba(channels: np.ndarray, alpha: np.ndarray | None, bands: tuple[int, ...]
 
 
 def _tiff_region(
-    path: str, level: int, downsample: float, left: int, top: int, width: int, height: int, bands: tuple[int, ...]
+    path: str, level: int, downsample: float, left: int, top: int, width: int, height: int, bands: tuple[int, ...],
+    ranges=None,
 ) -> np.ndarray:
     with open_cached(path, tifffile.TiffFile) as tif:
         array, axes = _tiff_level(tif, level)
         index = tuple(
             slice(top, top + height) if a == "Y" else slice(left, left + width) if a == "X" else slice(None) for a in axes
         )
-        data = _tiff_rgba(array[index], axes, bands)
+        data = _tiff_rgba(array[index], axes, bands, ranges)
     out = np.zeros((height, width, 4), np.uint8)
     out[: data.shape[0], : data.shape[1]] = data
     return out
 
 
-def _tiff_thumbnail(path: str, max_size: int, bands: tuple[int, ...]) -> np.ndarray:
-    """The smallest pyramid level at least ``max_size`` / 2 on its long side, decimated to fit."""
+def _tiff_thumbnail(path: str, max_size: int, bands: tuple[int, ...], ranges=None) -> np.ndarray:
+    return _tiff_rgba(*_tiff_thumbnail_data(path, max_size), bands, ranges)
+
+
+def _tiff_thumbnail_data(path: str, max_size: int) -> tuple[np.ndarray, str]:
+    """(pixels as stored, axes) of the smallest pyramid level at least ``max_size`` / 2 on its long
+    side, decimated to fit."""
     with tifffile.TiffFile(path) as tif:
         levels = tif.series[0].levels
         sides = [max(lv.shape[lv.axes.index("Y")], lv.shape[lv.axes.index("X")]) for lv in levels]
@@ -253,7 +276,7 @@ def _tiff_thumbnail(path: str, max_size: int, bands: tuple[int, ...]) -> np.ndar
         array, axes = _tiff_level(tif, level)
         step = max(1, int(np.ceil(sides[level] / max_size)))
         index = tuple(slice(None, None, step) if a in "YX" else slice(None) for a in axes)
-        return _tiff_rgba(array[index], axes, bands)
+        return np.asarray(array[index]), axes
 
 
 _REGIONS = {"openslide": _openslide_region, "tifffile": _tiff_region}
@@ -275,22 +298,44 @@ def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
     return None
 
 
-def _describe_openslide(path: Path) -> tuple[float | None, list[tuple[int, int]], int]:
+def _describe_openslide(path: Path) -> tuple[float | None, list[tuple[int, int]], int, np.dtype]:
     with openslide.OpenSlide(str(path)) as slide:
         found = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        return (float(found) if found else None), list(slide.level_dimensions), 3
+        return (float(found) if found else None), list(slide.level_dimensions), 3, np.dtype(np.uint8)
 
 
-def _describe_tiff(path: Path) -> tuple[float | None, list[tuple[int, int]], int]:
-    """(level-0 µm per pixel, level sizes, colour channels: an RGBA page's alpha not counted)."""
+def _describe_tiff(path: Path) -> tuple[float | None, list[tuple[int, int]], int, np.dtype]:
+    """(level-0 µm per pixel, level sizes, colour channels (an RGBA page's alpha not counted), dtype)."""
     with tifffile.TiffFile(path) as tif:
         levels = tif.series[0].levels
         sizes = [(lv.shape[lv.axes.index("X")], lv.shape[lv.axes.index("Y")]) for lv in levels]
         samples = {a: levels[0].shape[levels[0].axes.index(a)] for a in "CS" if a in levels[0].axes}
-        if levels[0].dtype != np.uint8:
-            raise SourceError(f"{path}: {levels[0].dtype} pixels; slides must be 8-bit")
         channels = int(np.prod(list(samples.values()), dtype=int))
-        return _tiff_mpp(tif), sizes, 3 if samples == {"S": 4} else channels
+        return _tiff_mpp(tif), sizes, 3 if samples == {"S": 4} else channels, np.dtype(levels[0].dtype)
+
+
+def slide_value_range(
+    path: Path, dtype: np.dtype, bands: tuple[int, ...], value_range: tuple[float, float] | None
+) -> tuple[tuple[float, float], ...] | None:
+    """Per band, what maps to 0–255: ``value_range``, else the 0.5th–99.5th percentiles of the
+    thumbnail's finite values, once per slide (never per tile: tiles would differ in brightness).
+    None for 8-bit slides, which are read as they are."""
+    if dtype == np.uint8:
+        if value_range is not None:
+            warnings.warn(f"{path}: --value-range is for non-8-bit pixels; this 8-bit slide is read as it is", stacklevel=3)
+        return None
+    if value_range is not None:
+        return (checked_value_range(value_range),) * len(bands)
+    channels, _ = _tiff_channels(*_tiff_thumbnail_data(str(path), 1024))
+    ranges = []
+    for band in bands:
+        values = channels[..., band - 1].astype(np.float64).ravel()
+        values = values[np.isfinite(values)]
+        low, high = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
+        ranges.append((float(low), float(high) if high > low else float(low) + 1.0))
+    shown = f"range {ranges[0]}" if len(set(ranges)) == 1 else f"per-channel ranges {tuple(ranges)}"
+    warnings.warn(f"{path}: {dtype} data scaled to 8 bits from {shown}", stacklevel=3)
+    return tuple(ranges)
 
 
 def slide_bands(path: Path, bands: tuple[int, ...] | None, channels: int) -> tuple[int, int, int]:
@@ -322,17 +367,23 @@ def consistent_levels(sizes: list[tuple[int, int]]) -> list[int]:
 
 
 def open_slide(
-    path: str | Path, target_mpp: float | None = None, mpp: float | None = None, bands: tuple[int, ...] | None = None
+    path: str | Path, target_mpp: float | None = None, mpp: float | None = None, bands: tuple[int, ...] | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> SlideSource:
     """Open a slide (OpenSlide or pyramidal TIFF); ``mpp`` overrides (or supplies) its level-0
     microns per pixel. The level and resampling follow ``target_mpp`` (the model's resolution);
-    ``bands`` picks channels (1-based; see ``slide_bands``)."""
+    ``bands`` picks channels (1-based; see ``slide_bands``); non-8-bit pixels are mapped to 8 bits
+    (see ``slide_value_range``)."""
     path = Path(path)
     backend = "openslide" if is_slide(path) else "tifffile"
     try:
-        found, sizes, channels = _describe_openslide(path) if backend == "openslide" else _describe_tiff(path)
+        found, sizes, channels, dtype = _describe_openslide(path) if backend == "openslide" else _describe_tiff(path)
+        chosen_bands = slide_bands(path, bands, channels)
+        ranges = slide_value_range(path, dtype, chosen_bands, value_range)
+    except SourceError:
+        raise
     except (*READ_ERRORS, IndexError) as err:
-        raise SourceError(f"{path}: not a readable slide ({err})") from err
+        raise SourceError(f"{path}: not a readable slide ({read_error_reason(err)})") from None
     if mpp is not None and found and abs(mpp / found - 1) > 0.05:
         warnings.warn(f"{path}: --mpp {mpp:g} overrides the file's {found:g} µm per pixel", stacklevel=2)
     level0 = mpp if mpp is not None else found
@@ -351,5 +402,5 @@ def open_slide(
     return SlideSource(
         str(path.resolve()), max(1, round(height / factor)), max(1, round(width / factor)), level,
         float(downsamples[chosen]), level0, sizes[0], (width, height), factor, backend,
-        bands=slide_bands(path, bands, channels),
+        bands=chosen_bands, value_range=ranges,
     )

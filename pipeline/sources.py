@@ -373,9 +373,7 @@ def open_image(
     from pipeline.slides import is_microscopy_tiff, is_pyramidal_tiff, is_slide, open_slide
 
     if Path(path).is_file() and (is_slide(path) or is_pyramidal_tiff(path) or is_microscopy_tiff(path, mpp is not None)):
-        if value_range is not None:
-            warnings.warn(f"{path}: --value-range is for non-8-bit rasters; this 8-bit slide is read as it is", stacklevel=2)
-        return open_slide(path, target_mpp=target_mpp, mpp=mpp, bands=bands)
+        return open_slide(path, target_mpp=target_mpp, mpp=mpp, bands=bands, value_range=value_range)
     if mpp is not None:
         warnings.warn(f"{path}: --mpp is for slides and microscopy TIFFs; ignored for this raster", stacklevel=2)
     return open_raster(path, bands=bands, value_range=value_range, channels=channels, target_m=target_m)

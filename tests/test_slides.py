@@ -439,3 +439,28 @@ def test_a_slide_without_tissue_is_said_and_no_tissue_reads_every_tile(tmp_path)
         assert foreground_tiles(source, tiles)[0] == []
     kept, info = foreground_tiles(source, tiles, tissue=False)
     assert kept == tiles and info["tissue_fraction"] == 1.0
+
+
+def test_sixteen_bit_fluorescence_slides_are_scaled_once_per_slide(tmp_path):
+    """uint16 OME-TIFFs (most fluorescence scanners): the chosen channel is mapped to 8 bits by one
+    range for the whole slide (its thumbnail's percentiles, or --value-range), the same in every tile."""
+    import tifffile
+
+    from pipeline.grid import Span
+
+    rng = np.random.default_rng(1)
+    stack = rng.integers(100, 4000, (2, 800, 600), dtype=np.uint16)
+    path = tmp_path / "dapi-fitc.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as writer:
+        writer.write(stack, subifds=1, tile=(256, 256), metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        writer.write(stack[:, ::2, ::2], subfiletype=1, tile=(256, 256))
+    with pytest.warns(UserWarning, match="dapi-fitc.ome.tif: uint16 data scaled to 8 bits"):
+        source = open_image(path, bands=(2,), target_mpp=0.5)
+    (low, high), = set(source.value_range)
+    assert low == pytest.approx(np.percentile(stack[1], 0.5), rel=0.05) and high == pytest.approx(np.percentile(stack[1], 99.5), rel=0.05)
+    pixels, valid = source.read(Span(300, 556), Span(100, 356))
+    expected = np.clip((stack[1, 300:556, 100:356] - low) / (high - low) * 255, 0, 255).round()
+    assert valid.all() and all(np.abs(pixels[..., k] - expected).max() <= 1 for k in range(3))
+    source = open_image(path, bands=(1,), value_range=(0.0, 4080.0), target_mpp=0.5)
+    pixels, _ = source.read(Span(0, 100), Span(0, 100))
+    assert (pixels[..., 0] == np.round(stack[0, :100, :100] / 16)).all()
