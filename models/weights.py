@@ -45,6 +45,8 @@ def load_weights(model: nn.Module, path: str | Path, description: str) -> None:
     """Load ``path`` into ``model`` strictly; a mismatch names the file and the offending keys."""
     state = read_state_dict(path)
     expected = model.state_dict()
+    # BatchNorm's step counter, absent from FrozenBatchNorm checkpoints (torchvision's own): unused here
+    state.update({k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [

@@ -40,7 +40,8 @@ def test_dataset_stats_and_evaluate_through_the_cli(tmp_path):
                                  "--out", str(out), "--tile-size", "256", "--overlap", "32"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["class_agnostic"]  # the dataset's one class is not among the model's
+    assert report["class_agnostic"] and report["unmatched_classes"] == ["object"]  # not among the model's classes
+    assert "Classes ignored: the dataset's object" in (out / "report.md").read_text()
     assert report["summary"]["f1"] > 0.85 and report["coco"]["mask_ap50"] > 0.8
     assert (out / "report.md").read_text().startswith("# Evaluation") and (out / "pr_curve.png").stat().st_size > 0
 
@@ -89,10 +90,14 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
         (["train", "--resume", "--out", str(tmp_path / "m")], "checkpoint.pt not found (nothing to continue)"),
         (["train", "--out", str(tmp_path / "existing")], "existing: already holds a model; --resume continues it, --overwrite replaces it"),
         (["evaluate", "--calibrate", "--out", str(tmp_path / "r")], "--calibrate rewrites the model's card: give a model directory"),
+        (["train", "--pack-only", "--out", str(tmp_path / "existing")], "existing: already holds a model"),
     ]:
         result = runner.invoke(app, [command[0], *data, *command[1:]])
         assert result.exit_code == 2 and message in output(result), (command, result.output)
     assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
+    model_variant(tmp_path / "two-classes", "synthetic-shapes", classes=["a", "b"])  # weights of three
+    result = runner.invoke(app, ["evaluate", *data, "--model", str(tmp_path / "two-classes"), "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "weights do not fit maskrcnn_compact with 2 classes" in output(result), result.output
     images, labels = dataset(tmp_path / "blank", n=1)
     write_geotiff(np.zeros((600, 700, 1), np.uint16), labels / "scene0.tif")
     result = runner.invoke(app, ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
@@ -126,7 +131,7 @@ def test_train_resamples_to_the_resolution_asked_for(tmp_path):
     from models.training import load_pack
 
     def train(root, *extra):
-        images, labels = dataset(root, n=2, crs=crs)
+        images, labels = (root / "images", root / "labels") if root.exists() else dataset(root, n=2, crs=crs)
         return runner.invoke(app, ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
                                    "--out", str(root / "model"), "--val-every", "0", "--pack-only", *extra])
 
@@ -135,6 +140,7 @@ def test_train_resamples_to_the_resolution_asked_for(tmp_path):
     assert result.exit_code == 2 and "--resolution 1.0: scene0: no pixel size" in " ".join(result.output.split())
     crs = "EPSG:32631"  # 0.5 m pixels
     assert train(tmp_path / "native").exit_code == 0
+    assert train(tmp_path / "native").exit_code == 0  # a folder holding only a pack is packed again
     result = train(tmp_path / "coarse", "--resolution", "1.0")
     assert result.exit_code == 0, result.output
     card = load_card(tmp_path / "coarse" / "model")

@@ -68,6 +68,20 @@ def test_weights_round_trip_and_mismatches_are_explained(tmp_path):
         load_weights(model, tmp_path / "bad.safetensors", "compact")
 
 
+def test_torchvision_checkpoints_without_batch_norm_counters_load(tmp_path):
+    """torchvision's published Mask R-CNN weights use FrozenBatchNorm2d: no ``num_batches_tracked``."""
+    card = small_card(architecture="maskrcnn_resnet50_fpn")
+    state = {k: v for k, v in build_model(card).state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"model": state}, tmp_path / "coco.pth")
+    model = build_model(card)
+    load_weights(model, tmp_path / "coco.pth", "resnet50")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    del state["backbone.body.conv1.weight"]
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(ModelWeightsError, match="1 missing keys .e.g. backbone.body.conv1.weight"):
+        load_weights(model, tmp_path / "short.pth", "resnet50")
+
+
 class Payload:
     def __reduce__(self):
         return (print, ("arbitrary code ran",))

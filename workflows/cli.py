@@ -272,7 +272,8 @@ def train(
     _check_output_dir(out)
     if resume and not (out / "checkpoint.pt").is_file():
         _fail(f"--resume: {out / 'checkpoint.pt'} not found (nothing to continue)")
-    if (out / "model.yaml").is_file() and not (resume or overwrite or pack_only):
+    only_a_pack = (out / "train-pack.npz").is_file() and not (out / "weights.safetensors").is_file()
+    if (out / "model.yaml").is_file() and not (resume or overwrite or (pack_only and only_a_pack)):
         _fail(f"{out}: already holds a model; --resume continues it, --overwrite replaces it, or choose a new --out")
     samples = _load(fmt, images, annotations, class_name, class_field)
     if resolution is not None:
@@ -342,6 +343,7 @@ def evaluate(
     flips: FlipsOption = None,
 ) -> None:
     """Run the full pipeline on whole annotated images and score it (mAP, F1, PQ, AJI, counts)."""
+    from models.weights import ModelWeightsError
     from workflows.evaluate import evaluate as run_evaluation
 
     try:
@@ -358,7 +360,10 @@ def evaluate(
         if unknown := wanted - {s.name for s in samples}:
             _fail(f"--only: {', '.join(sorted(unknown))} not among the dataset's images ({', '.join(s.name for s in samples[:5])}{', …' if len(samples) > 5 else ''})")
         samples = [s for s in samples if s.name in wanted]
-    report = run_evaluation(samples, model_dir, card, out, tiling)
+    try:
+        report = run_evaluation(samples, model_dir, card, out, tiling)
+    except ModelWeightsError as err:  # evaluate runs in this process: the loader's own error
+        _fail(str(err))
     console.print(f"F1@0.5 {report['summary']['f1']:.3f}  PQ {report['summary']['pq']:.3f}  AJI {report['summary']['aji']:.3f}  "
                   f"mask mAP {report['coco']['mask_map']:.3f}  → {out / 'report.md'}")
     best = report["calibration"]

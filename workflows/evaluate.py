@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import dask
@@ -105,6 +106,12 @@ def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, ou
     out.mkdir(parents=True, exist_ok=True)
     names = samples[0].class_names if samples else []
     agnostic = not set(names) <= set(card.classes)
+    unmatched = [n for n in names if n not in card.classes]
+    if agnostic:
+        warnings.warn(
+            f"dataset class(es) {', '.join(unmatched)} not among the model's ({', '.join(card.classes)}; names must match "
+            "exactly, letter case included): scored class-agnostically", stacklevel=2,
+        )
     model_class = [0] * len(names) if agnostic else [card.classes.index(n) for n in names]
     class_names = ["instance"] if agnostic else card.classes
     gpkgs = segment_samples(samples, model_dir, card, out / "predictions", tiling)
@@ -123,6 +130,7 @@ def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, ou
     report = {
         "model": card.name,
         "class_agnostic": agnostic,
+        "unmatched_classes": unmatched,
         "images": [s.name for s in samples],
         "tiling": {"tile_size": tiling.tile_size, "overlap": tiling.overlap},
         "summary": metrics.summarise(per_image),
@@ -147,6 +155,8 @@ def markdown_report(report: dict) -> str:
         f"{len(report['images'])} images, whole-image pipeline (tile {report['tiling']['tile_size']}, "
         f"overlap {report['tiling']['overlap']}, seam merge).",
         "",
+        *([f"Classes ignored: the dataset's {', '.join(report['unmatched_classes'])} are not among the model's classes, "
+           "so every instance is scored as one class.", ""] if report["class_agnostic"] else []),
         "| metric | value |",
         "|---|---|",
     ]
