@@ -271,6 +271,8 @@ def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "objec
     labels, _ = ndimage.label(foreground, structure=EIGHT_CONNECTED)
     small = np.bincount(labels.ravel()) < min_area
     small[0] = False
+    if small.any():
+        warnings.warn(f"{Path(mask_path).name}: {int(small.sum())} component(s) under {min_area} px ignored", stacklevel=3)
     labels[small[labels]] = 0
     return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_size(source))
 
@@ -282,7 +284,18 @@ def read_coco(json_path: Path, image_dir: Path) -> list[AnnotatedImage]:
     """
     json_path = Path(json_path)
     images, per_image, class_of, names = _load_coco(json_path)
-    return [_coco_sample(entry, per_image[entry["id"]], class_of, names, Path(image_dir), json_path) for entry in images]
+    stems = Counter(Path(e["file_name"]).stem for e in images)
+    return [
+        _coco_sample(entry, _coco_name(entry["file_name"], stems), per_image[entry["id"]], class_of, names, Path(image_dir), json_path)
+        for entry in images
+    ]
+
+
+def _coco_name(file_name: str, stems: Counter) -> str:
+    """An image's name (in split.json, --only, reports): its stem, or where another image in
+    another folder has the same stem, its path without the suffix (``siteA/tile_0001``)."""
+    path = Path(file_name)
+    return path.stem if stems[path.stem] == 1 else path.with_suffix("").as_posix().lstrip("/")
 
 
 def _load_coco(path: Path) -> tuple[list[dict], dict, dict, list[str]]:
@@ -309,27 +322,43 @@ def _load_coco(path: Path) -> tuple[list[dict], dict, dict, list[str]]:
     return images, per_image, {c["id"]: k for k, c in enumerate(categories)}, names
 
 
-def _coco_sample(entry: dict, annotations: list[dict], class_of: dict, names: list[str], image_dir: Path,
+def _coco_sample(entry: dict, name: str, annotations: list[dict], class_of: dict, names: list[str], image_dir: Path,
                  json_path: Path) -> AnnotatedImage:
     """One COCO image entry and its annotations, painted on the image's own size."""
     image, source = _read_image(image_dir / entry["file_name"])
     height, width = image.shape[:2]
     if (entry.get("height", height), entry.get("width", width)) != (height, width):
         raise AnnotationError(f"{json_path}: image {entry['file_name']} is listed as {entry.get('width')}×{entry.get('height')} px but is {width}×{height}")
+    classes, rles, boxes = [], [], 0
+    for annotation in annotations:
+        where = f"{json_path}: annotation {annotation.get('id', '(no id)')} of {entry['file_name']}"
+        if annotation.get("category_id") not in class_of:
+            raise AnnotationError(f"{where}: category_id {annotation.get('category_id')!r} is not among the categories")
+        if not annotation.get("segmentation"):  # a box alone (CVAT's rectangles)
+            boxes += 1
+            continue
+        try:
+            rles.append(_coco_rle(annotation["segmentation"], height, width))
+        except (ValueError, TypeError, KeyError) as err:
+            raise AnnotationError(f"{where}: segmentation is malformed ({err!r})") from err
+        classes.append(class_of[annotation["category_id"]])
+    if boxes:
+        warnings.warn(f"{json_path}: {entry['file_name']}: {boxes} annotation(s) without a segmentation (a box alone) "
+                      "ignored: Mask R-CNN learns and is scored on masks", stacklevel=3)
     try:
-        classes = [class_of[a["category_id"]] for a in annotations]
-        rles = [_coco_rle(a["segmentation"], height, width) for a in annotations]
         labels = _paint_rles(rles, (height, width))  # decoding finds malformed RLE counts
-    except KeyError as err:
-        raise AnnotationError(f"{json_path}: an annotation of {entry['file_name']} has no or an unknown {err}") from err
     except (ValueError, TypeError) as err:
         raise AnnotationError(f"{json_path}: a segmentation of {entry['file_name']} is malformed ({err})") from err
-    return _sample(Path(entry["file_name"]).stem, image, labels, names, _pixel_size(source), classes)
+    return _sample(name, image, labels, names, _pixel_size(source), classes)
 
 
 def _coco_rle(segmentation, height: int, width: int) -> dict | None:
     """Compressed RLE of a COCO segmentation; None for polygons with no ring of >= 3 points."""
     if isinstance(segmentation, list):
+        if all(isinstance(v, (int, float)) for v in segmentation):  # one ring written flat, as some tools do
+            segmentation = [segmentation]
+        if any(len(ring) % 2 for ring in segmentation):
+            raise ValueError("a polygon has an odd number of coordinates")
         rings = [ring for ring in segmentation if len(ring) >= 6]  # 4 numbers would be read as a box
         return mask_utils.merge(mask_utils.frPyObjects(rings, height, width)) if rings else None
     if list(segmentation["size"]) != [height, width]:

@@ -137,8 +137,16 @@ def test_coco_polygons_rle_and_crowd(tmp_path):
 
 
 def test_coco_errors(tmp_path):
-    with pytest.raises(AnnotationError, match="coco.json.*unknown"):
+    with pytest.raises(AnnotationError, match="coco.json: annotation 1 of a.tif: category_id 7 is not among the categories"):
         read_coco(coco_file(tmp_path, [{"category_id": 7, "segmentation": [[1, 1, 9, 1, 9, 9]]}]), tmp_path)
+    with pytest.raises(AnnotationError, match="annotation 2 of a.tif: segmentation is malformed .*odd number of coordinates"):
+        read_coco(coco_file(tmp_path, [{"category_id": 1, "segmentation": [[1, 1, 9, 1, 9, 9]]},
+                                       {"category_id": 1, "segmentation": [[1, 1, 9, 1, 9, 9, 4]]}]), tmp_path)
+    boxes = [{"category_id": 1, "segmentation": [], "bbox": [1, 1, 5, 5]}, {"category_id": 1, "bbox": [9, 9, 5, 5]},
+             {"category_id": 3, "segmentation": [1, 1, 9, 1, 9, 9]}]  # the last: one ring written flat
+    with pytest.warns(UserWarning, match="a.tif: 2 annotation.s. without a segmentation .a box alone. ignored"):
+        a, _ = read_coco(coco_file(tmp_path, boxes), tmp_path)
+    assert a.labels.max() == 1 and a.class_names[a.classes[0]] == "tree"
     wrong_size = [{"id": 1, "file_name": "a.tif", "height": 30, "width": W}]
     with pytest.raises(AnnotationError, match="a.tif.*listed as"):
         read_coco(coco_file(tmp_path, [], images=wrong_size), tmp_path)
@@ -163,6 +171,24 @@ def test_coco_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- vector
+
+
+def test_coco_images_of_one_name_in_two_folders_keep_apart(tmp_path):
+    """CVAT / Labelbox exports put tasks in folders with repeated file names: the names that
+    identify images (split.json, --only, reports) are then their paths."""
+    for folder in ("siteA", "siteB"):
+        (tmp_path / folder).mkdir()
+        image_file(tmp_path / folder, "tile.tif")
+    image_file(tmp_path, "other.tif")
+    coco = {
+        "images": [{"id": 1, "file_name": "siteA/tile.tif"}, {"id": 2, "file_name": "siteB/tile.tif"}, {"id": 3, "file_name": "other.tif"}],
+        "categories": [{"id": 1, "name": "house"}],
+        "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "segmentation": [[2, 2, 12, 2, 12, 12]]}],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    samples = read_coco(tmp_path / "coco.json", tmp_path)
+    assert [s.name for s in samples] == ["siteA/tile", "siteB/tile", "other"]
+    assert [int(s.labels.max()) for s in samples] == [0, 1, 0]
 
 
 def test_vector_in_another_crs_lands_on_the_raster_grid(tmp_path):
@@ -225,7 +251,8 @@ def test_binary_mask_components(tmp_path):
     mask[20:30, 20:25] = 255
     mask[30:35, 25:30] = 255  # touches the previous blob only at a corner: 8-connected, merged
     mask[35:37, 40:42] = 255  # 4 px: dropped
-    sample = read_binary_mask(image, write_geotiff(mask, tmp_path / "m.tif", crs=None), min_area=10)
+    with pytest.warns(UserWarning, match="m.tif: 1 component.s. under 10 px ignored"):
+        sample = read_binary_mask(image, write_geotiff(mask, tmp_path / "m.tif", crs=None), min_area=10)
     assert_well_formed(sample)
     assert areas(sample) == [64, 75] and sample.resolution is None
     assert read_binary_mask(image, tmp_path / "m.tif", min_area=1).labels.max() == 3

@@ -46,6 +46,7 @@ def segment_samples(samples: list[AnnotatedImage], model_dir: Path, card: ModelC
             pixels = pixels_at_resolution(sample, card.resolution)
         height, width = sample.labels.shape
         transform = Affine.scale(width / pixels.shape[1], height / pixels.shape[0])
+        (work / sample.name).parent.mkdir(parents=True, exist_ok=True)  # a name may be a path (COCO's folders)
         image_path = write_geotiff(pixels, work / f"{sample.name}.tif", crs=None, transform=transform)
         graphs.append(image_graph(open_raster(image_path), str(model_dir), card.classes, work / sample.name, tiling))
     dask.compute([g.result for g in graphs], scheduler="sync")
