@@ -61,6 +61,7 @@ class AnnotatedImage:
     class_names: list[str]
     resolution: float | None = None
     resolution_unit: str | None = None  # "um" or "m"
+    ignore: np.ndarray | None = None  # where detections are neither right nor wrong (COCO's crowd regions)
 
 
 # ---------------------------------------------------------------- files
@@ -116,8 +117,11 @@ def at_resolution(sample: AnnotatedImage, resolution: float) -> AnnotatedImage:
     if shape is None:
         return sample
     labels = _gdal_resize(sample.labels[None], shape, Resampling.nearest)[0]
-    return _sample(sample.name, pixels_at_resolution(sample, resolution), labels, sample.class_names, resolution,
-                   sample.classes, sample.resolution_unit)
+    resampled = _sample(sample.name, pixels_at_resolution(sample, resolution), labels, sample.class_names, resolution,
+                        sample.classes, sample.resolution_unit)
+    if sample.ignore is None:
+        return resampled
+    return replace(resampled, ignore=_gdal_resize(sample.ignore[None].astype(np.uint8), shape, Resampling.nearest)[0] > 0)
 
 
 def pixels_at_resolution(sample: AnnotatedImage, resolution: float) -> np.ndarray:
@@ -278,7 +282,8 @@ def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "objec
 
 
 def read_coco(json_path: Path, image_dir: Path) -> list[AnnotatedImage]:
-    """COCO instances (polygons, RLE or uncompressed RLE); crowd regions skipped.
+    """COCO instances (polygons, RLE or uncompressed RLE); crowd regions (``iscrowd``) become the
+    sample's ``ignore`` mask: not instances, and detections on them are not scored.
 
     ``class_names`` are the categories in id order. Images are ``image_dir / file_name``.
     """
@@ -291,6 +296,18 @@ def read_coco(json_path: Path, image_dir: Path) -> list[AnnotatedImage]:
     ]
 
 
+def _crowd_mask(sample: AnnotatedImage, crowds: list[dict], json_path: Path) -> AnnotatedImage:
+    """``sample`` with its crowd regions as the ``ignore`` mask."""
+    if not crowds:
+        return sample
+    height, width = sample.labels.shape
+    try:
+        ignore = _paint_rles([_coco_rle(a["segmentation"], height, width) for a in crowds], (height, width)) > 0
+    except (ValueError, TypeError, KeyError) as err:
+        raise AnnotationError(f"{json_path}: a crowd region of {sample.name} is malformed ({err!r})") from err
+    return replace(sample, ignore=ignore)
+
+
 def _coco_name(file_name: str, stems: Counter) -> str:
     """An image's name (in split.json, --only, reports): its stem, or where another image in
     another folder has the same stem, its path without the suffix (``siteA/tile_0001``)."""
@@ -299,7 +316,7 @@ def _coco_name(file_name: str, stems: Counter) -> str:
 
 
 def _load_coco(path: Path) -> tuple[list[dict], dict, dict, list[str]]:
-    """(image entries, non-crowd annotations per image id, class index per category id, class names)."""
+    """(image entries, annotations per image id, class index per category id, class names)."""
     _require_file(path)
     try:
         coco = json.loads(path.read_text())
@@ -309,8 +326,7 @@ def _load_coco(path: Path) -> tuple[list[dict], dict, dict, list[str]]:
         names = [str(c["name"]) for c in categories]
         per_image = defaultdict(list)
         for annotation in coco["annotations"]:
-            if not annotation.get("iscrowd", 0):
-                per_image[annotation["image_id"]].append(annotation)
+            per_image[annotation["image_id"]].append(annotation)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise AnnotationError(f"{path}: not a COCO instances file ({err!r})") from err
     for what, values in (("category name", names), ("image file_name", [e["file_name"] for e in images])):
@@ -329,8 +345,9 @@ def _coco_sample(entry: dict, name: str, annotations: list[dict], class_of: dict
     height, width = image.shape[:2]
     if (entry.get("height", height), entry.get("width", width)) != (height, width):
         raise AnnotationError(f"{json_path}: image {entry['file_name']} is listed as {entry.get('width')}×{entry.get('height')} px but is {width}×{height}")
+    crowds = [a for a in annotations if a.get("iscrowd", 0)]
     classes, rles, boxes = [], [], 0
-    for annotation in annotations:
+    for annotation in (a for a in annotations if not a.get("iscrowd", 0)):
         where = f"{json_path}: annotation {annotation.get('id', '(no id)')} of {entry['file_name']}"
         if annotation.get("category_id") not in class_of:
             raise AnnotationError(f"{where}: category_id {annotation.get('category_id')!r} is not among the categories")
@@ -349,7 +366,7 @@ def _coco_sample(entry: dict, name: str, annotations: list[dict], class_of: dict
         labels = _paint_rles(rles, (height, width))  # decoding finds malformed RLE counts
     except (ValueError, TypeError) as err:
         raise AnnotationError(f"{json_path}: a segmentation of {entry['file_name']} is malformed ({err})") from err
-    return _sample(name, image, labels, names, _pixel_size(source), classes)
+    return _crowd_mask(_sample(name, image, labels, names, _pixel_size(source), classes), crowds, json_path)
 
 
 def _coco_rle(segmentation, height: int, width: int) -> dict | None:

@@ -103,6 +103,10 @@ def uncompressed_rle_of(mask):
     return {"size": list(mask.shape), "counts": (np.r_[0, runs] if flat[0] else runs).tolist()}
 
 
+def rle_area(polygon) -> int:
+    return int(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(polygon, H, W))))
+
+
 def coco_file(tmp_path, annotations, images=None):
     image_file(tmp_path, "a.tif")
     image_file(tmp_path, "b.tif")
@@ -134,6 +138,8 @@ def test_coco_polygons_rle_and_crowd(tmp_path):
     pixels = {(a.class_names[c], int((a.labels == i + 1).sum())) for i, c in enumerate(a.classes)}
     assert pixels == {("tree", 100 - 12), ("house", 50), ("house", 12)}
     assert (a.labels[30:35, 5:15] == a.labels[30, 5]).all()
+    assert a.ignore is not None and b.ignore is None  # the crowd region: neither an instance nor background
+    assert a.ignore.sum() == rle_area([[0, 0, 5, 0, 5, 5]]) and a.ignore[1, 3] and not a.ignore[20:].any()
 
 
 def test_coco_errors(tmp_path):

@@ -314,3 +314,20 @@ def test_report_json_has_null_where_a_metric_is_undefined():
 
     report = {"coco": {"mask_map": np.float64("nan")}, "per_image": [{"count_error": float("inf"), "f1": 0.5}], "n": 3}
     assert _finite_or_null(report) == {"coco": {"mask_map": None}, "per_image": [{"count_error": None, "f1": 0.5}], "n": 3}
+
+
+def test_detections_on_crowd_regions_are_not_scored():
+    """COCO's crowd regions: a prediction half or more inside one is dropped before scoring; the
+    others, and predictions hidden under others (no pixel), stay."""
+    from workflows.evaluate import without_ignored
+
+    pred = np.zeros((20, 20), np.int32)
+    pred[0:4, 0:4] = 1  # all inside the crowd region
+    pred[0:4, 8:12] = 2  # half inside
+    pred[10:14, 10:14] = 3  # outside
+    ignore = np.zeros((20, 20), bool)
+    ignore[0:6, 0:10] = True
+    scores, classes = {1: 0.9, 2: 0.8, 3: 0.7, 4: 0.6}, {1: 0, 2: 1, 3: 0, 4: 1}
+    kept, kept_scores, kept_classes = without_ignored(pred, scores, classes, ignore)
+    assert set(np.unique(kept)) == {0, 3} and kept_scores == {3: 0.7, 4: 0.6} and kept_classes == {3: 0, 4: 1}
+    assert without_ignored(pred, scores, classes, None)[0] is pred

@@ -282,6 +282,9 @@ def train(
         except AnnotationError as err:
             _fail(f"--resolution {resolution}: {err}")
     training, held_out = split(samples, val_every)
+    if crowded := [s.name for s in training if s.ignore is not None]:
+        console.print(f"[yellow]warning:[/yellow] {len(crowded)} training image(s) have crowd regions (iscrowd): "
+                      "training sees them as background; evaluate does not score detections on them")
     if not training:
         _fail(f"--val-every {val_every} holds out all {len(samples)} image(s): none is left to train on (use 0 to hold out none)")
     if not any(s.labels.any() for s in training):

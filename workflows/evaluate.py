@@ -35,6 +35,20 @@ def predicted_labels(gpkg: Path, height: int, width: int) -> tuple[np.ndarray, d
     return labels, scores, classes
 
 
+def without_ignored(pred: np.ndarray, scores: dict, classes: dict, ignore: np.ndarray | None, share: float = 0.5):
+    """Predictions less than ``share`` of whose pixels lie in ``ignore`` (COCO's rule for crowd
+    regions: a detection on one is neither a true nor a false positive)."""
+    if ignore is None or not pred.any():
+        return pred, scores, classes
+    inside = np.bincount(pred[ignore], minlength=pred.max() + 1)
+    total = np.maximum(np.bincount(pred.ravel(), minlength=pred.max() + 1), 1)
+    dropped = inside / total >= share
+    dropped[0] = False
+    pred = np.where(dropped[pred], 0, pred)
+    gone = set(np.flatnonzero(dropped).tolist())
+    return pred, {k: v for k, v in scores.items() if k not in gone}, {k: v for k, v in classes.items() if k not in gone}
+
+
 def segment_samples(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, work: Path, tiling: Tiling) -> list[Path]:
     """Run the pipeline on each sample's pixels (written as 8-bit images, so scaling is identical),
     resampled to the model's resolution when both are known; polygons come back in the sample's pixels."""
@@ -118,7 +132,7 @@ def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, ou
     gpkgs = segment_samples(samples, model_dir, card, out / "predictions", tiling)
     per_image, coco_inputs, curves, total_true = [], [], [], 0
     for sample, gpkg in zip(samples, gpkgs):
-        pred, scores, classes = predicted_labels(gpkg, *sample.labels.shape)
+        pred, scores, classes = without_ignored(*predicted_labels(gpkg, *sample.labels.shape), sample.ignore)
         true_classes = {i + 1: model_class[c] for i, c in enumerate(sample.classes)}
         if agnostic:
             classes, true_classes = {k: 0 for k in classes}, {k: 0 for k in true_classes}
