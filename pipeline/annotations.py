@@ -27,6 +27,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import psutil
 import rasterio
 import shapely
 from affine import Affine
@@ -44,6 +45,7 @@ from pipeline.sources import (
 )
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
+ANNOTATED_BYTES_PER_PIXEL = 40  # pixels, labels and their working copies while an annotated image is read
 
 
 class AnnotationError(ValueError):
@@ -82,10 +84,23 @@ def _read_image(path: Path) -> tuple[np.ndarray, RasterSource]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*scaled to 8 bits")
             source = open_raster(path)
+        _check_fits_in_memory(path, source.height, source.width)
         pixels, _ = read_window(source, Span(0, source.height), Span(0, source.width))
     except SourceError as err:
         raise AnnotationError(str(err)) from err
     return pixels, source
+
+
+def _check_fits_in_memory(path: Path, height: int, width: int) -> None:
+    """Annotated images are read whole, with their labels (~40 bytes per pixel measured in
+    ``dataset stats``, ``train`` and ``evaluate``): one that would take over half the free memory is
+    refused before it is read, not killed by the kernel part way."""
+    need, free = height * width * ANNOTATED_BYTES_PER_PIXEL, psutil.virtual_memory().available
+    if need > free / 2:
+        raise AnnotationError(
+            f"{path}: {width}×{height} px; annotated images are read whole (~{need / 2**30:.1f} GiB with their labels) "
+            f"and {free / 2**30:.1f} GiB is free: cut it into tiles first (e.g. gdal_retile.py)"
+        )
 
 
 def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:

@@ -423,3 +423,13 @@ def test_resampled_samples_match_the_pipelines_resampled_reads(tmp_path):
     unreferenced = read_binary_mask(image_file(tmp_path), write_geotiff(np.zeros((H, W, 1), np.uint8), tmp_path / "m.tif", crs=None))
     with pytest.raises(AnnotationError, match="img: no pixel size"):
         at_resolution(unreferenced, 1.0)
+
+
+def test_an_annotated_image_too_big_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    import psutil
+
+    path = image_file(tmp_path, "big.tif", h=300, w=400)
+    free = type("Memory", (), {"available": 300 * 400 * 40})  # twice what it needs would be 9.6 MB
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    with pytest.raises(AnnotationError, match=r"big.tif: 400×300 px; annotated images are read whole .* cut it into tiles"):
+        read_binary_mask(path, path)
