@@ -168,6 +168,11 @@ def train(
         optimiser.load_state_dict(state["optimiser"])
         step, spent = int(state["step"]), float(state["seconds"])
         log = _read_log(out_dir / "training_log.csv")
+        if spent >= minutes * 60 and not max_steps:
+            raise ValueError(
+                f"{checkpoint}: its run already trained {spent / 60:.1f} of the {minutes:g} minutes asked for; "
+                "give a larger --minutes to continue"
+            )
     loader = DataLoader(crops, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     budget, start, warmup = minutes * 60, time.time() - spent, 200
     saved = time.time()

@@ -119,6 +119,10 @@ def test_train_command_writes_a_loadable_model_and_its_split(tmp_path):
     segmenter = Segmenter(out, device="cpu")
     assert segmenter.card.classes == ["object"] and segmenter.card.tile_size == 128
     assert (out / "training_log.csv").is_file() and (out / "checkpoint.pt").is_file()
+    result = runner.invoke(app, ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
+                                 "--out", str(out), "--tile-size", "128", "--minutes", "0.15", "--batch-size", "2",
+                                 "--workers", "0", "--val-every", "3", "--device", "cpu", "--resume"])
+    assert result.exit_code == 2 and "give a larger --minutes to continue" in " ".join(result.output.split())
     before = (out / "split.json").read_text()
     result = runner.invoke(app, ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels),
                                  "--out", str(out), "--tile-size", "128", "--val-every", "2", "--resume"])
