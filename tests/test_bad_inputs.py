@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import tifffile
 
 from models.registry import resolve_model_dir
 from pipeline.synthetic_raster import write_geotiff, write_scene
@@ -30,6 +31,12 @@ def corpus(folder: Path) -> dict[str, str | None]:
     tall = (folder / "tall.tif").read_bytes()
     (folder / "tall.tif").unlink()
     (folder / "truncated-tiles.tif").write_bytes(tall[: len(tall) * 9 // 10])  # its top bands merge, its last do not read
+    (folder / "corrupt-tile.tif").write_bytes(tall)
+    with tifffile.TiffFile(folder / "corrupt-tile.tif") as tif:  # one block halfway down: garbage
+        offset, size = tif.pages[0].dataoffsets[10], tif.pages[0].databytecounts[10]
+    with open(folder / "corrupt-tile.tif", "r+b") as file:
+        file.seek(offset)
+        file.write(b"\xff" * size)
     (folder / "notes.tif").write_text("not an image at all\n")
     (folder / "photo.png.tif").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)  # wrong extension, broken PNG
     write_geotiff(rng.integers(0, 255, (300, 300, 2), dtype=np.uint8), folder / "two-band.tif")
@@ -46,7 +53,7 @@ def corpus(folder: Path) -> dict[str, str | None]:
     (folder / "a-folder.tif").mkdir()
     return {
         "good.tif": None, "zero.tif": "empty file", "truncated.tif": "", "notes.tif": "not a readable raster",
-        "truncated-tiles.tif": "read failed at rows",
+        "truncated-tiles.tif": "read failed at rows", "corrupt-tile.tif": "read failed at rows",
         "photo.png.tif": "not a readable raster", "two-band.tif": "2 colour bands", "one-band.tif": None,
         "four-band.tif": None, "sixteen-band.tif": None, "uint16.tif": None, "float-nan.tif": None,
         "all-nodata.tif": None, "smaller-than-a-tile.tif": None, "no-crs.tif": None,

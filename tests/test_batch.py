@@ -450,8 +450,8 @@ def test_a_failing_image_stops_its_other_batches(tmp_path):
     write_scene(tmp_path / "bad.tif", seed=80, height=1536, width=1536)
     write_scene(tmp_path / "good.tif", seed=81, height=300, width=300)
     with tifffile.TiffFile(tmp_path / "bad.tif") as tif:
-        offset, size = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
-    with open(tmp_path / "bad.tif", "r+b") as file:  # the top-left tile's deflate stream: garbage
+        offset, size = tif.pages[0].dataoffsets[20], tif.pages[0].databytecounts[20]
+    with open(tmp_path / "bad.tif", "r+b") as file:  # a tile in the fourth row of blocks: garbage
         file.seek(offset)
         file.write(b"\xff" * size)
     done = []
@@ -462,4 +462,4 @@ def test_a_failing_image_stops_its_other_batches(tmp_path):
                             tmp_path / "out", Tiling(256, 32, 2), show_progress=False, events=events)
     assert list(report.failed) == [str(tmp_path / "bad.tif")] and "bad.tif" in report.failed[str(tmp_path / "bad.tif")]
     assert list(report.done) == [str(tmp_path / "good.tif")] and done.count("good.tif") >= 1
-    assert done.count("bad.tif") <= 4, done  # of its 25 batches
+    assert done.count("bad.tif") <= 16, done  # of its 25 batches: those above the bad tile, and one or two more

@@ -124,7 +124,8 @@ def run_images(
     with progress:
         tiles_task = progress.add_task("tile batches", total=len(batch_futures))
         images_task = progress.add_task("images", total=len(result_futures))
-        for future in as_completed(batch_futures + result_futures):
+        completed = as_completed(batch_futures + result_futures)
+        for future in completed:
             if future.key in image_of:
                 name = image_of[future.key]
                 if future.status == "finished":
@@ -136,7 +137,9 @@ def run_images(
                     cause = str(error) if named else f"{name}: {type(error).__name__}: {error}"
                     report.failed[name] = " ".join(cause.split())
                     events.failed(name, report.failed[name])
-                    client.cancel([f for f, owner in zip(batch_futures, owners) if owner == name and not f.done()])
+                    unfinished = [f for f, owner in zip(batch_futures, owners) if owner == name and not f.done()]
+                    _drop(completed, unfinished)
+                    progress.advance(tiles_task, len(unfinished))
                 progress.advance(images_task)
             else:
                 if future.status == "finished":
@@ -150,6 +153,17 @@ def run_images(
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
     return report
+
+
+def _drop(completed: as_completed, futures: list) -> None:
+    """Stop waiting for ``futures`` and release them: the scheduler drops those not yet running.
+    (Not ``client.cancel``: cancelling a task whose dependents the client does not hold, as a
+    batch's merge, fails an assertion in the scheduler and loses the client's other futures.)"""
+    with completed.lock:
+        for future in futures:
+            completed.futures.pop(future, None)
+    for future in futures:
+        future.release()
 
 
 def resume_folder(out_dir: Path, image: Path, source, model_dir: Path, tiling: Tiling) -> Path:
