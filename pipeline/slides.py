@@ -38,7 +38,7 @@ MAX_MICROSCOPE_MPP = 10.0  # coarser resolution tags are a default DPI, not a mi
 READ_ERRORS = (
     openslide.OpenSlideError, tifffile.TiffFileError, OSError, ValueError, KeyError, RuntimeError, zlib.error, ImportError,
 )
-TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".ome"}
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
 GEOTIFF_TAGS = {33550, 33922, 34264, 34735}
 UM_PER_UNIT = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -56,9 +56,18 @@ def _openslide_format(path: str | Path) -> str | None:
     return None if found in (None, "generic-tiff") else found
 
 
+def _is_tiff(path: str | Path) -> bool:
+    """A TIFF by its first bytes, whatever its name says (a TIFF renamed .ndpi or .svs is one)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) in TIFF_MAGIC
+    except OSError:
+        return False
+
+
 def is_pyramidal_tiff(path: str | Path) -> bool:
     """An OME-TIFF, or a TIFF with a pyramid (SubIFDs or reduced pages) and no georeferencing."""
-    if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+    if not _is_tiff(path):
         return False
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # a broken file is reported by its reader
     try:
@@ -75,7 +84,7 @@ def is_microscopy_tiff(path: str | Path, mpp_given: bool = False) -> bool:
     """A single-level 8-bit TIFF without georeferencing whose resolution tags give a microscope's
     pixel size (≤ 10 µm; 72 or 300 dpi are not), or for which ``--mpp`` is given: a region or TMA
     core exported from a slide, read like a slide (its µm per pixel honoured)."""
-    if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+    if not _is_tiff(path):
         return False
     try:
         with tifffile.TiffFile(path) as tif:
@@ -288,7 +297,13 @@ def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
     if tif.is_ome:
         pixels = ElementTree.fromstring(tif.ome_metadata).find(".//{*}Pixels")
         if pixels is not None and pixels.get("PhysicalSizeX"):
-            return float(pixels.get("PhysicalSizeX")) * UM_PER_UNIT.get(pixels.get("PhysicalSizeXUnit", "µm"), 1.0)
+            x, y = (
+                float(pixels.get(f"PhysicalSize{a}", pixels.get("PhysicalSizeX"))) * UM_PER_UNIT.get(pixels.get(f"PhysicalSize{a}Unit", "µm"), 1.0)
+                for a in "XY"
+            )
+            if abs(y / x - 1) > 0.05:
+                warnings.warn(f"{tif.filehandle.path}: pixels are {x:g} × {y:g} µm; read as {x:g} µm square", stacklevel=3)
+            return x
     tags = tif.pages.first.tags
     if "XResolution" in tags and "ResolutionUnit" in tags:
         numerator, denominator = tags["XResolution"].value

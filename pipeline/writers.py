@@ -84,6 +84,9 @@ def write_part(detections: Detections, first_id: int, source: RasterSource, clas
     return path
 
 
+QUPATH_IDS = uuid.UUID("5e4a11ce-5ea1-4e00-9000-000000000000")  # namespace of detections' UUIDs (QuPath drops other ids)
+
+
 def _qupath_features(batch: pa.RecordBatch, mpp: float) -> str:
     """GeoJSON features QuPath imports as detections (level-0 pixel coordinates), comma-joined."""
     columns = batch.to_pydict()
@@ -92,7 +95,7 @@ def _qupath_features(batch: pa.RecordBatch, mpp: float) -> str:
     for k, polygon in enumerate(geometry):
         features.append(json.dumps({
             "type": "Feature",
-            "id": f"{columns['image_id'][k]}-{columns['instance_id'][k]}",
+            "id": str(uuid.uuid5(QUPATH_IDS, f"{columns['image_id'][k]}/{columns['instance_id'][k]}")),
             "geometry": shapely.geometry.mapping(polygon),
             "properties": {
                 "objectType": "detection",
@@ -101,6 +104,7 @@ def _qupath_features(batch: pa.RecordBatch, mpp: float) -> str:
                     "Area µm^2": float(columns["area_um2"][k]),
                     "Perimeter µm": float(polygon.length * mpp),
                     "Score": float(columns["score"][k]),
+                    "Instance id": float(columns["instance_id"][k]),  # the GeoPackage row: QuPath keeps numbers
                 },
             },
         }))

@@ -1,4 +1,5 @@
 import json
+import uuid
 
 import dask
 import geopandas as gpd
@@ -52,7 +53,9 @@ def test_real_svs_slide_end_to_end_in_level0_pixels_with_qupath_export(shared_da
     assert len(geojson["features"]) == len(frame)
     first = geojson["features"][0]["properties"]
     assert first["objectType"] == "detection" and first["classification"]["name"] == "nucleus"
-    assert {"Area µm^2", "Perimeter µm", "Score"} <= set(first["measurements"])
+    assert {"Area µm^2", "Perimeter µm", "Score", "Instance id"} <= set(first["measurements"])
+    ids = [uuid.UUID(f["id"]) for f in geojson["features"]]  # QuPath keeps UUIDs only
+    assert len(set(ids)) == len(ids) and sorted(f["properties"]["measurements"]["Instance id"] for f in geojson["features"]) == sorted(frame["instance_id"])
 
 
 def test_unreadable_slide_is_named(tmp_path):
@@ -464,3 +467,14 @@ def test_sixteen_bit_fluorescence_slides_are_scaled_once_per_slide(tmp_path):
     source = open_image(path, bands=(1,), value_range=(0.0, 4080.0), target_mpp=0.5)
     pixels, _ = source.read(Span(0, 100), Span(0, 100))
     assert (pixels[..., 0] == np.round(stack[0, :100, :100] / 16)).all()
+
+
+def test_non_square_pixels_and_tiffs_by_content_are_said(tmp_path):
+    import tifffile
+
+    path = tmp_path / "scan.qptiff"  # a TIFF by its bytes (Akoya's suffix), not by its name
+    tifffile.imwrite(path, np.zeros((300, 300, 3), np.uint8), ome=True, photometric="rgb",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5})
+    with pytest.warns(UserWarning, match=r"scan.qptiff: pixels are 0.25 × 0.5 µm; read as 0.25 µm square"):
+        source = open_image(path, target_mpp=0.25)
+    assert source.backend == "tifffile" and source.mpp == 0.25
