@@ -28,7 +28,8 @@ from PIL import Image
 from pipeline.grid import Span
 from pipeline.handles import open_cached
 from pipeline.sources import (
-    SourceError, check_upsampling, checked_value_range, image_stem, read_error_reason, resample_factor,
+    SourceError, check_upsampling, checked_value_range, image_stem, percentile_range, read_error_reason, resample_factor,
+    scaled_to_uint8,
 )
 
 TOLERANCE = 1.2
@@ -243,9 +244,8 @@ def _tiff_rgba(data: np.ndarray, axes: str, bands: tuple[int, ...], ranges=None)
         if channels.dtype != np.uint8:
             raise ValueError(f"{channels.dtype} pixels without a value range")
         return _rgba(channels, alpha, bands)
-    picked = channels[..., [b - 1 for b in bands]].astype(np.float32)
     low, high = (np.asarray(r, np.float32) for r in zip(*ranges))
-    scaled = np.clip(np.nan_to_num((picked - low) / (high - low) * 255, nan=0.0), 0, 255).round().astype(np.uint8)
+    scaled = scaled_to_uint8(channels[..., [b - 1 for b in bands]], low, high)
     return _rgba(scaled, alpha if alpha is None else (alpha > 0).astype(np.uint8) * 255, (1, 2, 3))
 
 
@@ -342,12 +342,7 @@ def slide_value_range(
     if value_range is not None:
         return (checked_value_range(value_range),) * len(bands)
     channels, _ = _tiff_channels(*_tiff_thumbnail_data(str(path), 1024))
-    ranges = []
-    for band in bands:
-        values = channels[..., band - 1].astype(np.float64).ravel()
-        values = values[np.isfinite(values)]
-        low, high = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
-        ranges.append((float(low), float(high) if high > low else float(low) + 1.0))
+    ranges = [percentile_range(channels[..., band - 1].astype(np.float64).ravel()) for band in bands]
     shown = f"range {ranges[0]}" if len(set(ranges)) == 1 else f"per-channel ranges {tuple(ranges)}"
     warnings.warn(f"{path}: {dtype} data scaled to 8 bits from {shown}", stacklevel=3)
     return tuple(ranges)

@@ -101,15 +101,22 @@ def _overview_range(dataset, bands: tuple[int, ...]) -> tuple[tuple[float, float
     scale = max(dataset.height, dataset.width) / OVERVIEW_SIZE
     shape = (max(1, int(dataset.height / max(scale, 1))), max(1, int(dataset.width / max(scale, 1))))
     data = dataset.read(list(bands), out_shape=(len(bands), *shape), masked=True).astype(np.float64)
-    ranges = []
-    for band in data:
-        values = band.compressed()
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            return tuple((0.0, 1.0) for _ in bands)
-        lo, hi = np.percentile(values, [0.5, 99.5])
-        ranges.append((float(lo), float(hi) if hi > lo else float(lo) + 1.0))
-    return tuple(ranges)
+    return tuple(percentile_range(band.compressed()) for band in data)
+
+
+def percentile_range(values: np.ndarray) -> tuple[float, float]:
+    """The 0.5th–99.5th percentiles of the finite ``values``: what maps to 0–255 (never empty)."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(values, [0.5, 99.5])
+    return float(low), float(high) if high > low else float(low) + 1.0
+
+
+def scaled_to_uint8(data: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """``data`` mapped linearly from [low, high] (broadcast) to 0–255, clipped; NaN to 0."""
+    data = data.astype(np.float32)
+    return np.clip(np.nan_to_num((data - low) / (high - low) * 255, nan=0.0), 0, 255).round().astype(np.uint8)
 
 
 def open_raster(
@@ -334,12 +341,9 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
         pixels = np.ascontiguousarray(colours[..., : len(bands)])
         valid &= colours[..., 3] > 0
     elif source.value_range is not None:
-        data = data.astype(np.float32)
         valid &= np.isfinite(data).all(0)
-        lo = np.array([r[0] for r in source.value_range], np.float32)[:, None, None]
-        hi = np.array([r[1] for r in source.value_range], np.float32)[:, None, None]
-        data = np.clip(np.nan_to_num((data - lo) / (hi - lo) * 255, nan=0.0), 0, 255).round()
-        pixels = np.ascontiguousarray(data.transpose(1, 2, 0), dtype=np.uint8)
+        low, high = (np.asarray(r, np.float32)[:, None, None] for r in zip(*source.value_range))
+        pixels = np.ascontiguousarray(scaled_to_uint8(data, low, high).transpose(1, 2, 0))
     if not valid.all():
         pixels[~valid] = 0
     return pixels, valid
