@@ -34,8 +34,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         raise ModelWeightsError(f"{path}: not a readable torch checkpoint ({err})") from err
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    for wrapper in ("model", "state_dict"):  # torchvision's reference scripts; Lightning and mmdet
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelWeightsError(f"{path}: expected a state_dict of tensors")
     return state
@@ -45,6 +47,9 @@ def load_weights(model: nn.Module, path: str | Path, description: str) -> None:
     """Load ``path`` into ``model`` strictly; a mismatch names the file and the offending keys."""
     state = read_state_dict(path)
     expected = model.state_dict()
+    for prefix in ("module.", "model."):  # DataParallel's, Lightning's
+        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
     # BatchNorm's step counter, absent from FrozenBatchNorm checkpoints (torchvision's own): unused here
     state.update({k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state})
     missing = sorted(set(expected) - set(state))

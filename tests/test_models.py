@@ -76,6 +76,9 @@ def test_torchvision_checkpoints_without_batch_norm_counters_load(tmp_path):
     model = build_model(card)
     load_weights(model, tmp_path / "coco.pth", "resnet50")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    for wrapped in ({"state_dict": {f"model.{k}": v for k, v in state.items()}}, {f"module.{k}": v for k, v in state.items()}):
+        torch.save(wrapped, tmp_path / "wrapped.pth")  # Lightning's checkpoint, DataParallel's names
+        load_weights(build_model(card), tmp_path / "wrapped.pth", "resnet50")
     del state["backbone.body.conv1.weight"]
     torch.save(state, tmp_path / "short.pth")
     with pytest.raises(ModelWeightsError, match="1 missing keys .e.g. backbone.body.conv1.weight"):
