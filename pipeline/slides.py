@@ -95,7 +95,7 @@ def is_microscopy_tiff(path: str | Path, mpp_given: bool = False) -> bool:
             found = _tiff_mpp(tif)
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return False
-    return mpp_given or (found is not None and found <= MAX_MICROSCOPE_MPP)
+    return mpp_given or found is not None
 
 
 def choose_level(level_mpp: list[float], target_mpp: float | None) -> int:
@@ -293,7 +293,8 @@ _THUMBNAILS = {"openslide": _openslide_thumbnail, "tifffile": _tiff_thumbnail}
 
 
 def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
-    """Level-0 microns per pixel from OME PhysicalSizeX, else the TIFF resolution tags."""
+    """Level-0 microns per pixel from OME PhysicalSizeX, else the TIFF resolution tags when they
+    give a microscope's pixel size (≤ ``MAX_MICROSCOPE_MPP``)."""
     if tif.is_ome:
         pixels = ElementTree.fromstring(tif.ome_metadata).find(".//{*}Pixels")
         if pixels is not None and pixels.get("PhysicalSizeX"):
@@ -308,8 +309,9 @@ def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
     if "XResolution" in tags and "ResolutionUnit" in tags:
         numerator, denominator = tags["XResolution"].value
         per_unit = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value))
-        if per_unit and numerator > 0 and denominator > 0 and numerator / denominator > 1:
-            return per_unit * denominator / numerator
+        if per_unit and numerator > 0 and denominator > 0:
+            microns = per_unit * denominator / numerator
+            return microns if microns <= MAX_MICROSCOPE_MPP else None  # 72 or 300 dpi: a default, not a pixel size
     return None
 
 
