@@ -272,8 +272,7 @@ def train(
     _check_output_dir(out)
     if resume and not (out / "checkpoint.pt").is_file():
         _fail(f"--resume: {out / 'checkpoint.pt'} not found (nothing to continue)")
-    only_a_pack = (out / "train-pack.npz").is_file() and not (out / "weights.safetensors").is_file()
-    if (out / "model.yaml").is_file() and not (resume or overwrite or (pack_only and only_a_pack)):
+    if (out / "model.yaml").is_file() and not (resume or overwrite or (pack_only and _only_a_pack(out))):
         _fail(f"{out}: already holds a model; --resume continues it, --overwrite replaces it, or choose a new --out")
     samples = _load(fmt, images, annotations, class_name, class_field)
     if resolution is not None:
@@ -314,6 +313,14 @@ def train(
     except ValueError as err:  # a checkpoint or --init model that does not fit
         _fail(str(err))
     console.print(f"model written to {out}; validation images: {', '.join(s.name for s in held_out) or 'none'}")
+
+
+def _only_a_pack(out: Path) -> bool:
+    """Whether ``out`` holds what ``train --pack-only`` wrote (a card, its weights not trained yet)."""
+    try:
+        return (out / "train-pack.npz").is_file() and not (out / load_card(out).weights).is_file()
+    except ModelCardError:
+        return False
 
 
 def _record_split(path: Path, recorded: dict, resume: bool) -> None:
