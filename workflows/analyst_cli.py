@@ -125,7 +125,7 @@ def preview_command(
     image_id: Annotated[str, typer.Argument(help="Image id: its folder name in OUT.")],
     region: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1 in output coordinates (CRS, or pixels): full resolution.")] = None,
     density: Annotated[bool, typer.Option(help="A heatmap of instances per cell instead of the overlay.")] = False,
-    cell_size: Annotated[Optional[int], typer.Option("--cell-size", "--density-cell", help="Density cell size in image pixels; default: the run's --density-cell (labels.zarr), else 256.")] = None,
+    cell_size: Annotated[Optional[int], typer.Option("--cell-size", "--density-cell", help="Density cell in the file's full-resolution pixels; default: the run's cell (labels.zarr), else 256.")] = None,
     max_size: Annotated[int, typer.Option(help="Longest side of the overlay in pixels.")] = 2048,
     output: Annotated[Optional[Path], typer.Option(help="PNG to write; default OUT/IMAGE_ID/preview.png (density.png).")] = None,
 ) -> None:
@@ -141,7 +141,9 @@ def preview_command(
         frame = found.instances()
         png = output or found.folder / ("density.png" if density else "preview.png")
         if density:
-            render_density(frame, *image_grid(source), png, cell_size or found.density_cell_size() or 256)
+            side = found.density_cell_side()
+            run_cell = round(side / abs(source.transform.a)) if side else None  # in this file's pixels
+            render_density(frame, *image_grid(source), png, cell_size or run_cell or 256)
         else:
             render_overlay(source, frame, png, box, max_size)
     except ValueError as err:  # CatalogueError, SourceError, a region outside the image

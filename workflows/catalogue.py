@@ -75,10 +75,14 @@ class ImageOutput:
         """``rows`` instances (all by default) from row ``start``; a damaged GeoPackage is named."""
         return self._reading(pyogrio.read_dataframe, skip_features=start, max_features=rows)
 
-    def density_cell_size(self) -> int | None:
-        """The cell of the density grids in its ``labels.zarr`` (None without one)."""
+    def density_cell_side(self) -> float | None:
+        """The side of its ``labels.zarr`` density cells in output coordinates (None without one):
+        the run's cell in the pixels it segmented, which a resampled image does not share with its file."""
         store = self.folder / "labels.zarr"
-        return zarr.open_group(store, mode="r").attrs.get("density_cell_size") if store.is_dir() else None
+        if not store.is_dir():
+            return None
+        attrs = zarr.open_group(store, mode="r").attrs
+        return attrs["density_cell_size"] * abs(attrs["geotransform"][1]) if "density_cell_size" in attrs else None
 
     def info(self) -> dict:
         """pyogrio's description of the instances layer (feature count, bounds)."""
