@@ -10,6 +10,8 @@ the fused score, so an object most views missed falls below it.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.ops import batched_nms, box_iou
@@ -59,25 +61,22 @@ def _fuse(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, view:
 def flip_tta(model: MaskRCNN, images: list[torch.Tensor], score_threshold: float) -> list[dict[str, torch.Tensor]]:
     """``model``'s eval output (boxes, labels, scores, masks (N, 1, M, M) probabilities) for the
     images (C, H, W, values 0-1, all of one size), fused over the four flips."""
-    heads = model.roi_heads
+    # this call's own view of the heads with a lower score floor: the model itself is never changed,
+    # since worker threads run one shared model side by side
+    heads = copy.copy(model.roi_heads)
+    heads.score_thresh = min(VIEW_SCORE_FLOOR, score_threshold)
     height, width = images[0].shape[-2:]
-    floor = min(VIEW_SCORE_FLOOR, score_threshold)
     seen, detections = [], []
     stacked = torch.stack(images)
-    saved = heads.score_thresh
-    heads.score_thresh = floor
-    try:
-        for lr, ud in FLIPS:
-            image_list, _ = model.transform(list(_flip(stacked, lr, ud)))
-            features = model.backbone(image_list.tensors)
-            proposals, _ = model.rpn(image_list, features)
-            box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_list.image_sizes))
-            logits, regression = heads.box_predictor(box_features)
-            boxes, scores, labels = heads.postprocess_detections(logits, regression, proposals, image_list.image_sizes)
-            seen.append((features, image_list.image_sizes))
-            detections.append([(_flip_boxes(b, lr, ud, height, width), s, l) for b, s, l in zip(boxes, scores, labels)])
-    finally:
-        heads.score_thresh = saved
+    for lr, ud in FLIPS:
+        image_list, _ = model.transform(list(_flip(stacked, lr, ud)))
+        features = model.backbone(image_list.tensors)
+        proposals, _ = model.rpn(image_list, features)
+        box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_list.image_sizes))
+        logits, regression = heads.box_predictor(box_features)
+        boxes, scores, labels = heads.postprocess_detections(logits, regression, proposals, image_list.image_sizes)
+        seen.append((features, image_list.image_sizes))
+        detections.append([(_flip_boxes(b, lr, ud, height, width), s, l) for b, s, l in zip(boxes, scores, labels)])
     fused = []
     for i in range(len(images)):
         parts = [detections[v][i] for v in range(len(FLIPS))]

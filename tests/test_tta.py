@@ -54,6 +54,21 @@ def test_flip_tta_is_equivariant_under_the_flips_it_averages():
 
 
 
+def test_flip_tta_never_changes_the_shared_model():
+    """Worker threads run one model side by side: a call that lowered the shared score threshold
+    while another thread was inferring changed that thread's detections (counts varied by one
+    between identical runs)."""
+    segmenter = Segmenter(resolve_model_dir("synthetic-shapes"), device="cpu")
+    model = segmenter.model
+    original = model.roi_heads.score_thresh
+    seen = []
+    hook = model.rpn.register_forward_hook(lambda *_: seen.append(model.roi_heads.score_thresh))
+    image = torch.from_numpy(make_scene(6, 256, 256).image).permute(2, 0, 1).float() / 255
+    flip_tta(model, [image], 0.5)
+    hook.remove()
+    assert seen == [original] * len(FLIPS) and model.roi_heads.score_thresh == original
+
+
 def test_a_blank_tile_beside_a_busy_one_gives_nothing():
     segmenter = Segmenter(resolve_model_dir("synthetic-shapes"), device="cpu")
     busy = torch.from_numpy(make_scene(5, 256, 256).image).permute(2, 0, 1).float() / 255
