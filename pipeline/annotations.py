@@ -360,9 +360,11 @@ def _coco_sample(entry: dict, name: str, annotations: list[dict], class_of: dict
     height, width = image.shape[:2]
     if (entry.get("height", height), entry.get("width", width)) != (height, width):
         raise AnnotationError(f"{json_path}: image {entry['file_name']} is listed as {entry.get('width')}×{entry.get('height')} px but is {width}×{height}")
-    crowds = [a for a in annotations if a.get("iscrowd", 0)]
-    classes, rles, boxes = [], [], 0
-    for annotation in (a for a in annotations if not a.get("iscrowd", 0)):
+    crowds, classes, rles, boxes = [], [], [], 0
+    for annotation in annotations:
+        if annotation.get("iscrowd", 0):
+            crowds.append(annotation)
+            continue
         where = f"{json_path}: annotation {annotation.get('id', '(no id)')} of {entry['file_name']}"
         if annotation.get("category_id") not in class_of:
             raise AnnotationError(f"{where}: category_id {annotation.get('category_id')!r} is not among the categories")

@@ -66,8 +66,11 @@ def _is_tiff(path: str | Path) -> bool:
         return False
 
 
-def is_pyramidal_tiff(path: str | Path) -> bool:
-    """An OME-TIFF, or a TIFF with a pyramid (SubIFDs or reduced pages) and no georeferencing."""
+def is_tiff_slide(path: str | Path, mpp_given: bool = False) -> bool:
+    """A TIFF that tifffile reads as a slide: an OME-TIFF; a pyramid (SubIFDs or reduced pages)
+    without georeferencing; or a single 8-bit image without georeferencing whose resolution tags give
+    a microscope's pixel size (≤ 10 µm; 72 or 300 dpi do not), or for which ``--mpp`` is given (a
+    region or TMA core exported from a slide: its µm per pixel is honoured)."""
     if not _is_tiff(path):
         return False
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # a broken file is reported by its reader
@@ -76,26 +79,13 @@ def is_pyramidal_tiff(path: str | Path) -> bool:
             if tif.is_ome:
                 return True
             page = tif.pages.first
-            return len(tif.series[0].levels) > 1 and not GEOTIFF_TAGS & set(page.tags.keys())
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
-        return False
-
-
-def is_microscopy_tiff(path: str | Path, mpp_given: bool = False) -> bool:
-    """A single-level 8-bit TIFF without georeferencing whose resolution tags give a microscope's
-    pixel size (≤ 10 µm; 72 or 300 dpi are not), or for which ``--mpp`` is given: a region or TMA
-    core exported from a slide, read like a slide (its µm per pixel honoured)."""
-    if not _is_tiff(path):
-        return False
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages.first
-            if page.dtype != np.uint8 or GEOTIFF_TAGS & set(page.tags.keys()):
+            if GEOTIFF_TAGS & set(page.tags.keys()):
                 return False
-            found = _tiff_mpp(tif)
+            if len(tif.series[0].levels) > 1:
+                return True
+            return page.dtype == np.uint8 and (mpp_given or _tiff_mpp(tif) is not None)
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return False
-    return mpp_given or found is not None
 
 
 def choose_level(level_mpp: list[float], target_mpp: float | None) -> int:

@@ -374,9 +374,9 @@ def open_image(
 ):
     """A slide source for vendor slide formats (OpenSlide) and OME / pyramidal TIFFs (tifffile),
     a raster source for the rest."""
-    from pipeline.slides import is_microscopy_tiff, is_pyramidal_tiff, is_slide, open_slide
+    from pipeline.slides import is_slide, is_tiff_slide, open_slide
 
-    if Path(path).is_file() and (is_slide(path) or is_pyramidal_tiff(path) or is_microscopy_tiff(path, mpp is not None)):
+    if Path(path).is_file() and (is_slide(path) or is_tiff_slide(path, mpp is not None)):
         return open_slide(path, target_mpp=target_mpp, mpp=mpp, bands=bands, value_range=value_range)
     if mpp is not None:
         warnings.warn(f"{path}: --mpp is for slides and microscopy TIFFs; ignored for this raster", stacklevel=2)

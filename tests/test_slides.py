@@ -9,7 +9,7 @@ import pytest
 from models.card import load_card
 from models.registry import resolve_model_dir
 from pipeline.graph import Tiling, image_graph
-from pipeline.slides import choose_level, is_pyramidal_tiff, is_slide, open_slide, resample_factor
+from pipeline.slides import choose_level, is_slide, is_tiff_slide, open_slide, resample_factor
 from pipeline.sources import SourceError, open_image
 from pipeline.synthetic_raster import write_geotiff
 
@@ -168,7 +168,7 @@ def test_ome_tiff_subifd_pyramid_levels_and_pixels(shared_data, tmp_path):
 
     image = cmu1_pixels(shared_data, slice(0, 1300), slice(0, 1100))
     path = ome_pyramid(image, tmp_path / "crop.ome.tif")
-    assert is_pyramidal_tiff(path) and not is_slide(path)
+    assert is_tiff_slide(path) and not is_slide(path)
     for target, level in [(0.5, 0), (1.0, 1), (2.0, 2)]:
         source = open_image(path, target_mpp=target)
         assert (source.backend, source.level, source.factor, source.mpp) == ("tifffile", level, 1.0, 0.499)

@@ -120,8 +120,8 @@ def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, ou
     """
     out.mkdir(parents=True, exist_ok=True)
     names = samples[0].class_names if samples else []
-    agnostic = not set(names) <= set(card.classes)
     unmatched = [n for n in names if n not in card.classes]
+    agnostic = bool(unmatched)
     if agnostic:
         warnings.warn(
             f"dataset class(es) {', '.join(unmatched)} not among the model's ({', '.join(card.classes)}; names must match "
