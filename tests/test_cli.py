@@ -205,3 +205,17 @@ def test_evaluate_matches_classes_by_name_in_any_order(tmp_path):
     assert not reports[0]["class_agnostic"] and not reports[1]["class_agnostic"]
     assert reports[0]["summary"] == reports[1]["summary"] and reports[0]["summary"]["f1"] > 0.9
     assert reports[0]["per_image"][0]["per_class"] == reports[1]["per_image"][0]["per_class"]
+
+
+def test_the_command_line_loads_without_the_pipeline_libraries():
+    """`seamline --help` and `seamline status` answer in about a second: torch, geopandas, Dask and
+    rasterio (seconds to import) load only in the commands that use them."""
+    import subprocess
+    import sys
+
+    heavy = ["torch", "torchvision", "geopandas", "pandas", "rasterio", "dask", "distributed", "matplotlib", "zarr", "scipy"]
+    code = f"import sys, workflows.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and all(name in result.output for name in ("run", "train", "evaluate", "query", "preview", "status"))

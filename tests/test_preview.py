@@ -17,7 +17,7 @@ from pipeline.graph import Tiling, image_graph
 from pipeline.preview import FILL_ALPHA, class_colour, density_grid, image_grid, read_view, render_density, render_overlay
 from pipeline.sources import open_image, open_raster
 from pipeline.synthetic_raster import DEFAULT_TRANSFORM, write_geotiff
-from workflows import analyst_cli
+from pipeline import preview
 from workflows.analyst_cli import register
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the pixel-space image
@@ -134,7 +134,7 @@ def test_slide_overlay(shared_data, tmp_path):
 def test_preview_cli(run, tmp_path, monkeypatch):
     out, _ = run
     cells = []
-    monkeypatch.setattr(analyst_cli, "render_density", lambda *args: cells.append(args[-1]))
+    monkeypatch.setattr(preview, "render_density", lambda *args: cells.append(args[-1]))
     app = typer.Typer()
     register(app)
     runner = CliRunner()

@@ -6,19 +6,15 @@ class, bad bbox, …) exit with code 2 and one line on stderr naming the problem
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
-import pandas as pd
-import shapely
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.preview import image_grid, render_density, render_overlay
-from pipeline.sources import open_image
-from workflows.catalogue import CatalogueError, build_catalogue, find_output, read_images
-from workflows.query import QueryError, crs_label, ground_area, query, select, write_result
+# geopandas, matplotlib and rasterio load in the commands, not with the command line
 
 console = Console()
 
@@ -44,11 +40,13 @@ def _box(text: str | None, option: str) -> tuple[float, float, float, float] | N
 
 
 def _number(value: float) -> str:
-    return "–" if pd.isna(value) else f"{value:.4g}"
+    return "–" if value is None or math.isnan(value) else f"{value:.4g}"
 
 
 def catalogue_command(out: OutArgument) -> None:
     """Build or refresh OUT/catalogue (GeoParquet, one partition per image; only changed images rewritten)."""
+    from workflows.catalogue import CatalogueError, build_catalogue, read_images
+
     try:
         root = build_catalogue(out)
     except CatalogueError as err:
@@ -58,6 +56,11 @@ def catalogue_command(out: OutArgument) -> None:
 
 
 def _instances_table(frames, limit: int) -> None:
+    import pandas as pd
+    import shapely
+
+    from workflows.query import crs_label, ground_area
+
     rows = pd.concat([
         pd.DataFrame({
             "image": f["image_id"], "id": f["instance_id"], "class": f["class"], "score": f["score"], "area": ground_area(f),
@@ -80,6 +83,8 @@ def _instances_table(frames, limit: int) -> None:
 
 
 def _regions_table(stats) -> None:
+    import pandas as pd
+
     table = Table(title="instances per region")
     columns = [c for c in stats.columns if c != stats.geometry.name]
     for column in columns:
@@ -104,6 +109,9 @@ def query_command(
     limit: Annotated[int, typer.Option(min=0, help="Rows printed in the table.")] = 20,
 ) -> None:
     """Instances of OUT by bounding box, class, score, area, image or region."""
+    from workflows.catalogue import CatalogueError
+    from workflows.query import QueryError, query, select, write_result
+
     box = _box(bbox, "--bbox")
     area_range = (min_area, max_area) if min_area is not None or max_area is not None else None
     try:
@@ -130,6 +138,10 @@ def preview_command(
     output: Annotated[Optional[Path], typer.Option(help="PNG to write; default OUT/IMAGE_ID/preview.png (density.png).")] = None,
 ) -> None:
     """A picture of one image's instances: polygons coloured by class over the image, or their density."""
+    from pipeline import preview
+    from pipeline.sources import open_image
+    from workflows.catalogue import find_output
+
     box = _box(region, "--region")
     if (cell_size is not None and cell_size < 1) or max_size < 1:
         _fail("--cell-size and --max-size must be positive")
@@ -143,9 +155,9 @@ def preview_command(
         if density:
             side = found.density_cell_side()
             run_cell = round(side / abs(source.transform.a)) if side else None  # in this file's pixels
-            render_density(frame, *image_grid(source), png, cell_size or run_cell or 256)
+            preview.render_density(frame, *preview.image_grid(source), png, cell_size or run_cell or 256)
         else:
-            render_overlay(source, frame, png, box, max_size)
+            preview.render_overlay(source, frame, png, box, max_size)
     except ValueError as err:  # CatalogueError, SourceError, a region outside the image
         _fail(str(err))
     console.print(f"preview: {png}")

@@ -10,22 +10,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from models.card import ModelCardError, check_weights_file, load_card
 from models.registry import resolve_model_dir, shipped_models
-from pipeline.annotations import AnnotationError, at_resolution, dataset_stats
-from pipeline.graph import Tiling
-from pipeline.sources import SourceError, checked_value_range, image_stem
-from pipeline.writers import atomic_path
 from workflows.analyst_cli import register as register_analyst_commands
-from workflows.cluster import ClusterError, connect, has_gpu_workers
-from workflows.dataset_view import stats_view
-from workflows.datasets import DatasetFormat, load_dataset, split
-from workflows.run import run_images
+from workflows.formats import DatasetFormat
+
+# The libraries behind each command (geopandas, rasterio, Dask, torch …: seconds to import) load in
+# the commands that need them, so `seamline --help` and `seamline status` answer at once.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Seamline: every object in images too big for one model call.")
 console = Console()
@@ -50,8 +45,10 @@ def _model(model: str | None):
     return model_dir, card
 
 
-def _tiling(card, tile_size: int | None, overlap: int | None, batch_size: int, flips: bool | None, tissue: bool = True) -> Tiling:
+def _tiling(card, tile_size: int | None, overlap: int | None, batch_size: int, flips: bool | None, tissue: bool = True):
     """The tiling asked for, the card's where not given (``Tiling`` refuses one no grid can use)."""
+    from pipeline.graph import Tiling
+
     return Tiling(
         tile_size=card.tile_size if tile_size is None else tile_size,
         overlap=card.overlap if overlap is None else overlap,
@@ -72,6 +69,8 @@ def _bands(text: str) -> tuple[int, ...]:
 
 
 def _value_range(text: str) -> tuple[float, float]:
+    from pipeline.sources import checked_value_range
+
     try:
         return checked_value_range(text.split(","))
     except ValueError as err:
@@ -166,7 +165,7 @@ def demo(
         model_dir = resolve_model_dir("nuclei-he")
         card = load_card(model_dir)
         console.print(f"real image {REAL_DEMO_IMAGE} (MoNuSeg H&E, held out from training), model nuclei-he")
-        tiling = Tiling(card.tile_size, card.overlap, batch_size=4)
+        tiling = _tiling(card, None, None, 4, None)
         report = _run_and_report([REAL_DEMO_IMAGE], model_dir, card, out, tiling, None, workers, None, None, None, True)
         _demo_picture(report)
         raise typer.Exit(0 if report.ok else 1)
@@ -175,7 +174,7 @@ def demo(
     scene_path = out / "synthetic-scene.tif"
     scene = write_scene(scene_path, seed=42, height=size, width=size)
     console.print(f"generated {scene_path} ({size}×{size} px, {scene.count} objects)")
-    tiling = Tiling(card.tile_size, card.overlap, batch_size=4)
+    tiling = _tiling(card, None, None, 4, None)
     report = _run_and_report([scene_path], model_dir, card, out, tiling, None, workers, None, None, None, True)
     _demo_picture(report)
     raise typer.Exit(0 if report.ok else 1)
@@ -204,6 +203,10 @@ ClassFieldOption = Annotated[Optional[str], typer.Option(help="vector: attribute
 
 
 def _load(fmt, images, annotations, class_name, class_field):
+    from pipeline.annotations import AnnotationError
+    from pipeline.sources import SourceError
+    from workflows.datasets import load_dataset
+
     try:
         return load_dataset(fmt, images, annotations, class_name, class_field)
     except (AnnotationError, SourceError) as err:
@@ -217,6 +220,9 @@ def dataset_stats_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of tables.")] = False,
 ) -> None:
     """Images, instances per class, object sizes and class balance of an annotated dataset."""
+    from pipeline.annotations import dataset_stats
+    from workflows.dataset_view import stats_view
+
     stats = dataset_stats(_load(fmt, images, annotations, class_name, class_field))
     if as_json:
         console.print_json(json.dumps(stats, default=float))
@@ -248,9 +254,12 @@ def train(
 ) -> None:
     """Train (or fine-tune) a Mask R-CNN on annotated images; writes a model directory."""
     import torch
+    from pydantic import ValidationError
 
     from models.card import ModelCard, save_card
     from models.training import RandomCrops, Sample, save_pack, train as train_model
+    from pipeline.annotations import AnnotationError, at_resolution
+    from workflows.datasets import split
 
     if tile_size % 32 or not 64 <= tile_size <= 4096:
         _fail(f"--tile-size {tile_size} must be a multiple of 32 between 64 and 4096")
@@ -335,6 +344,8 @@ def _record_split(path: Path, recorded: dict, resume: bool) -> None:
                   "removed or renamed, or another --val-every); validation images would leak into training. "
                   "Train into a new --out, or --overwrite")
         return
+    from pipeline.writers import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(recorded, indent=2))
@@ -412,6 +423,7 @@ def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None
 @app.command()
 def status(out: Annotated[Path, typer.Argument(help="Output directory of a workflow run.")]) -> None:
     """Print the run ledger: per image its status, time, instances and error."""
+    from pipeline.sources import image_stem
     from workflows.ledger import LEDGER_NAME, Ledger, run_alive
 
     if not (out / LEDGER_NAME).is_file():
@@ -441,6 +453,11 @@ def status(out: Annotated[Path, typer.Argument(help="Output directory of a workf
 def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, threads, bands, value_range, progress, mpp=None,
                     labels=True, density_cell=256):
     """Run on a cluster, print counts per image and failures, and write ``OUT/run.json``."""
+    from pipeline.sources import image_stem
+    from pipeline.writers import atomic_path
+    from workflows.cluster import ClusterError, connect, has_gpu_workers
+    from workflows.run import run_images
+
     with ExitStack() as stack:
         try:
             client = stack.enter_context(connect(scheduler, workers=workers, threads_per_worker=threads))

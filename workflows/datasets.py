@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 from pipeline import annotations
 from pipeline.annotations import AnnotatedImage, AnnotationError
+from workflows.formats import DatasetFormat
 
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt"}
-
-
-class DatasetFormat(str, Enum):
-    imagescope = "imagescope"  # Aperio ImageScope XML per image (MoNuSeg, QuPath/ImageScope exports)
-    label_images = "label-images"  # an instance label image per image (BBBC039, DSB2018, Cellpose)
-    binary_masks = "binary-masks"  # a binary mask per image; instances = connected components
-    coco = "coco"  # one COCO instances JSON (V7, CVAT, Labelbox exports)
-    vector = "vector"  # a GeoTIFF per image + polygons (GeoPackage/GeoJSON/shapefile) in any CRS
 
 
 def _images(images: Path) -> list[Path]:
