@@ -247,16 +247,19 @@ def _read_log(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: int(v) if k == "step" else float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def _write_log(out_dir: Path, log: list[dict]) -> None:
+    """``training_log.csv`` and ``loss.png``, each written under a temporary name, then renamed."""
     if not log:
         return
-    with open(out_dir / "training_log.csv", "w", newline="") as handle:
+    partial = out_dir / ".training_log.csv.partial"
+    with open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(log[0]))
         writer.writeheader()
         writer.writerows(log)
+    os.replace(partial, out_dir / "training_log.csv")
     try:
         import matplotlib
 
@@ -272,8 +275,9 @@ def _write_log(out_dir: Path, log: list[dict]) -> None:
     axis.set_yscale("log")
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out_dir / "loss.png", dpi=100)
+    figure.savefig(out_dir / ".loss.png.partial", dpi=100, format="png")
     plt.close(figure)
+    os.replace(out_dir / ".loss.png.partial", out_dir / "loss.png")
 
 
 def main() -> None:

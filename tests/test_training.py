@@ -83,6 +83,9 @@ def test_a_run_that_dies_resumes_from_its_last_periodic_checkpoint(tmp_path):
     assert not list((tmp_path / "m").glob(".*partial"))
     log = train(card, crops, tmp_path / "m", max_steps=10, resume=True, **settings)
     assert [row["step"] for row in log] == list(range(1, 11))
+    written = (tmp_path / "m" / "training_log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in written] == ["step", *map(str, range(1, 11))]  # 7, not 7.0, after the resume
+    assert not list((tmp_path / "m").glob(".*partial"))
     assert int(torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)["step"]) == 10
 
 
