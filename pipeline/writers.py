@@ -139,6 +139,10 @@ def write_outputs(
         "instances": int(np.sum(counts)),
         "counts": dict(zip(counts_table["class"], counts_table["count"].tolist())),
         "outputs": outputs,
+        "read": {  # how the image was read, so a preview shows what the model saw
+            "bands": list(source.bands), "value_range": [list(r) for r in source.value_range] if source.value_range else None,
+            "mpp": source.mpp,
+        },
         **(extra or {}),
     }
     commit = ExitStack()

@@ -156,3 +156,21 @@ def test_preview_cli(run, tmp_path, monkeypatch):
     ]:
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, (bad, result.output)
+
+
+def test_preview_reads_the_image_as_the_run_did(tmp_path):
+    """A 4-band 16-bit image run with --bands 2,3,4 --value-range 0,1020: the preview shows those
+    bands mapped as the model saw them, not the file's first three at their own percentiles."""
+    from workflows.analyst_cli import _as_read
+    from workflows.catalogue import find_output
+
+    scene = make_scene(9, 300, 400, density=1.5).image
+    noise = np.random.default_rng(0).integers(0, 60000, scene.shape[:2], np.uint16)
+    image = np.dstack([noise, scene.astype(np.uint16) * 4])
+    path = write_geotiff(image, tmp_path / "rgbn.tif", crs="EPSG:32631")
+    graph = image_graph(open_raster(path, bands=(2, 3, 4), value_range=(0, 1020)), str(resolve_model_dir()),
+                        load_card(resolve_model_dir()).classes, tmp_path / "out" / "rgbn", Tiling(512, 64, 4))
+    dask.compute(graph.result, scheduler="sync")
+    source = _as_read(find_output(tmp_path / "out", "rgbn").summary())
+    assert source.bands == (2, 3, 4) and source.value_range == ((0, 1020),) * 3
+    assert np.abs(read_view(source).rgb.astype(int) - scene).max() <= 1

@@ -139,7 +139,6 @@ def preview_command(
 ) -> None:
     """A picture of one image's instances: polygons coloured by class over the image, or their density."""
     from pipeline import preview
-    from pipeline.sources import open_image
     from workflows.catalogue import find_output
 
     box = _box(region, "--region")
@@ -149,7 +148,7 @@ def preview_command(
         _fail(f"--output {output}: previews are PNG files (.png)")
     try:
         found = find_output(out, image_id)
-        source = open_image(found.summary()["image"])
+        source = _as_read(found.summary())
         frame = found.instances()
         png = output or found.folder / ("density.png" if density else "preview.png")
         if density:
@@ -161,6 +160,20 @@ def preview_command(
     except ValueError as err:  # CatalogueError, SourceError, a region outside the image
         _fail(str(err))
     console.print(f"preview: {png}")
+
+
+def _as_read(summary: dict):
+    """The image of a run's ``counts.json`` opened as the run read it: its bands (slides: channels),
+    their mapping to 8 bits and the µm per pixel it was given (older runs did not record these)."""
+    from dataclasses import replace
+
+    from pipeline.sources import open_image
+
+    read = summary.get("read") or {}
+    source = open_image(summary["image"], bands=tuple(read["bands"]) if read.get("bands") else None, mpp=read.get("mpp"))
+    if read.get("value_range"):
+        source = replace(source, value_range=tuple(tuple(pair) for pair in read["value_range"]))
+    return source
 
 
 def register(app: typer.Typer) -> None:
