@@ -469,17 +469,18 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
             bands=bands, value_range=value_range, gpu=has_gpu_workers(client), show_progress=progress, mpp=mpp,
             labels=labels, density_cell=density_cell,
         )
-    table = Table(title=f"Seamline — model {card.name}")
-    table.add_column("image")
-    for name in card.classes:
-        table.add_column(name, justify="right")
-    table.add_column("total", justify="right")
-    table.add_column("outputs")
-    for image, summary in report.done.items():
-        counts, folder = summary["counts"], Path(summary["outputs"]["geopackage"]).parent
-        name = Path(image).name if image_stem(image) == folder.name else f"{Path(image).name} → {folder.name}"  # the id
-        table.add_row(name, *(str(counts[c]) for c in card.classes), str(summary["instances"]), str(folder))
-    console.print(table)
+    if report.done:
+        table = Table(title=f"Seamline — model {card.name}")
+        table.add_column("image")
+        for name in card.classes:
+            table.add_column(name, justify="right")
+        table.add_column("total", justify="right")
+        table.add_column("outputs")
+        for image, summary in report.done.items():
+            counts, folder = summary["counts"], Path(summary["outputs"]["geopackage"]).parent
+            name = Path(image).name if image_stem(image) == folder.name else f"{Path(image).name} → {folder.name}"  # the id
+            table.add_row(name, *(str(counts[c]) for c in card.classes), str(summary["instances"]), str(folder))
+        console.print(table)
     for message in (m for messages in report.warnings.values() for m in messages):
         console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
     for image, error in report.failed.items():

@@ -38,19 +38,24 @@ class SideProcessShutdown(WorkerPlugin):
 class _InputErrorFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Compute Failed") and "SourceError(" in message)
+        return not (
+            (message.startswith("Compute Failed") and "SourceError(" in message)
+            or (message.startswith("Async instruction") and message.endswith("ended with CancelledError"))
+        )
 
 
 class InputErrorsOnce(WorkerPlugin):
     """Keeps workers from logging a traceback block per task for a bad input file (a corrupt or
-    truncated image fails every tile read, and again on each retry): the run names it once, in one line."""
+    truncated image fails every tile read, and again on each retry), nor a line per task of that
+    image that the run then drops (``workflows.run``): the run names the file once, in one line."""
 
     name = "seamline-input-errors-once"
 
     def setup(self, worker) -> None:
-        logger = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, _InputErrorFilter) for f in logger.filters):
-            logger.addFilter(_InputErrorFilter())
+        for name in ("distributed.worker", "distributed.worker.state_machine"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _InputErrorFilter) for f in logger.filters):
+                logger.addFilter(_InputErrorFilter())
 
 
 @contextmanager
