@@ -68,9 +68,9 @@ def _is_tiff(path: str | Path) -> bool:
 
 def is_tiff_slide(path: str | Path, mpp_given: bool = False) -> bool:
     """A TIFF that tifffile reads as a slide: an OME-TIFF; a pyramid (SubIFDs or reduced pages)
-    without georeferencing; or a single 8-bit image without georeferencing whose resolution tags give
-    a microscope's pixel size (≤ 10 µm; 72 or 300 dpi do not), or for which ``--mpp`` is given (a
-    region or TMA core exported from a slide: its µm per pixel is honoured)."""
+    without georeferencing; or a single image without georeferencing whose resolution tags give a
+    microscope's pixel size (≤ 10 µm; 72 or 300 dpi do not), or for which ``--mpp`` is given (a
+    region or TMA core exported from a slide, a microscope's 16-bit field: its µm per pixel is honoured)."""
     if not _is_tiff(path):
         return False
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # a broken file is reported by its reader
@@ -83,7 +83,7 @@ def is_tiff_slide(path: str | Path, mpp_given: bool = False) -> bool:
                 return False
             if len(tif.series[0].levels) > 1:
                 return True
-            return page.dtype == np.uint8 and (mpp_given or _tiff_mpp(tif) is not None)
+            return mpp_given or _tiff_mpp(tif) is not None
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return False
 

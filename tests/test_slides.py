@@ -409,6 +409,7 @@ def test_a_flat_microscopy_tiff_is_read_at_its_pixel_size(tmp_path):
     is resampled to the model's pixel size like a slide; 72 dpi tags are not a microscope's."""
     import tifffile
 
+    from pipeline.grid import Span
     from pipeline.sources import RasterSource
 
     image = np.zeros((400, 600, 3), np.uint8)
@@ -420,6 +421,15 @@ def test_a_flat_microscopy_tiff_is_read_at_its_pixel_size(tmp_path):
     tifffile.imwrite(dpi, image, photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
     assert isinstance(open_image(dpi, target_mpp=0.25), RasterSource)
     assert open_image(dpi, target_mpp=0.25, mpp=0.5).mpp == 0.5  # --mpp says it is one
+    field = tmp_path / "field.tif"  # a fluorescence camera's 16-bit frame, 0.65 µm pixels
+    tifffile.imwrite(field, np.tile(np.arange(600, dtype=np.uint16) * 50, (400, 1)), resolution=(1 / 0.65e-4, 1 / 0.65e-4),
+                     resolutionunit="CENTIMETER")
+    with pytest.warns(UserWarning, match="field.tif: uint16 data scaled to 8 bits"):
+        source = open_image(field, target_mpp=0.325)
+    assert source.mpp == pytest.approx(0.65) and (source.height, source.width) == (800, 1200)
+    pixels, _ = source.read(Span(0, 64), Span(0, 1200))
+    assert pixels.dtype == np.uint8 and pixels[0, 0, 0] <= 2 and pixels[0, -1, 0] >= 253 and (np.diff(pixels[0, :, 0].astype(int)) >= 0).all()
+    assert not isinstance(open_image(field, target_mpp=0.325, bands=(1,)), RasterSource)
     from pipeline.synthetic_raster import write_geotiff
 
     geotiff = write_geotiff(image, tmp_path / "scene.tif")
