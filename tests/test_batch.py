@@ -168,7 +168,7 @@ def big_scene(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     (root / "archive").mkdir()
     image = root / "archive" / "big.tif"
-    write_scene(image, seed=7, height=1800, width=1800)
+    write_scene(image, seed=7, height=1500, width=1500)
     uninterrupted = seamline("run", workflow_file(root, out="uninterrupted", batch_size=1))
     assert uninterrupted.returncode == 0, uninterrupted.stdout + uninterrupted.stderr
     return root, image, gpd.read_file(root / "uninterrupted" / "big" / "instances.gpkg", layer="instances")

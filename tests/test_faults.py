@@ -95,7 +95,7 @@ def stop(processes: list[subprocess.Popen], sig=signal.SIGTERM) -> None:
 def test_scheduler_restart_mid_run_then_resume(tmp_path):
     archive = tmp_path / "archive"
     archive.mkdir()
-    write_scene(archive / "big.tif", seed=7, height=1800, width=1800)
+    write_scene(archive / "big.tif", seed=7, height=1500, width=1500)
     port = free_port()
     (tmp_path / "w.yaml").write_text(
         f"inputs:\n  paths: [archive]\noutputs:\n  dir: out\n  zarr: false\n  report: false\n  catalogue: false\n"
