@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from models.builders import build_model
 from models.card import ModelCard, load_card
@@ -112,28 +111,51 @@ class Segmenter:
         )
 
 
+PASTE_CHUNK_PIXELS = 1 << 22  # masks are resampled together, up to this many output pixels at a time
+
+
 def paste_masks_in_boxes(
     masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int, threshold: float
 ) -> list[MaskCrop]:
     """Resize each (1, M, M) mask probability map into its box and threshold it, box-locally.
 
-    Follows torchvision's ``paste_masks_in_image`` (one pixel of padding, same interpolation) but
-    never allocates a full-tile image per instance.
+    torchvision's Mask R-CNN learns its masks through ``roi_align(aligned=False)``: the target for
+    a box ``x0..x1`` (pixel edges, as the boxes are) is the mask sampled at *centre* positions
+    ``x0..x1`` (pixel ``i`` centred on ``i``), half a pixel right of the box. So the map is read
+    back the same way: each pixel whose centre lies in the box takes the map's bilinear value at
+    its own centre position (edge cells extended to the box's edge). torchvision's own
+    ``paste_masks_in_image`` stretches the map over the box's edges instead, which puts every mask
+    half a pixel up and left of its object and about a pixel wider. Never allocates a full-tile
+    image per instance.
     """
     if len(masks) == 0:
         return []
-    masks, scale = expand_masks(masks, padding=1)
-    boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
-    crops = []
-    for mask, (x0, y0, x1, y1) in zip(masks, boxes):
-        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, width), min(y1 + 1, height)
-        if cx1 <= cx0 or cy1 <= cy0:
-            crops.append(MaskCrop(0, 0, np.zeros((0, 0), bool)))
+    boxes = boxes.float()
+    cells = masks.shape[-1]
+    first = torch.stack([torch.ceil(boxes[:, 0] - 0.5), torch.ceil(boxes[:, 1] - 0.5)], 1).clamp_(min=0)
+    last = torch.stack([torch.floor(boxes[:, 2] - 0.5).clamp(max=width - 1), torch.floor(boxes[:, 3] - 0.5).clamp(max=height - 1)], 1)
+    sizes = (last - first + 1).clamp_(min=0).long()  # (N, 2): columns, rows
+    step = (boxes[:, 2:] - boxes[:, :2]).clamp_(min=1e-3) / cells
+    crops: list[MaskCrop] = [MaskCrop(0, 0, np.zeros((0, 0), bool))] * len(masks)
+    order = torch.argsort(sizes.prod(1)).tolist()
+    while order:
+        chunk = [order.pop(0)]
+        while order and (len(chunk) + 1) * int(sizes[order[0]].prod()) <= PASTE_CHUNK_PIXELS:
+            chunk.append(order.pop(0))
+        index = torch.tensor(chunk, device=masks.device)
+        span_x, span_y = (int(v) for v in sizes[index].amax(0))
+        if not span_x or not span_y:
             continue
-        window = resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold
-        crops.append(MaskCrop(cy0, cx0, window.cpu().numpy()))
+        # each output pixel's position in its map's cells (cell k centred on k), as grid_sample's -1..1
+        columns = (first[index, :1] + torch.arange(span_x, device=masks.device) - boxes[index, :1]) / step[index, :1] - 0.5
+        rows = (first[index, 1:] + torch.arange(span_y, device=masks.device) - boxes[index, 1:2]) / step[index, 1:] - 0.5
+        grid = torch.stack(torch.broadcast_tensors(columns[:, None, :], rows[:, :, None]), -1) * (2 / cells) + (1 / cells - 1)
+        pasted = F.grid_sample(masks[index].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+        pasted = (pasted > threshold).cpu().numpy()
+        for k, i in enumerate(chunk):
+            w, h = sizes[i].tolist()
+            if w and h:
+                crops[i] = MaskCrop(int(first[i, 1]), int(first[i, 0]), pasted[k, :h, :w])
     return crops
 
 

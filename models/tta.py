@@ -26,8 +26,9 @@ def _flip(pixels: torch.Tensor, lr: bool, ud: bool) -> torch.Tensor:
     return pixels.flip(dims) if dims else pixels
 
 
-def _flip_boxes(boxes: torch.Tensor, lr: bool, ud: bool, height: int, width: int) -> torch.Tensor:
-    """Boxes (x0, y0, x1, y1) under the same flip (the flip is its own inverse)."""
+def _flip_boxes(boxes: torch.Tensor, lr: bool, ud: bool, height: float, width: float) -> torch.Tensor:
+    """Boxes (x0, y0, x1, y1) under the same flip (the flip is its own inverse) of an image
+    ``height`` × ``width`` in the boxes' coordinates."""
     x0, y0, x1, y1 = boxes.unbind(-1)
     if lr:
         x0, x1 = width - x1, width - x0
@@ -87,7 +88,10 @@ def flip_tta(model: MaskRCNN, images: list[torch.Tensor], score_threshold: float
         fused.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
     masks = [None] * len(images)
     for (lr, ud), (features, sizes) in zip(FLIPS, seen):
-        view_boxes = [_flip_boxes(f["boxes"], lr, ud, height, width) for f in fused]
+        # the mask head samples its box at pixel centres (roi_align, aligned=False: pixel i centred on
+        # i), which a flip maps i → width - 1 - i: so each view's map covers the same pixels as the
+        # first view's and the four average cell for cell (boxes, on pixel edges, flip by width)
+        view_boxes = [_flip_boxes(f["boxes"], lr, ud, height - 1, width - 1) for f in fused]
         mask_features = heads.mask_head(heads.mask_roi_pool(features, view_boxes, sizes))
         logits = heads.mask_predictor(mask_features)
         labels = torch.cat([f["labels"] for f in fused])

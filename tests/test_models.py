@@ -101,19 +101,35 @@ def test_pickled_checkpoints_needing_code_are_refused(tmp_path):
     load_weights(build_model(small_card()), tmp_path / "ok.pt", "compact")
 
 
-def test_box_local_paste_matches_torchvision():
-    from torchvision.models.detection.roi_heads import paste_masks_in_image
+def test_pasted_masks_land_where_the_mask_head_learned_them():
+    """Masks made into training targets the way torchvision's Mask R-CNN makes them
+    (``project_masks_on_boxes``: ``roi_align`` of the mask over its box) and pasted back into their
+    boxes come back on their objects: no half-pixel shift up-left (torchvision's
+    ``paste_masks_in_image`` has one), objects cut by the tile edge clipped, crops box-local."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
-    gen = torch.Generator().manual_seed(0)
-    masks = torch.rand(6, 1, 28, 28, generator=gen)
-    boxes = torch.tensor([[3.2, 4.7, 40.1, 33.0], [0, 0, 10, 10], [50, 60, 127.9, 95.5], [-5, 100, 20, 140], [120, 120, 130, 130], [30, 30, 31, 31]])
-    full = paste_masks_in_image(masks, boxes, (128, 128), padding=1)[:, 0] > 0.5
-    crops = paste_masks_in_boxes(masks, boxes, 128, 128, 0.5)
-    for expected, crop in zip(full, crops):
-        pasted = np.zeros((128, 128), bool)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    ours, theirs = [], []
+    for k in range(60):
+        (cy, cx), radius, squash = rng.uniform(-5, 133, 2) if k % 4 == 0 else rng.uniform(20, 108, 2), rng.uniform(4, 15), rng.uniform(0.6, 1)
+        disk = ((yy - cy) / squash) ** 2 + (xx - cx) ** 2 <= radius**2
+        if disk.sum() < 10:
+            continue
+        rows, cols = np.flatnonzero(disk.any(1)), np.flatnonzero(disk.any(0))
+        box = torch.tensor([[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]], dtype=torch.float32)  # as models.training
+        target = project_masks_on_boxes(torch.from_numpy(disk)[None].float(), box, torch.tensor([0]), 28)[:, None]
+        (crop,) = paste_masks_in_boxes(target, box, 128, 128, 0.5)
         h, w = crop.mask.shape
+        assert 0 <= crop.row and crop.row + h <= 128 and 0 <= crop.col and crop.col + w <= 128
+        pasted = np.zeros((128, 128), bool)
         pasted[crop.row : crop.row + h, crop.col : crop.col + w] = crop.mask
-        assert np.array_equal(pasted, expected.numpy())
+        assert (pasted & disk).sum() / (pasted | disk).sum() > 0.95, (cy, cx, radius)
+        if k % 4:  # whole objects: their centroids tell where a paste puts them
+            ours.append(np.argwhere(pasted).mean(0) - np.argwhere(disk).mean(0))
+            old = paste_masks_in_image(target, box, (128, 128), padding=1)[0, 0].numpy() > 0.5
+            theirs.append(np.argwhere(old).mean(0) - np.argwhere(disk).mean(0))
+    assert (np.abs(np.mean(ours, 0)) < 0.05).all() and (np.mean(theirs, 0) < -0.3).all()
 
 
 def _square(row: int, col: int, size: int) -> MaskCrop:
@@ -171,7 +187,7 @@ def test_mask_nms_from_the_card_removes_overlapping_outputs(tmp_path):
                           overlap=32, score_threshold=0.0)
     save_weights(build_model(untrained), tmp_path / "weights.safetensors")
     found = {}
-    for name, threshold in (("loose", None), ("strict", 0.3)):
+    for name, threshold in (("loose", None), ("strict", 0.2)):
         directory = tmp_path / name
         card = untrained.model_copy(update={"mask_nms_threshold": threshold})
         save_card(card, directory)
@@ -194,9 +210,9 @@ def test_mask_nms_from_the_card_removes_overlapping_outputs(tmp_path):
             default=0.0,
         )
 
-    assert worst_overlap(found["loose"]) >= 0.3  # something to suppress
+    assert worst_overlap(found["loose"]) >= 0.2  # something to suppress
     assert 0 < len(found["strict"]) < len(found["loose"])
-    assert worst_overlap(found["strict"]) < 0.3
+    assert worst_overlap(found["strict"]) < 0.2
     kept = {(round(float(s), 6), int(l)) for s, l in zip(found["strict"].scores, found["strict"].labels)}
     assert kept <= {(round(float(s), 6), int(l)) for s, l in zip(found["loose"].scores, found["loose"].labels)}
 
