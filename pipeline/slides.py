@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+import rasterio
 import tifffile
 import zarr
 from affine import Affine
 from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from pipeline.grid import Span
 from pipeline.handles import open_cached
@@ -70,7 +72,8 @@ def is_tiff_slide(path: str | Path, mpp_given: bool = False) -> bool:
     """A TIFF that tifffile reads as a slide: an OME-TIFF; a pyramid (SubIFDs or reduced pages)
     without georeferencing; or a single image without georeferencing whose resolution tags give a
     microscope's pixel size (≤ 10 µm; 72 or 300 dpi do not), or for which ``--mpp`` is given (a
-    region or TMA core exported from a slide, a microscope's 16-bit field: its µm per pixel is honoured)."""
+    region or TMA core exported from a slide, a microscope's 16-bit field: its µm per pixel is honoured).
+    Georeferencing is GeoTIFF tags or sidecar files that GDAL reads (a world file, .aux.xml, .prj)."""
     if not _is_tiff(path):
         return False
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # a broken file is reported by its reader
@@ -81,11 +84,22 @@ def is_tiff_slide(path: str | Path, mpp_given: bool = False) -> bool:
             page = tif.pages.first
             if GEOTIFF_TAGS & set(page.tags.keys()):
                 return False
-            if len(tif.series[0].levels) > 1:
-                return True
-            return mpp_given or _tiff_mpp(tif) is not None
+            slide_like = len(tif.series[0].levels) > 1 or mpp_given or _tiff_mpp(tif) is not None
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
         return False
+    return slide_like and not _georeferenced_by_sidecar(path)
+
+
+def _georeferenced_by_sidecar(path: str | Path) -> bool:
+    """Whether GDAL puts a TIFF without GeoTIFF tags on the ground all the same: a world file
+    (.tfw), an .aux.xml or a .prj beside it (GDAL's baseline-TIFF exports, ArcGIS deliveries)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            with rasterio.open(path) as dataset:
+                return dataset.crs is not None or not dataset.transform.is_identity or bool(dataset.gcps[0])
+        except RasterioIOError:
+            return False
 
 
 def choose_level(level_mpp: list[float], target_mpp: float | None) -> int:

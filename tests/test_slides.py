@@ -488,3 +488,27 @@ def test_non_square_pixels_and_tiffs_by_content_are_said(tmp_path):
     with pytest.warns(UserWarning, match=r"scan.qptiff: pixels are 0.25 × 0.5 µm; read as 0.25 µm square"):
         source = open_image(path, target_mpp=0.25)
     assert source.backend == "tifffile" and source.mpp == 0.25
+
+
+def test_a_tiff_georeferenced_by_its_sidecars_stays_a_raster(tmp_path):
+    """A baseline TIFF (no GeoTIFF tags) with a world file and .aux.xml, given internal overviews
+    (gdaladdo): GDAL places it on the ground, so it is read as a raster in its CRS, not as a slide
+    in pixels (its polygons had no CRS, and tissue detection skipped grey roofs)."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from pipeline.sources import RasterSource
+    from pipeline.synthetic_raster import DEFAULT_TRANSFORM
+
+    path = tmp_path / "ortho.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=600, width=700, count=3, dtype="uint8", crs="EPSG:32632",
+                       transform=DEFAULT_TRANSFORM, PROFILE="BASELINE", TFW="YES", tiled=True, photometric="RGB") as dataset:
+        dataset.write(np.full((3, 600, 700), 120, np.uint8))
+    with rasterio.open(path, "r+") as dataset:
+        dataset.build_overviews([2, 4], Resampling.average)
+    assert (tmp_path / "ortho.tfw").is_file()
+    source = open_image(path)
+    assert isinstance(source, RasterSource) and "32632" in source.crs_wkt and source.transform == DEFAULT_TRANSFORM
+    for sidecar in ("ortho.tfw", "ortho.tif.aux.xml"):  # without them the same pixels are a pyramid: a slide
+        (tmp_path / sidecar).unlink(missing_ok=True)
+    assert not isinstance(open_image(path, mpp=0.5), RasterSource)
