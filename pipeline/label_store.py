@@ -79,8 +79,16 @@ def _create_level(
         str(k), shape=shape, chunks=(chunk, chunk), shards=(shard, shard) if shard and shard > chunk else None,
         dtype=dtype, fill_value=0, compressors=COMPRESSORS,
         dimension_names=level_dims(k), config=CONFIG, overwrite=True,
-        attributes=_spatial(transform @ Affine.scale(2**k), shape, level_dims(k)),
+        attributes=_spatial(level_transform(transform, k), shape, level_dims(k)),
     )
+
+
+def level_transform(transform: Affine, k: int) -> Affine:
+    """Pixel → CRS affine of pyramid level ``k`` (pixel corners, as GDAL's): its pixel ``i`` is level
+    0's pixel ``i·2^k`` (every other pixel, level by level), so it is drawn as the ``2^k`` square
+    centred on that pixel, not the block it starts (labels would drift ``(2^k − 1)/2`` pixels)."""
+    shift = 0.5 - 2 ** (k - 1)
+    return transform @ Affine.translation(shift, shift) @ Affine.scale(2**k)
 
 
 def _open(store: Path, name: str) -> zarr.Array:

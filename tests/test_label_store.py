@@ -239,7 +239,12 @@ def test_attributes_describe_counts_crs_and_scales(scene, built):
     assert [a["name"] for a in ome["axes"]] == ["y", "x"]
     for k, dataset in enumerate(ome["datasets"]):
         assert dataset["coordinateTransformations"][0]["scale"] == [0.5 * 2**k, 0.5 * 2**k]
-        assert Affine(*group[f"labels/{dataset['path']}"].attrs["spatial:transform"]) == TRANSFORM @ Affine.scale(2**k)
+        # every labelled pixel of a level, its centre through the level's transform, is the level-0 pixel it came from
+        level = group[f"labels/{dataset['path']}"]
+        rows, cols = np.nonzero(level[:])
+        x, y = Affine(*level.attrs["spatial:transform"]) * (cols + 0.5, rows + 0.5)
+        c0, r0 = ~TRANSFORM * (x, y)
+        assert (group["labels/0"][:][np.floor(r0).astype(int), np.floor(c0).astype(int)] == level[:][rows, cols]).all()
     assert len(ome["datasets"]) == summary["levels"]
     with pytest.raises(ValueError, match="read-only"):
         group["labels/0"][0, 0] = 1
