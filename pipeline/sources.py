@@ -179,8 +179,14 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     if dataset.width == 0 or dataset.height == 0:
         raise SourceError(f"{path}: image has no pixels ({dataset.width}×{dataset.height})")
     colour = [i for i in range(1, dataset.count + 1) if dataset.colorinterp[i - 1].name != "alpha"]
+    tagged = {dataset.colorinterp[i - 1]: i for i in colour}
+    rgb = tuple(tagged.get(c) for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
     if bands is None:
-        if len(colour) == 1:
+        if channels == 3 and None not in rgb:  # the file says where red, green and blue are (BGR, BGRN)
+            bands = rgb
+            if rgb != tuple(colour[:3]):
+                warnings.warn(f"{path}: bands {','.join(map(str, rgb))} read as red, green, blue (their colour tags)", stacklevel=3)
+        elif len(colour) == 1:
             bands = (colour[0],) * channels
         elif len(colour) >= channels:
             bands = tuple(colour[:channels])

@@ -54,6 +54,14 @@ def test_band_rules(tmp_path):
         open_raster(five, bands=(6, 0, 2))
     with pytest.raises(SourceError, match=r"five\.tif: 2 bands chosen, the model needs 3"):
         open_raster(five, bands=(1, 2))
+    import rasterio
+    from rasterio.enums import ColorInterp
+
+    with rasterio.open(five, "r+") as dataset:  # Blue, Green, Red, NIR, …: as Planet's analytic products are tagged
+        dataset.colorinterp = [ColorInterp.blue, ColorInterp.green, ColorInterp.red, ColorInterp.undefined, ColorInterp.undefined]
+    with pytest.warns(UserWarning, match=r"five\.tif: bands 3,2,1 read as red, green, blue"):
+        assert open_raster(five).bands == (3, 2, 1)
+    assert open_raster(five, bands=(1, 2, 3)).bands == (1, 2, 3)  # --bands decides
 
 
 def test_a_multi_page_tiff_is_read_from_its_first_page_with_a_warning(tmp_path):
