@@ -202,6 +202,8 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     if len(bands) != channels:
         raise SourceError(f"{path}: {len(bands)} bands chosen, the model needs {channels} (or 1, repeated)")
     dtype = dataset.dtypes[bands[0] - 1]
+    if dtype.startswith("complex"):
+        raise SourceError(f"{path}: {dtype} pixels (complex SAR data): convert to amplitude or intensity first")
     palette = _palette(dataset, bands)
     if palette is not None or (dtype == "uint8" and value_range is None):
         ranges = None

@@ -47,6 +47,7 @@ def corpus(folder: Path) -> dict[str, str | None]:
     as_float = scene.image.astype(np.float32) / 255
     as_float[:50] = np.nan
     write_geotiff(as_float, folder / "float-nan.tif")
+    write_geotiff((scene.image[..., :1] * (1 + 1j)).astype(np.complex64), folder / "complex.tif")  # SAR, single look complex
     write_geotiff(np.zeros((400, 400, 3), np.uint8), folder / "all-nodata.tif", nodata=0)
     write_geotiff(scene.image[:100, :90], folder / "smaller-than-a-tile.tif")
     write_geotiff(scene.image, folder / "no-crs.tif", crs=None, transform=rasterio.Affine.identity())
@@ -55,7 +56,7 @@ def corpus(folder: Path) -> dict[str, str | None]:
         "good.tif": None, "zero.tif": "empty file", "truncated.tif": "", "notes.tif": "not a readable raster",
         "truncated-tiles.tif": "read failed at rows", "corrupt-tile.tif": "read failed at rows",
         "photo.png.tif": "not a readable raster", "two-band.tif": "2 colour bands", "one-band.tif": None,
-        "four-band.tif": None, "sixteen-band.tif": None, "uint16.tif": None, "float-nan.tif": None,
+        "four-band.tif": None, "sixteen-band.tif": None, "uint16.tif": None, "float-nan.tif": None, "complex.tif": "complex SAR data",
         "all-nodata.tif": None, "smaller-than-a-tile.tif": None, "no-crs.tif": None,
     }
 
