@@ -112,6 +112,8 @@ def test_bad_input_corpus_fails_file_by_file(tmp_path):
     (["--bands", "a,b"], "--bands a,b: expected 1-based band numbers"),
     (["--scheduler", "no-port-here"], "Dask scheduler no-port-here: cannot connect"),
     (["--model", "truncated-model"], "not a readable safetensors file (Error while deserializing header"),
+    (["https://example.com/cog.tif"], "cog.tif: URLs, GDAL virtual paths (/vsizip/, /vsicurl/ …) and subdataset names are not read"),
+    (["/vsizip/scenes.zip/scene.tif"], "/vsizip/scenes.zip/scene.tif: URLs, GDAL virtual paths"),
 ])
 def test_absurd_parameters_are_refused_before_any_work(tmp_path, monkeypatch, arguments, message):
     from typer.testing import CliRunner

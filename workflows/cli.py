@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -82,6 +83,7 @@ def _check_output_dir(out: Path) -> None:
         _fail(f"{out}: exists and is not a directory")
 
 
+REMOTE = re.compile(r"^(/vsi[a-z0-9_]+/|[A-Za-z][A-Za-z0-9+.-]+:/|[A-Z][A-Z0-9_]+:)")  # https:/ once a Path
 FlipsOption = Annotated[Optional[bool], typer.Option("--flips/--no-flips", help="Flip test-time augmentation (4 views per tile, ~4x model time); default from the model card.")]
 
 
@@ -131,6 +133,9 @@ def run(
         _fail(f"--mpp {mpp} must be positive")
     if not 8 <= density_cell <= 65536:
         _fail(f"--density-cell {density_cell} must be between 8 and 65536")
+    if remote := [str(i) for i in images if not i.exists() and REMOTE.match(str(i))]:
+        _fail(f"{', '.join(remote)}: URLs, GDAL virtual paths (/vsizip/, /vsicurl/ …) and subdataset names are not read; "
+              "download or extract the image to a local file first")
     if not any(i.is_file() for i in images):  # nothing to segment: say so before a cluster starts
         _fail("; ".join(f"{i}: a folder; give its images (e.g. {i}/*.tif) or a workflow file" if i.is_dir()
                         else f"{i}: no such file" for i in images))
