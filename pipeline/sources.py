@@ -146,15 +146,22 @@ def open_raster(
 def pixel_size_m(crs_wkt: str | None, transform: Affine, width: int, height: int) -> float | None:
     """Metres per pixel (the side of a square of equal area) of a georeferenced raster: from the
     transform in a projected CRS, geodesic at the image centre in a lon/lat one; None without a CRS."""
+    sides = pixel_sides_m(crs_wkt, transform, width, height)
+    return None if sides is None else float(np.sqrt(sides[0] * sides[1]))
+
+
+def pixel_sides_m(crs_wkt: str | None, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
+    """(across, down) metres of a pixel at the image centre; None without a CRS."""
     if crs_wkt is None:
         return None
     crs = pyproj.CRS.from_wkt(crs_wkt)
     if not crs.is_geographic:
-        return float(np.sqrt(abs(transform.determinant)) * crs.axis_info[0].unit_conversion_factor)
+        unit = crs.axis_info[0].unit_conversion_factor
+        return float(np.hypot(transform.a, transform.d) * unit), float(np.hypot(transform.b, transform.e) * unit)
     col, row = width // 2, height // 2
     xs, ys = xy(transform, [row, row, row + 1], [col, col + 1, col], offset="ul")
     geod = crs.get_geod()
-    return float(np.sqrt(geod.line_length(xs[:2], ys[:2]) * geod.line_length(xs[::2], ys[::2])))
+    return float(geod.line_length(xs[:2], ys[:2])), float(geod.line_length(xs[::2], ys[::2]))
 
 
 def resample_factor(pixel_size: float | None, target: float | None) -> float:
@@ -218,7 +225,12 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     if len(dataset.subdatasets) > 1:  # a multi-page TIFF (not a pyramid: those are overviews)
         warnings.warn(f"{path}: {len(dataset.subdatasets)} images in the file; only the first is read", stacklevel=3)
     crs_wkt, transform = _georeferencing(dataset, path)
-    size = pixel_size_m(crs_wkt, transform, dataset.width, dataset.height) if target_m else None
+    sides = pixel_sides_m(crs_wkt, transform, dataset.width, dataset.height) if target_m else None
+    size = float(np.sqrt(sides[0] * sides[1])) if sides else None
+    if sides and max(sides) > 1.25 * min(sides):
+        warnings.warn(f"{path}: pixels are {sides[0]:.3g} × {sides[1]:.3g} m on the ground (across × down), resampled by one "
+                      "factor: the model sees objects stretched; reproject to a projected CRS (e.g. UTM) for square pixels",
+                      stacklevel=3)
     factor = resample_factor(size, target_m)
     check_upsampling(path, factor, size, target_m, "m")
     height, width = max(1, round(dataset.height / factor)), max(1, round(dataset.width / factor))

@@ -172,7 +172,8 @@ def test_lon_lat_raster_is_resampled_by_its_geodesic_pixel_size(tmp_path):
     with rasterio.open(path) as dataset:
         size = pixel_size_m(dataset.crs.to_wkt(), dataset.transform, dataset.width, dataset.height)
     assert size == pytest.approx(np.sqrt(0.717 * 1.112), rel=2e-3)
-    source = open_raster(path, target_m=2 * size)
+    with pytest.warns(UserWarning, match=r"degrees\.tif: pixels are 0\.717 × 1\.11 m on the ground .* reproject"):
+        source = open_raster(path, target_m=2 * size)
     assert (source.factor, source.height, source.width) == (pytest.approx(2.0), 200, 250)
     assert source.transform.a == pytest.approx(2e-5) and source.crs_wkt is not None
     assert open_raster(path, target_m=size * 1.04).factor == 1.0
