@@ -208,6 +208,8 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         raise SourceError(f"{path}: no band {', '.join(map(str, missing))}: the image has {dataset.count} band(s)")
     if len(bands) != channels:
         raise SourceError(f"{path}: {len(bands)} bands chosen, the model needs {channels} (or 1, repeated)")
+    for band in (i for i in range(1, dataset.count + 1) if dataset.colorinterp[i - 1] == ColorInterp.alpha):
+        _warn_if_not_transparency(dataset, path, band)
     dtype = dataset.dtypes[bands[0] - 1]
     if dtype.startswith("complex"):
         raise SourceError(f"{path}: {dtype} pixels (complex SAR data): convert to amplitude or intensity first")
@@ -246,6 +248,22 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         factor=factor,
         palette=palette,
     )
+
+
+def _warn_if_not_transparency(dataset, path: Path, band: int, graded_share: float = 0.05) -> None:
+    """Warn when a band tagged alpha holds graded values over much of the image, as a near-infrared
+    band tagged alpha does (RGBN written as RGBA): its low pixels are then taken for no data."""
+    scale = max(1.0, max(dataset.height, dataset.width) / 512)
+    shape = (max(1, round(dataset.height / scale)), max(1, round(dataset.width / scale)))
+    values = dataset.read(band, out_shape=shape, resampling=Resampling.nearest)
+    full = np.iinfo(values.dtype).max if values.dtype.kind in "iu" else 1.0
+    graded = float(((values > 0) & (values < full)).mean())
+    if graded > graded_share:
+        warnings.warn(
+            f"{path}: band {band} is tagged alpha but {graded:.0%} of its pixels are neither transparent nor opaque "
+            f"(a near-infrared band tagged alpha?); its zero pixels are read as no data. If it is not transparency, "
+            f"clear the tag (gdal_edit -colorinterp_{band} undefined)", stacklevel=4,
+        )
 
 
 GCP_FIT_TOLERANCE = 0.5  # pixels: GCPs fitted no worse than this by one affine transform are used through it

@@ -240,3 +240,26 @@ def test_georeferencing_without_a_geotransform(tmp_path):
             assert source.transform.almost_equals(truth) and CRS.from_wkt(source.crs_wkt).to_epsg() == 32631
         else:
             assert source.crs_wkt is None and source.transform.is_identity, name
+
+
+def test_a_band_tagged_alpha_that_is_not_transparency_is_warned_about(tmp_path):
+    """RGBN written as RGBA (ExtraSamples = alpha) masks every NIR = 0 pixel as no data: said, with
+    how to clear the tag; a real alpha band (transparent or opaque) is read without a word."""
+    import warnings
+
+    from rasterio.enums import ColorInterp
+
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    for name, fourth, graded in (("rgbn.tif", rng.integers(0, 255, (200, 300, 1), dtype=np.uint8), True),
+                                 ("rgba.tif", np.where(rng.random((200, 300, 1)) < 0.3, 0, 255).astype(np.uint8), False)):
+        path = write_geotiff(np.dstack([rgb, fourth]), tmp_path / name)
+        with rasterio.open(path, "r+") as dataset:
+            dataset.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert open_raster(path).bands == (1, 2, 3)
+        said = [str(w.message) for w in caught if "tagged alpha" in str(w.message)]
+        assert said == ([f"{path}: band 4 is tagged alpha but 100% of its pixels are neither transparent nor opaque "
+                         "(a near-infrared band tagged alpha?); its zero pixels are read as no data. If it is not "
+                         "transparency, clear the tag (gdal_edit -colorinterp_4 undefined)"] if graded else [])
