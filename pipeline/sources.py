@@ -275,7 +275,7 @@ def _georeferencing(dataset, path: Path) -> tuple[str | None, Affine]:
     pixels give that transform; otherwise outputs are in pixel coordinates, and a warning names
     what was not used (a CRS alone, GCPs that need a warp, RPCs)."""
     if not dataset.transform.is_identity:
-        return (dataset.crs.to_wkt() if dataset.crs else None), dataset.transform
+        return (dataset.crs.to_wkt() if dataset.crs else _crs_of_prj(Path(path))), dataset.transform
     gcps, gcp_crs = dataset.gcps
     if len(gcps) >= 3 and gcp_crs is not None:
         fit = from_gcps(gcps)
@@ -294,6 +294,21 @@ def _georeferencing(dataset, path: Path) -> tuple[str | None, Affine]:
     warnings.warn(f"{path}: georeferenced by {unused}, which Seamline does not use; orthorectify it first "
                   "(e.g. gdalwarp) to get polygons in a CRS", stacklevel=4)
     return None, dataset.transform
+
+
+def _crs_of_prj(path: Path) -> str | None:
+    """The CRS in a ``.prj`` beside an image that a world file places (ArcGIS writes one; GDAL reads
+    it for few formats, JPEG and PNG not), as WKT; None without one."""
+    prj = path.with_suffix(".prj")
+    if not prj.is_file():
+        return None
+    try:
+        wkt = pyproj.CRS.from_user_input(prj.read_text()).to_wkt()
+    except (pyproj.exceptions.CRSError, OSError, UnicodeDecodeError) as err:
+        warnings.warn(f"{prj}: not a readable CRS ({err}); polygons have none", stacklevel=5)
+        return None
+    warnings.warn(f"{path}: CRS read from {prj.name}", stacklevel=5)
+    return wkt
 
 
 def checked_value_range(value_range) -> tuple[float, float]:

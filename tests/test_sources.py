@@ -263,3 +263,21 @@ def test_a_band_tagged_alpha_that_is_not_transparency_is_warned_about(tmp_path):
         assert said == ([f"{path}: band 4 is tagged alpha but 100% of its pixels are neither transparent nor opaque "
                          "(a near-infrared band tagged alpha?); its zero pixels are read as no data. If it is not "
                          "transparency, clear the tag (gdal_edit -colorinterp_4 undefined)"] if graded else [])
+
+
+def test_a_world_file_image_takes_its_crs_from_its_prj(tmp_path):
+    """A JPEG placed by a world file (.jgw) with its CRS in a .prj (ArcGIS exports): GDAL's JPEG
+    driver reads the world file but not the .prj; the polygons would have had no CRS."""
+    import pyproj
+
+    path = tmp_path / "photo.jpg"
+    with rasterio.open(path, "w", driver="JPEG", height=100, width=120, count=3, dtype="uint8") as dataset:
+        dataset.write(np.random.default_rng(2).integers(0, 255, (3, 100, 120), dtype=np.uint8))
+    (tmp_path / "photo.jgw").write_text("0.5\n0\n0\n-0.5\n500000.25\n4099999.75\n")
+    (tmp_path / "photo.prj").write_text(pyproj.CRS.from_epsg(32633).to_wkt(version="WKT1_ESRI"))
+    with pytest.warns(UserWarning, match=r"photo\.jpg: CRS read from photo\.prj"):
+        source = open_raster(path)
+    assert pyproj.CRS.from_wkt(source.crs_wkt).to_epsg() == 32633 and source.transform == rasterio.Affine(0.5, 0, 500000, 0, -0.5, 4100000)
+    (tmp_path / "photo.prj").write_text("not a CRS")
+    with pytest.warns(UserWarning, match=r"photo\.prj: not a readable CRS"):
+        assert open_raster(path).crs_wkt is None
