@@ -227,15 +227,13 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     if len(dataset.subdatasets) > 1:  # a multi-page TIFF (not a pyramid: those are overviews)
         warnings.warn(f"{path}: {len(dataset.subdatasets)} images in the file; only the first is read", stacklevel=3)
     crs_wkt, transform = _georeferencing(dataset, path)
-    sides = pixel_sides_m(crs_wkt, transform, dataset.width, dataset.height) if target_m else None
-    size = float(np.sqrt(sides[0] * sides[1])) if sides else None
-    if sides and max(sides) > 1.25 * min(sides):
-        warnings.warn(f"{path}: pixels are {sides[0]:.3g} × {sides[1]:.3g} m on the ground (across × down), resampled by one "
-                      "factor: the model sees objects stretched; reproject to a projected CRS (e.g. UTM) for square pixels",
-                      stacklevel=3)
-    factor = resample_factor(size, target_m)
-    check_upsampling(path, factor, size, target_m, "m")
-    height, width = max(1, round(dataset.height / factor)), max(1, round(dataset.width / factor))
+    # each axis to the model's metres: lon/lat pixels are far from square away from the equator
+    sides = (pixel_sides_m(crs_wkt, transform, dataset.width, dataset.height) if target_m else None) or (None, None)
+    across, down = (resample_factor(side, target_m) for side in sides)
+    for side, factor in zip(sides, (across, down)):
+        check_upsampling(path, factor, side, target_m, "m")
+    factor = float(np.sqrt(across * down))  # source pixels per processed pixel, by area
+    height, width = max(1, round(dataset.height / down)), max(1, round(dataset.width / across))
     return RasterSource(
         path=str(path.resolve()),
         height=height,
@@ -363,12 +361,13 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
     reason = None
     try:
         with open_cached(source.path, open_quietly) as dataset:
-            if source.factor == 1.0:
+            resampled = (dataset.width, dataset.height) != (source.width, source.height)
+            if not resampled:
                 window = Window(cols.start, rows.start, cols.length, rows.length)
             else:
                 sx, sy = dataset.width / source.width, dataset.height / source.height
                 window = Window(cols.start * sx, rows.start * sy, cols.length * sx, rows.length * sy)
-            resampling = dict(resampling=Resampling.bilinear) if source.factor != 1.0 else {}
+            resampling = dict(resampling=Resampling.bilinear) if resampled else {}
             if source.palette is not None:
                 index = dataset.read(bands[0], window=window, out_shape=shape, resampling=Resampling.nearest)
             elif source.value_range is None:
@@ -379,7 +378,7 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
             if all(dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands):
                 valid = np.ones(shape, bool)
             else:
-                nearest = dict(out_shape=shape, resampling=Resampling.nearest) if source.factor != 1.0 else {}
+                nearest = dict(out_shape=shape, resampling=Resampling.nearest) if resampled else {}
                 valid = dataset.dataset_mask(window=window, **nearest) > 0
     except OSError as err:  # RasterioIOError, or a file gone since it was opened
         reason = read_error_reason(err)

@@ -8,7 +8,7 @@ from distributed import protocol
 from distributed.core import error_message
 
 from pipeline.grid import Span
-from pipeline.sources import SourceError, open_raster, pixel_size_m, read_window
+from pipeline.sources import SourceError, open_raster, pixel_sides_m, pixel_size_m, read_window
 from pipeline.synthetic_raster import write_geotiff
 
 FULL = (Span(0, 64), Span(0, 80))
@@ -164,19 +164,24 @@ def test_projected_raster_is_resampled_to_the_model_resolution(tmp_path):
     assert open_raster(unreferenced, target_m=1.0).factor == 1.0  # no metric pixel size: never guessed
 
 
-def test_lon_lat_raster_is_resampled_by_its_geodesic_pixel_size(tmp_path):
+def test_lon_lat_raster_is_resampled_axis_by_axis_to_square_ground_pixels(tmp_path):
     image = np.random.default_rng(4).integers(0, 255, (400, 500, 3), dtype=np.uint8)
     # 1e-5° pixels at 50° N on WGS84: 0.717 m east-west, 1.112 m north-south
     path = write_geotiff(image, tmp_path / "degrees.tif", crs="EPSG:4326",
                          transform=rasterio.Affine(1e-5, 0, 10, 0, -1e-5, 50.002))
     with rasterio.open(path) as dataset:
         size = pixel_size_m(dataset.crs.to_wkt(), dataset.transform, dataset.width, dataset.height)
-    assert size == pytest.approx(np.sqrt(0.717 * 1.112), rel=2e-3)
-    with pytest.warns(UserWarning, match=r"degrees\.tif: pixels are 0\.717 × 1\.11 m on the ground .* reproject"):
-        source = open_raster(path, target_m=2 * size)
-    assert (source.factor, source.height, source.width) == (pytest.approx(2.0), 200, 250)
-    assert source.transform.a == pytest.approx(2e-5) and source.crs_wkt is not None
-    assert open_raster(path, target_m=size * 1.04).factor == 1.0
+        across, down = pixel_sides_m(dataset.crs.to_wkt(), dataset.transform, dataset.width, dataset.height)
+    assert (across, down) == (pytest.approx(0.717, rel=2e-3), pytest.approx(1.112, rel=2e-3))
+    assert size == pytest.approx(np.sqrt(across * down))
+    source = open_raster(path, target_m=2.0)  # each axis to 2 m: 500 × 0.717 / 2 columns, 400 × 1.112 / 2 rows
+    assert (source.height, source.width) == (round(400 * down / 2), round(500 * across / 2))
+    assert source.factor == pytest.approx(np.sqrt(2 / across * 2 / down))
+    ground = pixel_sides_m(source.crs_wkt, source.transform, source.width, source.height)
+    assert ground == (pytest.approx(2.0, rel=0.01), pytest.approx(2.0, rel=0.01))  # square, as the model was trained
+    pixels, valid = read_window(source, Span(0, source.height), Span(0, source.width))
+    assert pixels.shape == (source.height, source.width, 3) and valid.all()
+    assert open_raster(path, target_m=1.04 * 0.717).width == 500  # within 5 % across: that axis read as is
     with pytest.raises(SourceError, match=r"degrees\.tif: pixels of .* refusing to upsample"):
         open_raster(path, target_m=size / 20)
 
