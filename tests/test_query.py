@@ -239,7 +239,9 @@ def test_counts_per_region_with_regions_in_another_crs(run, tmp_path):
     out, truth = run
     regions = gpd.GeoDataFrame(
         {"name": ["overlap", "west", "elsewhere"]},
-        geometry=[shapely.box(430120, 5419700, 430400, 5419920), shapely.box(430000, 5419700, 430120, 5420000),
+        # edges off the 0.25 m lattice that representative points of pixel-traced outlines lie on: a point on
+        # an edge would fall either side of it after the round trip through lon/lat
+        geometry=[shapely.box(430120.1, 5419700.1, 430400.1, 5419920.1), shapely.box(430000.1, 5419700.1, 430120.1, 5420000.1),
                   shapely.box(431000, 5421000, 431100, 5421100)],
         crs=UTM,
     ).to_crs("EPSG:4326")
