@@ -137,11 +137,13 @@ def paste_masks_in_boxes(
     sizes = (last - first + 1).clamp_(min=0).long()  # (N, 2): columns, rows
     step = (boxes[:, 2:] - boxes[:, :2]).clamp_(min=1e-3) / cells
     crops: list[MaskCrop] = [MaskCrop(0, 0, np.zeros((0, 0), bool))] * len(masks)
-    order = torch.argsort(sizes.prod(1)).tolist()
-    while order:
-        chunk = [order.pop(0)]
-        while order and (len(chunk) + 1) * int(sizes[order[0]].prod()) <= PASTE_CHUNK_PIXELS:
-            chunk.append(order.pop(0))
+    areas, order = torch.sort(sizes.prod(1))  # small masks first
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and (stop + 1 - start) * int(areas[stop]) <= PASTE_CHUNK_PIXELS:
+            stop += 1
+        chunk, start = order[start:stop].tolist(), stop
         index = torch.tensor(chunk, device=masks.device)
         span_x, span_y = (int(v) for v in sizes[index].amax(0))
         if not span_x or not span_y:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,8 +227,15 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.
     """Tensors only (``torch.load(weights_only=True)`` reads it back), written under a temporary name, then renamed."""
     state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "step": torch.tensor(step),
              "seconds": torch.tensor(seconds)}
+    with _renamed_when_written(path) as partial:
+        torch.save(state, partial)
+
+
+@contextmanager
+def _renamed_when_written(path: Path):
+    """Yield a temporary name beside ``path``; what was written there replaces ``path`` on success."""
     partial = path.with_name(f".{path.name}.partial")
-    torch.save(state, partial)
+    yield partial
     os.replace(partial, path)
 
 
@@ -254,12 +262,10 @@ def _write_log(out_dir: Path, log: list[dict]) -> None:
     """``training_log.csv`` and ``loss.png``, each written under a temporary name, then renamed."""
     if not log:
         return
-    partial = out_dir / ".training_log.csv.partial"
-    with open(partial, "w", newline="") as handle:
+    with _renamed_when_written(out_dir / "training_log.csv") as partial, open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(log[0]))
         writer.writeheader()
         writer.writerows(log)
-    os.replace(partial, out_dir / "training_log.csv")
     try:
         import matplotlib
 
@@ -275,9 +281,9 @@ def _write_log(out_dir: Path, log: list[dict]) -> None:
     axis.set_yscale("log")
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out_dir / ".loss.png.partial", dpi=100, format="png")
+    with _renamed_when_written(out_dir / "loss.png") as partial:
+        figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)
-    os.replace(out_dir / ".loss.png.partial", out_dir / "loss.png")
 
 
 def main() -> None:

@@ -20,18 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-import rasterio
 import tifffile
 import zarr
 from affine import Affine
 from PIL import Image
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import RasterioIOError
 
 from pipeline.grid import Span
 from pipeline.handles import open_cached
 from pipeline.sources import (
-    SourceError, check_upsampling, checked_value_range, image_stem, percentile_range, read_error_reason, resample_factor,
-    scaled_to_uint8,
+    SourceError, check_upsampling, checked_value_range, image_stem, open_quietly, percentile_range, read_error_reason,
+    resample_factor, scaled_to_uint8,
 )
 
 TOLERANCE = 1.2
@@ -93,13 +92,11 @@ def is_tiff_slide(path: str | Path, mpp_given: bool = False) -> bool:
 def _georeferenced_by_sidecar(path: str | Path) -> bool:
     """Whether GDAL puts a TIFF without GeoTIFF tags on the ground all the same: a world file
     (.tfw), an .aux.xml or a .prj beside it (GDAL's baseline-TIFF exports, ArcGIS deliveries)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        try:
-            with rasterio.open(path) as dataset:
-                return dataset.crs is not None or not dataset.transform.is_identity or bool(dataset.gcps[0])
-        except RasterioIOError:
-            return False
+    try:
+        with open_quietly(path) as dataset:
+            return dataset.crs is not None or not dataset.transform.is_identity or bool(dataset.gcps[0])
+    except RasterioIOError:
+        return False
 
 
 def choose_level(level_mpp: list[float], target_mpp: float | None) -> int:

@@ -339,6 +339,8 @@ def _only_a_pack(out: Path) -> bool:
 
 def _record_split(path: Path, recorded: dict, resume: bool) -> None:
     """Write the train/validation split; a resumed training must find the one it began with."""
+    from pipeline.writers import atomic_path
+
     if resume and path.is_file():
         try:
             earlier = json.loads(path.read_text())
@@ -349,8 +351,6 @@ def _record_split(path: Path, recorded: dict, resume: bool) -> None:
                   "removed or renamed, or another --val-every); validation images would leak into training. "
                   "Train into a new --out, or --overwrite")
         return
-    from pipeline.writers import atomic_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(recorded, indent=2))
