@@ -11,7 +11,8 @@ Rules shared by the readers:
 - Overlapping objects: larger ones are drawn first so smaller ones stay visible on top.
 - Objects left without pixels are dropped and ids renumbered 1..n (``classes[i]`` is id ``i + 1``).
 - ``resolution``: µm/px from ImageScope's ``MicronsPerPixel``; for georeferenced images the pixel
-  size in metres (geodesic at the image centre for lon/lat rasters); otherwise None.
+  size in metres (the side of a square of equal area, geodesic at the image centre for lon/lat
+  rasters); otherwise None. ``pixel_sides`` holds (across, down): lon/lat pixels are far from square.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from shapely import affinity
 
 from pipeline.grid import Span
 from pipeline.sources import (
-    RESAMPLE_TOLERANCE, RasterSource, SourceError, open_raster, pixel_size_m, read_window, resample_factor,
+    RESAMPLE_TOLERANCE, RasterSource, SourceError, open_raster, pixel_sides_m, read_window, resample_factor,
 )
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
@@ -64,6 +65,7 @@ class AnnotatedImage:
     resolution: float | None = None
     resolution_unit: str | None = None  # "um" or "m"
     ignore: np.ndarray | None = None  # where detections are neither right nor wrong (COCO's crowd regions)
+    pixel_sides: tuple[float, float] | None = None  # (across, down) in resolution_unit; None: ``resolution`` both ways
 
 
 # ---------------------------------------------------------------- files
@@ -119,21 +121,21 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return data
 
 
-def _pixel_size(source: RasterSource) -> float | None:
-    """Pixel size in metres of a georeferenced raster, else None."""
-    return pixel_size_m(source.crs_wkt, source.transform, source.width, source.height)
+def _pixel_sides(source: RasterSource) -> tuple[float, float] | None:
+    """(across, down) metres of a georeferenced raster's pixels, else None."""
+    return pixel_sides_m(source.crs_wkt, source.transform, source.width, source.height)
 
 
 def at_resolution(sample: AnnotatedImage, resolution: float) -> AnnotatedImage:
-    """``sample`` resampled to ``resolution`` (in its own unit) by GDAL, like the pipeline's reads:
-    pixels bilinear, instance ids nearest (objects left without pixels are dropped). Returned
-    unchanged within the pipeline's tolerance (``sources.resample_factor``)."""
+    """``sample`` resampled to square pixels of ``resolution`` (in its own unit) by GDAL, axis by
+    axis like the pipeline's reads: pixels bilinear, instance ids nearest (objects left without
+    pixels are dropped). Returned unchanged within the pipeline's tolerance (``_resampled_shape``)."""
     shape = _resampled_shape(sample, resolution)
     if shape is None:
         return sample
     labels = _gdal_resize(sample.labels[None], shape, Resampling.nearest)[0]
-    resampled = _sample(sample.name, pixels_at_resolution(sample, resolution), labels, sample.class_names, resolution,
-                        sample.classes, sample.resolution_unit)
+    resampled = _sample(sample.name, pixels_at_resolution(sample, resolution), labels, sample.class_names,
+                        (resolution, resolution), sample.classes, sample.resolution_unit)
     if sample.ignore is None:
         return resampled
     return replace(resampled, ignore=_gdal_resize(sample.ignore[None].astype(np.uint8), shape, Resampling.nearest)[0] > 0)
@@ -148,14 +150,15 @@ def pixels_at_resolution(sample: AnnotatedImage, resolution: float) -> np.ndarra
 
 
 def _resampled_shape(sample: AnnotatedImage, resolution: float) -> tuple[int, int] | None:
-    """(height, width) of ``sample`` at ``resolution``; None within the pipeline's tolerance."""
+    """(height, width) of ``sample`` with each axis at ``resolution``, as ``sources.open_raster``
+    sizes a raster for the model (an axis within the pipeline's tolerance kept); None when that
+    is the shape it has, for then the pipeline reads it as is."""
     if sample.resolution is None:
         raise AnnotationError(f"{sample.name}: no pixel size (georeferencing or MicronsPerPixel) to resample from")
-    factor = resample_factor(sample.resolution, resolution)
-    if factor == 1.0:
-        return None
+    across, down = (resample_factor(side, resolution) for side in sample.pixel_sides or (sample.resolution,) * 2)
     height, width = sample.labels.shape
-    return max(1, round(height / factor)), max(1, round(width / factor))
+    shape = max(1, round(height / down)), max(1, round(width / across))
+    return None if shape == (height, width) else shape
 
 
 def _gdal_resize(bands: np.ndarray, shape: tuple[int, int], resampling: Resampling) -> np.ndarray:
@@ -172,11 +175,12 @@ def _gdal_resize(bands: np.ndarray, shape: tuple[int, int], resampling: Resampli
 # ---------------------------------------------------------------- instances
 
 
-def _sample(name: str, image: np.ndarray, labels: np.ndarray, class_names: list[str], resolution: float | None,
+def _sample(name: str, image: np.ndarray, labels: np.ndarray, class_names: list[str], sides: tuple[float, float] | None,
             classes=None, unit: str = "m", annotated: int | None = None) -> AnnotatedImage:
     """Drop ids without pixels and renumber 1..n; ``classes[k]`` belongs to input id ``k + 1``.
     Of ``annotated`` objects (default: one per entry of ``classes``), those dropped are counted
-    in a warning."""
+    in a warning. ``sides``: (across, down) size of a pixel, if known; ``resolution`` is the side
+    of a square of equal area, as ``sources.pixel_size_m``."""
     ids, index = np.unique(labels, return_inverse=True)
     index = index.reshape(labels.shape)
     if ids[0] == 0:
@@ -190,8 +194,9 @@ def _sample(name: str, image: np.ndarray, labels: np.ndarray, class_names: list[
             "(outside the image, fewer than 3 points, too small, or covered by others): ignored", stacklevel=3,
         )
     classes = np.zeros(len(ids), np.int16) if classes is None else np.asarray(classes, np.int16)[ids - 1]
+    resolution = None if sides is None else float(np.sqrt(sides[0] * sides[1]))
     return AnnotatedImage(name, image, index.astype(np.int32), classes, list(class_names), resolution,
-                          unit if resolution is not None else None)
+                          unit if sides is not None else None, pixel_sides=sides)
 
 
 def _polygonal(geometry):
@@ -246,7 +251,8 @@ def read_imagescope_xml(image_path: Path, xml_path: Path, class_name: str = "nuc
     image, _ = _read_image(Path(image_path))
     polygons, microns, regions = _imagescope_polygons(Path(xml_path))
     labels = _rasterise(polygons, image.shape[:2])
-    return _sample(Path(image_path).stem, image, labels, [class_name], microns, unit="um", annotated=regions)
+    sides = (microns, microns) if microns is not None else None
+    return _sample(Path(image_path).stem, image, labels, [class_name], sides, unit="um", annotated=regions)
 
 
 def _imagescope_polygons(path: Path) -> tuple[list, float | None, int]:
@@ -279,7 +285,7 @@ def read_label_image(image_path: Path, mask_path: Path, class_name: str = "nucle
         raise AnnotationError(f"{mask_path}: label images need integer values, found {data.dtype}")
     colours = _colour_index(data)
     labels = _split_colours(colours) if len(data) > 1 else colours
-    return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_size(source))
+    return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_sides(source))
 
 
 def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "object", min_area: int = 10) -> AnnotatedImage:
@@ -293,7 +299,7 @@ def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "objec
     if small.any():
         warnings.warn(f"{Path(mask_path).name}: {int(small.sum())} component(s) under {min_area} px ignored", stacklevel=3)
     labels[small[labels]] = 0
-    return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_size(source))
+    return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_sides(source))
 
 
 def read_coco(json_path: Path, image_dir: Path) -> list[AnnotatedImage]:
@@ -383,7 +389,7 @@ def _coco_sample(entry: dict, name: str, annotations: list[dict], class_of: dict
         labels = _paint_rles(rles, (height, width))  # decoding finds malformed RLE counts
     except (ValueError, TypeError) as err:
         raise AnnotationError(f"{json_path}: a segmentation of {entry['file_name']} is malformed ({err})") from err
-    return _crowd_mask(_sample(name, image, labels, names, _pixel_size(source), classes), crowds, json_path)
+    return _crowd_mask(_sample(name, image, labels, names, _pixel_sides(source), classes), crowds, json_path)
 
 
 def _coco_rle(segmentation, height: int, width: int) -> dict | None:
@@ -426,7 +432,7 @@ def read_vector(raster_path: Path, vector_path: Path, class_field: str | None = 
     else:
         names, classes = _classes_from_field(frame, class_field, Path(vector_path))
     labels = _rasterise(frame.geometry.values, image.shape[:2], source.transform)
-    return _sample(Path(raster_path).stem, image, labels, names, _pixel_size(source), classes)
+    return _sample(Path(raster_path).stem, image, labels, names, _pixel_sides(source), classes)
 
 
 def _read_polygons(path: Path, source: RasterSource) -> gpd.GeoDataFrame:

@@ -1,5 +1,6 @@
 import json
 import re
+from dataclasses import replace
 
 import geopandas as gpd
 import numpy as np
@@ -423,6 +424,34 @@ def test_resampled_samples_match_the_pipelines_resampled_reads(tmp_path):
     unreferenced = read_binary_mask(image_file(tmp_path), write_geotiff(np.zeros((H, W, 1), np.uint8), tmp_path / "m.tif", crs=None))
     with pytest.raises(AnnotationError, match="img: no pixel size"):
         at_resolution(unreferenced, 1.0)
+
+
+def test_lon_lat_samples_are_resampled_axis_by_axis_to_square_ground_pixels(tmp_path):
+    from pipeline.sources import open_raster
+
+    # 1e-5° pixels at 70° N, 15° E: ~0.38 m across × 1.12 m down on the ground
+    transform = Affine(1e-5, 0, 14.9985, 0, -1e-5, 70.001)
+    raster = write_geotiff(np.zeros((200, 300, 3), np.uint8), tmp_path / "north.tif", crs="EPSG:4326", transform=transform)
+    x, y = gpd.GeoSeries([shapely.Point(transform @ (150, 100))], crs="EPSG:4326").to_crs("EPSG:32633")[0].coords[0]
+    square = shapely.box(x - 10, y - 10, x + 10, y + 10)  # 20 m on the ground: UTM 33N's central meridian is 15° E
+    gpd.GeoDataFrame(geometry=[square], crs="EPSG:32633").to_file(tmp_path / "square.gpkg")
+    sample = read_vector(raster, tmp_path / "square.gpkg")
+
+    resampled, source = at_resolution(sample, 0.5), open_raster(raster, target_m=0.5)  # what run reads for a 0.5 m model
+    assert resampled.labels.shape == (source.height, source.width)
+    rows, cols = np.nonzero(resampled.labels == 1)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(height - 40) <= 2 and abs(width - 40) <= 2 and abs(height - width) <= 2  # square: 20 m at 0.5 m
+    assert_well_formed(resampled)
+    assert (resampled.resolution, resampled.pixel_sides) == (0.5, (0.5, 0.5))
+
+    across, down = sample.pixel_sides
+    assert across == pytest.approx(0.382, rel=0.01) and down == pytest.approx(1.116, rel=0.01)
+    assert sample.resolution == pytest.approx(np.sqrt(across * down))
+    assert resampled.labels.shape == (round(200 * down / 0.5), round(300 * across / 0.5))
+    near = replace(sample, pixel_sides=(0.49, 0.51))
+    assert at_resolution(near, 0.5) is near  # both axes within 5 %: read as is, as run reads it
+    assert at_resolution(replace(sample, pixel_sides=(0.49, 1.0)), 0.5).labels.shape == (400, 300)  # across kept
 
 
 def test_an_annotated_image_too_big_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
