@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +36,10 @@ class InputSpec(BaseModel):
     )
     reference_mean: list[float] | None = Field(None, description="training images' per-channel mean, 0-255")
     reference_std: list[float] | None = Field(None, description="training images' per-channel std, 0-255")
+    value_range: tuple[float, float] | None = Field(
+        None, description="non-8-bit data: what maps to 0-255 in every band, as the model was trained "
+        "(seamline train --value-range); None: each image's 0.5-99.5th percentiles per band"
+    )
 
     @model_validator(mode="after")
     def _lengths_match(self) -> "InputSpec":
@@ -48,6 +53,8 @@ class InputSpec(BaseModel):
             values = getattr(self, name)
             if values is not None and (len(values) != self.channels or not all(0 <= v <= 255 for v in values)):
                 raise ValueError(f"{name} needs {self.channels} values in 0-255")
+        if self.value_range is not None and not (math.isfinite(sum(self.value_range)) and self.value_range[0] < self.value_range[1]):
+            raise ValueError(f"value_range {list(self.value_range)} needs two finite numbers, low < high")
         return self
 
 

@@ -46,6 +46,7 @@ from pipeline.sources import (
 )
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
+ValueRange = tuple[float, float] | None  # non-8-bit data: what maps to 0-255 (None: each image's percentiles)
 ANNOTATED_BYTES_PER_PIXEL = 40  # pixels, labels and their working copies while an annotated image is read
 
 
@@ -80,12 +81,13 @@ def _require_file(path: Path) -> Path:
     return path
 
 
-def _read_image(path: Path) -> tuple[np.ndarray, RasterSource]:
-    """All pixels as uint8 (h, w, 3) by the pipeline's own rules, and the source describing them."""
+def _read_image(path: Path, value_range: ValueRange = None) -> tuple[np.ndarray, RasterSource]:
+    """All pixels as uint8 (h, w, 3) by the pipeline's own rules (non-8-bit data: ``value_range``
+    to 0-255, else the image's percentiles), and the source describing them."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*scaled to 8 bits")
-            source = open_raster(path)
+            source = open_raster(path, value_range=value_range)
         _check_fits_in_memory(path, source.height, source.width)
         pixels, _ = read_window(source, Span(0, source.height), Span(0, source.width))
     except SourceError as err:
@@ -243,12 +245,13 @@ def _split_colours(colours: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- readers
 
 
-def read_imagescope_xml(image_path: Path, xml_path: Path, class_name: str = "nucleus") -> AnnotatedImage:
+def read_imagescope_xml(image_path: Path, xml_path: Path, class_name: str = "nucleus",
+                        value_range: ValueRange = None) -> AnnotatedImage:
     """Aperio ImageScope XML (MoNuSeg): one ``Region`` per object, ``Vertex`` X/Y in pixels.
 
     Regions with fewer than 3 vertices or no area inside the image are skipped.
     """
-    image, _ = _read_image(Path(image_path))
+    image, _ = _read_image(Path(image_path), value_range)
     polygons, microns, regions = _imagescope_polygons(Path(xml_path))
     labels = _rasterise(polygons, image.shape[:2])
     sides = (microns, microns) if microns is not None else None
@@ -273,13 +276,14 @@ def _imagescope_polygons(path: Path) -> tuple[list, float | None, int]:
     return [shapely.Polygon(ring) for ring in rings if len(ring) >= 3], microns, len(rings)
 
 
-def read_label_image(image_path: Path, mask_path: Path, class_name: str = "nucleus") -> AnnotatedImage:
+def read_label_image(image_path: Path, mask_path: Path, class_name: str = "nucleus",
+                     value_range: ValueRange = None) -> AnnotatedImage:
     """Instance label images. One band (DSB2018, Cellpose): each value is one instance.
 
     Several colour bands (BBBC039 RGBA PNG): a colour is reused for objects that do not touch, so
     instances are the 4-connected components of each colour.
     """
-    image, source = _read_image(Path(image_path))
+    image, source = _read_image(Path(image_path), value_range)
     data = _read_mask(Path(mask_path), image.shape[:2])
     if not np.issubdtype(data.dtype, np.integer):
         raise AnnotationError(f"{mask_path}: label images need integer values, found {data.dtype}")
@@ -288,10 +292,11 @@ def read_label_image(image_path: Path, mask_path: Path, class_name: str = "nucle
     return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_sides(source))
 
 
-def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "object", min_area: int = 10) -> AnnotatedImage:
+def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "object", min_area: int = 10,
+                     value_range: ValueRange = None) -> AnnotatedImage:
     """Binary masks (any band > 0 is foreground): instances are the 8-connected components with at
     least ``min_area`` pixels. Touching objects merge: for SpaceNet this under-counts buildings."""
-    image, source = _read_image(Path(image_path))
+    image, source = _read_image(Path(image_path), value_range)
     foreground = (_read_mask(Path(mask_path), image.shape[:2]) > 0).any(0)
     labels, _ = ndimage.label(foreground, structure=EIGHT_CONNECTED)
     small = np.bincount(labels.ravel()) < min_area
@@ -302,7 +307,7 @@ def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "objec
     return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_sides(source))
 
 
-def read_coco(json_path: Path, image_dir: Path) -> list[AnnotatedImage]:
+def read_coco(json_path: Path, image_dir: Path, value_range: ValueRange = None) -> list[AnnotatedImage]:
     """COCO instances (polygons, RLE or uncompressed RLE); crowd regions (``iscrowd``) become the
     sample's ``ignore`` mask: not instances, and detections on them are not scored.
 
@@ -312,7 +317,8 @@ def read_coco(json_path: Path, image_dir: Path) -> list[AnnotatedImage]:
     images, per_image, class_of, names = _load_coco(json_path)
     stems = Counter(Path(e["file_name"]).stem for e in images)
     return [
-        _coco_sample(entry, _coco_name(entry["file_name"], stems), per_image[entry["id"]], class_of, names, Path(image_dir), json_path)
+        _coco_sample(entry, _coco_name(entry["file_name"], stems), per_image[entry["id"]], class_of, names, Path(image_dir), json_path,
+                     value_range)
         for entry in images
     ]
 
@@ -360,9 +366,9 @@ def _load_coco(path: Path) -> tuple[list[dict], dict, dict, list[str]]:
 
 
 def _coco_sample(entry: dict, name: str, annotations: list[dict], class_of: dict, names: list[str], image_dir: Path,
-                 json_path: Path) -> AnnotatedImage:
+                 json_path: Path, value_range: ValueRange = None) -> AnnotatedImage:
     """One COCO image entry and its annotations, painted on the image's own size."""
-    image, source = _read_image(image_dir / entry["file_name"])
+    image, source = _read_image(image_dir / entry["file_name"], value_range)
     height, width = image.shape[:2]
     if (entry.get("height", height), entry.get("width", width)) != (height, width):
         raise AnnotationError(f"{json_path}: image {entry['file_name']} is listed as {entry.get('width')}×{entry.get('height')} px but is {width}×{height}")
@@ -421,11 +427,11 @@ def _paint_rles(rles: list[dict | None], shape: tuple[int, int]) -> np.ndarray:
 
 
 def read_vector(raster_path: Path, vector_path: Path, class_field: str | None = None,
-                class_name: str = "object") -> AnnotatedImage:
+                class_name: str = "object", value_range: ValueRange = None) -> AnnotatedImage:
     """A GeoTIFF and polygons (GeoPackage, GeoJSON, shapefile, …) in any CRS, reprojected to the
     raster's and rasterised on its grid. Classes: sorted distinct values of ``class_field``, else
     ``class_name``. Polygons without a CRS are taken to be in the raster's."""
-    image, source = _read_image(Path(raster_path))
+    image, source = _read_image(Path(raster_path), value_range)
     frame = _read_polygons(Path(vector_path), source)
     if class_field is None:
         names, classes = [class_name], np.zeros(len(frame), np.int16)

@@ -17,10 +17,11 @@ def open_for_model(
     mpp: float | None = None,
 ):
     """A source read at ``card``'s native resolution (µm for slides, m for projected rasters),
-    with slide-level colour normalisation when the card asks for it."""
+    non-8-bit data scaled by ``value_range``, else as the model was trained (the card's), with
+    slide-level colour normalisation when the card asks for it."""
     resolution = {card.resolution_unit: card.resolution} if card.resolution else {}
     source = open_image(
-        path, bands, value_range, card.input.channels,
+        path, bands, value_range or card.input.value_range, card.input.channels,
         target_mpp=resolution.get("um"), mpp=mpp, target_m=resolution.get("m"),
     )
     if isinstance(source, RasterSource) and source.crs_wkt is None:

@@ -132,6 +132,54 @@ def test_train_command_writes_a_loadable_model_and_its_split(tmp_path):
     assert (out / "split.json").read_text() == before  # a refused resume leaves the model's record alone
 
 
+def test_a_value_range_given_to_train_is_kept_in_the_card_and_read_by_evaluate_and_run(tmp_path):
+    """16-bit copies of 8-bit scenes (values × 16): ``train --value-range 0,4080`` trains on exactly the
+    8-bit pixels and writes the range into the card, a model fine-tuned from it keeps it, and evaluate
+    and run read images by the card's range, so the copies score as the originals do. Without a range,
+    each image's percentiles stretch its data."""
+    import rasterio
+
+    from models.card import load_card
+    from models.registry import resolve_model_dir
+    from models.training import load_pack
+    from pipeline.inputs import open_for_model
+
+    images, labels = dataset(tmp_path / "8-bit", n=1)
+    deep = tmp_path / "16-bit"
+    deep.mkdir()
+    with rasterio.open(images / "scene0.tif") as dataset_8:
+        original = dataset_8.read().transpose(1, 2, 0)
+    write_geotiff(original.astype(np.uint16) * 16, deep / "scene0.tif")
+
+    def train(out, *extra):
+        return runner.invoke(app, ["train", "-f", "label-images", "--images", str(deep), "--annotations", str(labels),
+                                   "--out", str(out), "--val-every", "0", "--pack-only", *extra])
+
+    assert train(tmp_path / "ranged", "--value-range", "0,4080").exit_code == 0
+    assert train(tmp_path / "stretched").exit_code == 0
+    assert train(tmp_path / "fine-tuned", "--init", str(tmp_path / "ranged")).exit_code == 0
+    assert load_card(tmp_path / "ranged").input.value_range == (0, 4080)
+    assert load_card(tmp_path / "fine-tuned").input.value_range == (0, 4080)
+    assert load_card(tmp_path / "stretched").input.value_range is None
+    (ranged,), _, _ = load_pack(tmp_path / "ranged" / "train-pack.npz")
+    (stretched,), _, _ = load_pack(tmp_path / "stretched" / "train-pack.npz")
+    assert np.array_equal(ranged.image, original) and not np.array_equal(stretched.image, original)
+
+    shipped_input = load_card(resolve_model_dir("synthetic-shapes")).input
+    card = model_variant(tmp_path / "model-16", "synthetic-shapes", input=shipped_input.model_copy(update={"value_range": (0, 4080)}))
+    assert open_for_model(deep / "scene0.tif", card).value_range == ((0, 4080),) * 3
+    assert open_for_model(deep / "scene0.tif", card, value_range=(0, 1000)).value_range == ((0, 1000),) * 3
+
+    def evaluate(image_dir, model, out):
+        result = runner.invoke(app, ["evaluate", "-f", "label-images", "--images", str(image_dir), "--annotations",
+                                     str(labels), "--model", str(model), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "report.json").read_text())["summary"]
+
+    on_copies = evaluate(deep, tmp_path / "model-16", tmp_path / "report-16")
+    assert on_copies == evaluate(images, "synthetic-shapes", tmp_path / "report-8")
+
+
 def test_train_resamples_to_the_resolution_asked_for(tmp_path):
     from models.card import load_card
     from models.training import load_pack

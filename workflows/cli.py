@@ -207,13 +207,13 @@ ClassOption = Annotated[str, typer.Option(help="Class name for formats without c
 ClassFieldOption = Annotated[Optional[str], typer.Option(help="vector: attribute holding the class.")]
 
 
-def _load(fmt, images, annotations, class_name, class_field):
+def _load(fmt, images, annotations, class_name, class_field, value_range=None):
     from pipeline.annotations import AnnotationError
     from pipeline.sources import SourceError
     from workflows.datasets import load_dataset
 
     try:
-        return load_dataset(fmt, images, annotations, class_name, class_field)
+        return load_dataset(fmt, images, annotations, class_name, class_field, value_range)
     except (AnnotationError, SourceError) as err:
         _fail(str(err))
 
@@ -256,12 +256,13 @@ def train(
     pack_only: Annotated[bool, typer.Option(help="Only write OUT/train-pack.npz and OUT/model.yaml, for `python -m models.training` on a machine with torch alone (e.g. a GPU box).")] = False,
     checkpoint_minutes: Annotated[float, typer.Option(help="Write OUT/checkpoint.pt this often while training (--resume continues from it).")] = 5.0,
     resolution: Annotated[Optional[float], typer.Option(help="Train at this pixel size (µm for imagescope, else m), resampling every image to it; the model then reads images at it. Default: the first image's own.")] = None,
+    value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit images, kept in the model card so run and evaluate read images the same way. Default: each image's 0.5-99.5th percentiles per band (with --init, that model's range).")] = None,
 ) -> None:
     """Train (or fine-tune) a Mask R-CNN on annotated images; writes a model directory."""
     import torch
     from pydantic import ValidationError
 
-    from models.card import ModelCard, save_card
+    from models.card import InputSpec, ModelCard, save_card
     from models.training import RandomCrops, Sample, save_pack, train as train_model
     from pipeline.annotations import AnnotationError, at_resolution
     from workflows.datasets import split
@@ -278,9 +279,15 @@ def train(
     if len(anchor_sizes) != 5 or min(anchor_sizes) < 1:
         _fail(f"--anchors {anchors}: expected five positive sizes in pixels, one per FPN level, e.g. 16,32,64,128,256")
     try:
+        range_pair = _value_range(value_range) if value_range else None
+    except ValueError as err:
+        _fail(str(err))
+    try:
         base = load_card(resolve_model_dir(init)) if init else None
     except ValueError as err:
         _fail(f"--init: {err}")
+    read_as = (base.input if base else InputSpec()).model_copy(
+        update={"value_range": range_pair or (base.input.value_range if base else None)})
     if base and architecture and architecture != base.architecture:
         _fail(f"--architecture {architecture}: --init {init} is a {base.architecture}, and fine-tuning keeps it")
     _check_output_dir(out)
@@ -288,7 +295,7 @@ def train(
         _fail(f"--resume: {out / 'checkpoint.pt'} not found (nothing to continue)")
     if (out / "model.yaml").is_file() and not (resume or overwrite or (pack_only and _only_a_pack(out))):
         _fail(f"{out}: already holds a model; --resume continues it, --overwrite replaces it, or choose a new --out")
-    samples = _load(fmt, images, annotations, class_name, class_field)
+    samples = _load(fmt, images, annotations, class_name, class_field, read_as.value_range)
     if resolution is not None:
         try:
             samples = [at_resolution(s, resolution) for s in samples]
@@ -306,7 +313,7 @@ def train(
     try:
         card = ModelCard(
             name=out.name, architecture=base.architecture if base else architecture or "maskrcnn_compact", classes=class_names,
-            tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
+            input=read_as, tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
             resolution_unit=samples[0].resolution_unit,
             max_detections=max_detections, anchor_sizes=anchor_sizes,
         )
@@ -380,7 +387,7 @@ def evaluate(
     if calibrate and (model is None or not (Path(model) / "model.yaml").is_file()):  # a shipped model, by name
         _fail(f"--calibrate rewrites the model's card: give a model directory, e.g. a copy of this shipped one (cp -r {model_dir} my-model)")
     _check_output_dir(out)
-    samples = _load(fmt, images, annotations, class_name, class_field)
+    samples = _load(fmt, images, annotations, class_name, class_field, card.input.value_range)
     if only:
         wanted = set(only.split(","))
         if unknown := wanted - {s.name for s in samples}:

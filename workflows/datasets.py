@@ -34,27 +34,29 @@ def load_dataset(
     annotations_path: Path | None,
     class_name: str = "object",
     class_field: str | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> list[AnnotatedImage]:
-    """Read every annotated image of a dataset; errors name the file and the problem."""
+    """Read every annotated image of a dataset (non-8-bit pixels: ``value_range`` to 0-255, else
+    each image's percentiles); errors name the file and the problem."""
     if fmt == DatasetFormat.coco:
         if annotations_path is None:
             raise AnnotationError("coco needs --annotations INSTANCES.json")
-        return annotations.read_coco(annotations_path, images)
+        return annotations.read_coco(annotations_path, images, value_range)
     if annotations_path is None:
         raise AnnotationError(f"{fmt.value} needs --annotations (a folder of files named like the images)")
     samples = []
     for image in _images(images):
         if fmt == DatasetFormat.imagescope:
-            samples.append(annotations.read_imagescope_xml(image, _partner(image, annotations_path, (".xml",)), class_name))
+            samples.append(annotations.read_imagescope_xml(image, _partner(image, annotations_path, (".xml",)), class_name, value_range))
         elif fmt == DatasetFormat.label_images:
             mask = _partner(image, annotations_path, (".png", ".tif", ".tiff"))
-            samples.append(annotations.read_label_image(image, mask, class_name))
+            samples.append(annotations.read_label_image(image, mask, class_name, value_range))
         elif fmt == DatasetFormat.binary_masks:
             mask = _partner(image, annotations_path, (".png", ".tif", ".tiff"))
-            samples.append(annotations.read_binary_mask(image, mask, class_name))
+            samples.append(annotations.read_binary_mask(image, mask, class_name, value_range=value_range))
         else:
             vector = _partner(image, annotations_path, (".gpkg", ".geojson", ".json", ".shp"))
-            samples.append(annotations.read_vector(image, vector, class_field=class_field, class_name=class_name))
+            samples.append(annotations.read_vector(image, vector, class_field=class_field, class_name=class_name, value_range=value_range))
     return annotations.with_common_classes(samples)
 
 
