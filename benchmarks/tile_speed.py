@@ -24,13 +24,18 @@ hit all alike), medians reported:
 Efficiency = model-only time / end-to-end time with the same layout (calls side by side × torch
 threads each), on the same tiles of a generated GeoTIFF scene. With ``--images N``, N scenes (seeds
 1…N) go through one run, as an archive does: each image's merge and writes then overlap the next
-image's tiles, and only the last image's tail follows its last tile.
+image's tiles, and only the last image's tail follows its last tile. With ``--image`` the tiles are
+those of real images instead (read as ``seamline run`` reads them, at their own resolution), and
+``--mosaic K`` first lays them side by side, K × K, as one large image: a real model's throughput
+on its own kind of data, where the demo model on generated scenes shows the pipeline's overhead at
+its largest (its model takes ~60 ms per tile).
 Each cluster is started and warmed up (model loaded in every worker) before its timed run and
 closed after it, so no idle cluster shares the CPU with the other runs.
 
     python benchmarks/tile_speed.py [--model synthetic-shapes] [--size 2048] [--batch-size 4] [--repeats 3]
     python benchmarks/tile_speed.py --size 8192 --headline    # only the efficiency of `seamline run`: labels.zarr in its side process, in the merge's thread, none
     python benchmarks/tile_speed.py --size 4096 --images 4 --headline    # the same over four images in one run
+    python benchmarks/tile_speed.py --model nuclei-he --no-flips --image ../shared/data/nuclei-monuseg2018/images/*.tif --mosaic 4 --headline
 """
 
 from __future__ import annotations
@@ -46,15 +51,29 @@ from pathlib import Path
 import dask
 import numpy as np
 import torch
+from rasterio.transform import Affine
 
 from common import fresh_cluster_run, machine, table
 from models.card import load_card
 from models.inference import Segmenter
 from models.registry import resolve_model_dir
 from pipeline.graph import Tiling, image_graph
-from pipeline.grid import TileGrid
+from pipeline.grid import Span, TileGrid
 from pipeline.sources import open_raster, read_window
-from pipeline.synthetic_raster import write_scene
+from pipeline.synthetic_raster import write_geotiff, write_scene
+
+
+def write_mosaic(images: list[Path], side: int, path: Path) -> None:
+    """``images`` (cycled) laid ``side`` × ``side`` as one untagged TIFF at ``path``, each cut to the
+    smallest width and height among them: a large image made of real ones."""
+    pixels = []
+    for image in images[: side * side]:
+        source = open_raster(image)
+        pixels.append(read_window(source, Span(0, source.height), Span(0, source.width))[0])
+    height, width = min(p.shape[0] for p in pixels), min(p.shape[1] for p in pixels)
+    cells = [pixels[k % len(pixels)][:height, :width] for k in range(side * side)]
+    rows = [np.concatenate(cells[r * side : (r + 1) * side], axis=1) for r in range(side)]
+    write_geotiff(np.concatenate(rows), path, crs=None, transform=Affine.identity())
 
 
 def main() -> None:
@@ -62,6 +81,9 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--images", type=int, default=1, help="scenes of --size in one run (an archive)")
+    parser.add_argument("--image", type=Path, nargs="+", help="real images instead of generated scenes")
+    parser.add_argument("--mosaic", type=int, help="with --image: lay them K × K as one image")
+    parser.add_argument("--no-flips", action="store_true", help="flip test-time augmentation off (seamline run --no-flips)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
@@ -75,15 +97,21 @@ def main() -> None:
 
     model_dir = resolve_model_dir(args.model)
     card = load_card(model_dir)
-    segmenter = Segmenter(model_dir, args.device)
-    tiling = Tiling(card.tile_size, card.overlap, args.batch_size)
+    flips = False if args.no_flips else None  # None: as the card says
+    segmenter = Segmenter(model_dir, args.device, flips)
+    tiling = Tiling(card.tile_size, card.overlap, args.batch_size, test_time_flips=flips)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [Path(tmp) / f"scene-{seed}.tif" for seed in range(1, args.images + 1)]
-        for seed, path in enumerate(paths, start=1):
-            write_scene(path, seed=seed, height=args.size, width=args.size)
+        if args.image and args.mosaic:
+            paths = [Path(tmp) / "mosaic.tif"]
+            write_mosaic(args.image, args.mosaic, paths[0])
+        elif args.image:
+            paths = args.image
+        else:
+            paths = [Path(tmp) / f"scene-{seed}.tif" for seed in range(1, args.images + 1)]
+            for seed, path in enumerate(paths, start=1):
+                write_scene(path, seed=seed, height=args.size, width=args.size)
         sources = [open_raster(path) for path in paths]
-        scene_tiles = TileGrid(args.size, args.size, card.tile_size, card.overlap).tiles
-        tiles = [(source, t) for source in sources for t in scene_tiles]
+        tiles = [(source, t) for source in sources for t in TileGrid(source.height, source.width, card.tile_size, card.overlap).tiles]
         pixels = np.stack([read_window(source, t.rows, t.cols)[0] for source, t in tiles])
         for warm_up in range(3):
             segmenter(pixels[warm_up * args.batch_size : (warm_up + 1) * args.batch_size])
@@ -154,8 +182,9 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if segmenter.device.type == "cuda" else "CPU"
     print(f"machine: {machine()}; device {device}")
-    print(f"model {card.name} ({card.architecture}); {args.images} scene(s) of {args.size}x{args.size}: {len(tiles)} tiles of "
-          f"{card.tile_size}² (overlap ≥ {card.overlap}), batch {args.batch_size}, {args.repeats} interleaved repeats")
+    images = ", ".join(f"{Path(s.path).name} {s.width}x{s.height}" for s in sources[:3]) + (" …" if len(sources) > 3 else "")
+    print(f"model {card.name} ({card.architecture}, flips {'on' if segmenter.flips else 'off'}); {len(sources)} image(s): {images}; "
+          f"{len(tiles)} tiles of {card.tile_size}² (overlap ≥ {card.overlap}), batch {args.batch_size}, {args.repeats} interleaved repeats")
     ceiling = {layout: float(np.median(times[name])) for name, (layout, _) in runs.items() if name.startswith("model only")}
     rows = []
     for name, runs_s in times.items():
