@@ -258,6 +258,9 @@ def evaluate_image(
     return {"overall": _scores(overlaps(pred, true)), "per_class": per_class}
 
 
+IMAGE_MEAN_KEYS = ("precision", "recall", "f1", "pq", "sq", "aji")  # also as means of per-image scores
+
+
 def _pool(rows: list[dict]) -> dict:
     tp, fp, fn, predicted, true = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "predicted", "true"))
     c, u = sum(r["aji_c"] for r in rows), sum(r["aji_u"] for r in rows)
@@ -273,6 +276,7 @@ def _pool(rows: list[dict]) -> dict:
         "predicted": predicted, "true": true,
         "count_error_mean": float(np.mean([r["count_error"] for r in rows])),
         "count_error_relative_mean": float(np.mean(relative)) if relative else float("nan"),
+        "image_mean": {k: float(np.mean([r[k] for r in rows])) for k in IMAGE_MEAN_KEYS},
     }
 
 
@@ -281,7 +285,8 @@ def summarise(per_image: list[dict]) -> dict:
 
     P/R/F1 from summed TP/FP/FN (micro); PQ from summed TP/FP/FN and IoU; AJI = ΣC / ΣU; mean
     absolute and mean relative counting error (the latter over images with true instances).
-    Same under ``per_class``.
+    ``image_mean``: P/R/F1, PQ, SQ and AJI per image, then averaged, as nuclei papers (HoVer-Net,
+    MoNuSeg) report them. Same under ``per_class``.
     """
     if not per_image:
         raise ValueError("no images to summarise")

@@ -237,6 +237,11 @@ def test_summary_pools_counts_not_means():
     assert summary["aji"] == pytest.approx((12 + 26) / (39 + 26))  # second image: C = U = 16 + 10
     assert summary["count_error_mean"] == 0.0
     assert summary["per_class"]["a"]["pq"] == pytest.approx(summary["pq"])
+    # The papers' convention beside it: each image's score, then the mean over images.
+    means = summary["image_mean"]
+    assert means["f1"] == pytest.approx((0.5 + 1) / 2) and means["sq"] == pytest.approx((0.6 + 1) / 2)
+    assert means["pq"] == pytest.approx((0.3 + 1) / 2) and means["aji"] == pytest.approx((12 / 39 + 1) / 2)
+    assert summary["per_class"]["a"]["image_mean"] == means
     empty = metrics.evaluate_image(np.zeros_like(true), true, {}, {}, classes, ["a"])
     assert metrics.summarise([empty, second])["count_error_relative_mean"] == pytest.approx(0.5)  # (1 + 0) / 2
 

@@ -397,8 +397,9 @@ def evaluate(
         report = run_evaluation(samples, model_dir, card, out, tiling)
     except ModelWeightsError as err:  # evaluate runs in this process: the loader's own error
         _fail(str(err))
-    console.print(f"F1@0.5 {report['summary']['f1']:.3f}  PQ {report['summary']['pq']:.3f}  AJI {report['summary']['aji']:.3f}  "
-                  f"mask mAP {report['coco']['mask_map']:.3f}  → {out / 'report.md'}")
+    pooled, means = report["summary"], report["summary"]["image_mean"]
+    console.print(f"F1@0.5 {pooled['f1']:.3f}  PQ {pooled['pq']:.3f}  AJI {pooled['aji']:.3f}  mask mAP {report['coco']['mask_map']:.3f}  "
+                  f"(means over images: F1 {means['f1']:.3f}  PQ {means['pq']:.3f}  AJI {means['aji']:.3f})  → {out / 'report.md'}")
     best = report["calibration"]
     if best["score_threshold"] is not None:
         console.print(f"best F1@0.5 {best['f1']:.3f} at score ≥ {best['score_threshold']:.3f} (card: {card.score_threshold})")
