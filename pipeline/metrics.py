@@ -266,6 +266,7 @@ def _pool(rows: list[dict]) -> dict:
     c, u = sum(r["aji_c"] for r in rows), sum(r["aji_u"] for r in rows)
     empty = predicted + true == 0
     relative = [r["count_error_relative"] for r in rows if not np.isnan(r["count_error_relative"])]
+    scored = [r for r in rows if r["predicted"] + r["true"]] or rows  # an image with nothing either side scores nothing
     return {
         "images": len(rows), "tp": tp, "fp": fp, "fn": fn,
         "precision": _ratio(tp, tp + fp, empty),
@@ -276,7 +277,7 @@ def _pool(rows: list[dict]) -> dict:
         "predicted": predicted, "true": true,
         "count_error_mean": float(np.mean([r["count_error"] for r in rows])),
         "count_error_relative_mean": float(np.mean(relative)) if relative else float("nan"),
-        "image_mean": {k: float(np.mean([r[k] for r in rows])) for k in IMAGE_MEAN_KEYS},
+        "image_mean": {k: float(np.mean([r[k] for r in scored])) for k in IMAGE_MEAN_KEYS},
     }
 
 
@@ -286,7 +287,7 @@ def summarise(per_image: list[dict]) -> dict:
     P/R/F1 from summed TP/FP/FN (micro); PQ from summed TP/FP/FN and IoU; AJI = ΣC / ΣU; mean
     absolute and mean relative counting error (the latter over images with true instances).
     ``image_mean``: P/R/F1, PQ, SQ and AJI per image, then averaged, as nuclei papers (HoVer-Net,
-    MoNuSeg) report them. Same under ``per_class``.
+    MoNuSeg) report them, over images with an instance found or true. Same under ``per_class``.
     """
     if not per_image:
         raise ValueError("no images to summarise")

@@ -242,6 +242,8 @@ def test_summary_pools_counts_not_means():
     assert means["f1"] == pytest.approx((0.5 + 1) / 2) and means["sq"] == pytest.approx((0.6 + 1) / 2)
     assert means["pq"] == pytest.approx((0.3 + 1) / 2) and means["aji"] == pytest.approx((12 / 39 + 1) / 2)
     assert summary["per_class"]["a"]["image_mean"] == means
+    nothing = metrics.evaluate_image(np.zeros_like(true), np.zeros_like(true), {}, {}, {}, ["a"])
+    assert metrics.summarise([first, second, nothing])["image_mean"] == means  # scores 1 by itself, but is not scored
     empty = metrics.evaluate_image(np.zeros_like(true), true, {}, {}, classes, ["a"])
     assert metrics.summarise([empty, second])["count_error_relative_mean"] == pytest.approx(0.5)  # (1 + 0) / 2
 
