@@ -100,7 +100,7 @@ def run(
     workers: Annotated[int, typer.Option(min=1, max=256, help="Worker processes of the local cluster.")] = 1,
     threads: Annotated[Optional[int], typer.Option(min=1, max=256, help="Threads per local worker; default: cores ÷ workers.")] = None,
     bands: Annotated[Optional[str], typer.Option(help="1-based bands (slides: channels) to read, e.g. '3,2,1' or '1'.")] = None,
-    value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit data; default: 0.5-99.5th percentiles per band.")] = None,
+    value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit data; default: the model card's input.value_range, else each image's 0.5-99.5th percentiles per band.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     mpp: Annotated[Optional[float], typer.Option(help="Slides and microscopy TIFFs: level-0 microns per pixel, when files lack it or are wrong (applies to every input).")] = None,
     tissue: Annotated[bool, typer.Option(help="Slides: segment only tiles over tissue found on a thumbnail; --no-tissue: every tile with pixels.")] = True,
