@@ -286,8 +286,9 @@ def train(
         base = load_card(resolve_model_dir(init)) if init else None
     except ValueError as err:
         _fail(f"--init: {err}")
-    read_as = (base.input if base else InputSpec()).model_copy(
-        update={"value_range": range_pair or (base.input.value_range if base else None)})
+    read_as = base.input if base else InputSpec()  # a fine-tune reads images as its base model did
+    if range_pair:
+        read_as = read_as.model_copy(update={"value_range": range_pair})
     if base and architecture and architecture != base.architecture:
         _fail(f"--architecture {architecture}: --init {init} is a {base.architecture}, and fine-tuning keeps it")
     _check_output_dir(out)
