@@ -8,6 +8,7 @@ loads it once (``models.inference.cached_segmenter``) and reuses it.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import shutil
 import warnings
@@ -58,7 +59,7 @@ class ImageGraph:
 
 
 PARTS_PREFIX = ".instances-parts."  # the merge's staged Parquet parts, until the write commits them
-MIN_BAND_TILES = 64  # tiles per band of the merge: the instances held at a time scale with it
+MIN_BAND_TILES = 64  # tiles per band of the merge: the instances held at a time scale with it (16 tried: BENCHMARKS.md)
 MERGE_PRIORITY = 2**30  # merge, labels and write tasks run before any tile that is ready too
 LABEL_CHUNKS_PER_BLOCK = 4  # labels.zarr is rasterised in blocks of 4 × 4 chunks of a tile side
 
@@ -130,11 +131,16 @@ def image_graph(
     )
     batches, resumed = [], 0
     bands = grid.row_bands(MIN_BAND_TILES)
-    for k, band in enumerate(bands):
-        in_band = [t for t in foreground if band.start <= t.row < band.stop]
+    # batches run on in row-major order across bands, so only the image's last may be short;
+    # each is merged with its first tile's band
+    band_tops, batches_by_band = [band.start for band in bands], [[] for _ in bands]
+    for start in range(0, len(foreground), tiling.batch_size):
+        batch = foreground[start : start + tiling.batch_size]
+        batches_by_band[bisect.bisect_right(band_tops, batch[0].row) - 1].append(batch)
+    for k, (band, band_tiles) in enumerate(zip(bands, batches_by_band)):
         band_batches = []
-        for start in range(0, len(in_band), tiling.batch_size):
-            indices = tuple(t.index for t in in_band[start : start + tiling.batch_size])  # tiles travel as indices
+        for batch in band_tiles:
+            indices = tuple(t.index for t in batch)  # tiles travel as indices
             kept = Path(resume_dir) / f"batch-{indices[0]:08d}-{len(indices)}.npz" if resume_dir else None
             b = len(batches) + len(band_batches)
             with dask.annotate(priority=priority - k):  # bands in order, so the merge can follow them

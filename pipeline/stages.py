@@ -138,12 +138,15 @@ def merge_grid_band(
 ) -> tuple[SeamState, Detections]:
     """``merge_band`` for the tile rows ``band`` of ``grid`` (bands taken top to bottom): its
     horizon is the next band's top, and its tiles are the rows within two of any candidate's
-    (windows three rows apart never overlap: the grid keeps the overlap under half a tile)."""
+    (windows three rows apart never overlap: the grid keeps the overlap under half a tile).
+    ``results`` may hold tiles of later rows too (a batch that starts in this band and ends in
+    the next): they lie below the horizon, so they wait, pending or held, like any instance
+    that reaches it."""
     n_rows, n_cols = grid.shape
     horizon = grid.row_top(band.stop) if band.stop < n_rows else np.inf
     rows = np.concatenate([state.pending.tile] + [r.candidates.tile for r in results]) // n_cols
-    first = int(rows.min(initial=band.start))
-    tiles = {t.index: t for t in grid.tiles_in_rows(Span(first - 2, band.stop + 2))}
+    first, last = int(rows.min(initial=band.start)), int(rows.max(initial=band.stop - 1))
+    tiles = {t.index: t for t in grid.tiles_in_rows(Span(first - 2, last + 3))}
     return merge_band(state, results, tiles, horizon, min_iou)
 
 

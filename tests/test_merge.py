@@ -83,13 +83,16 @@ def test_random_layouts_come_out_exactly_once(seed, tile, overlap_fraction, heig
     assert_exact(result, four_connected(scene.labels), scene.classes)
 
 
-def _results_by_band(labels, classes, grid, min_tiles):
+def _results_by_band(labels, classes, grid, min_tiles, batch_size=1):
+    """Batch results per band as ``pipeline.graph`` forms them: batches of ``batch_size`` tiles
+    in row-major order, across band boundaries, each merged with the band of its first tile."""
     bands = grid.row_bands(min_tiles)
     results = {band: [] for band in bands}
-    for tile in grid.tiles:
-        final, candidates = split_seam_candidates(tile_detections(perfect_tile_instances(labels, classes, tile), tile), tile)
-        band = next(b for b in bands if b.start <= tile.row < b.stop)
-        results[band].append(BatchResult(final, candidates, 1, 0))
+    for start in range(0, len(grid.tiles), batch_size):
+        batch = grid.tiles[start : start + batch_size]
+        split = [split_seam_candidates(tile_detections(perfect_tile_instances(labels, classes, t), t), t) for t in batch]
+        band = next(b for b in bands if b.start <= batch[0].row < b.stop)
+        results[band].append(BatchResult(*(Detections.concat(parts) for parts in zip(*split)), len(batch), 0))
     return results
 
 
@@ -102,13 +105,16 @@ def _results_by_band(labels, classes, grid, min_tiles):
     width=st.integers(100, 300),
     max_size=st.integers(12, 260),
     min_tiles=st.integers(1, 12),
+    batch_size=st.integers(1, 7),
 )
-def test_merging_band_by_band_releases_the_whole_image_merge_in_order(seed, tile, overlap_fraction, height, width, max_size, min_tiles):
-    """Objects taller than several bands stay pending across them; what is released, band by
-    band, is exactly the in-memory merge, ids included, and nothing is left behind."""
+@example(seed=0, tile=64, overlap_fraction=0.25, height=161, width=100, max_size=15, min_tiles=1, batch_size=7)  # a batch over 3 tile rows
+def test_merging_band_by_band_releases_the_whole_image_merge_in_order(seed, tile, overlap_fraction, height, width, max_size, min_tiles, batch_size):
+    """Objects taller than several bands stay pending across them, and a batch may end in the
+    band after its first tile's; what is released, band by band, is exactly the in-memory merge,
+    ids included, and nothing is left behind."""
     scene = make_scene(seed, height, width, density=2.0, size_range=(6, max_size), gap=1)
     grid = TileGrid(height, width, tile, int(tile * overlap_fraction))
-    by_band = _results_by_band(scene.labels, scene.classes, grid, min_tiles)
+    by_band = _results_by_band(scene.labels, scene.classes, grid, min_tiles, batch_size)
     whole = merge_image([r for results in by_band.values() for r in results], grid).detections
     state, released = SeamState.start(), []
     for band, results in by_band.items():

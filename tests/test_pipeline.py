@@ -155,8 +155,9 @@ def test_same_instances_whatever_the_batch_size_or_task_order(seam_scene, tmp_pa
 
 
 def test_band_by_band_outputs_equal_one_band_labels_included(seam_scene, tmp_path, monkeypatch):
-    """A band per tile row (objects pending across bands, label rows written as they settle)
-    gives the GeoPackage and labels.zarr of a single band; labels agree with the polygons. They
+    """A band per tile row (objects pending across bands, label rows written as they settle,
+    batches of 4 of 6 tiles a row running on into the next band) gives the GeoPackage and
+    labels.zarr of a single band; labels agree with the polygons. They
     are the same written in the side process and in the merge's thread."""
     import rasterio.features
     import zarr
@@ -170,7 +171,7 @@ def test_band_by_band_outputs_equal_one_band_labels_included(seam_scene, tmp_pat
         monkeypatch.setattr(pipeline.graph, "MIN_BAND_TILES", band_tiles)
         monkeypatch.setattr(side_process, "can_start", lambda side=side: side)
         side_process.shutdown()
-        graph = image_graph(open_raster(path), str(MODEL), CARD.classes, tmp_path / name, Tiling(256, 32, 3), labels=True)
+        graph = image_graph(open_raster(path), str(MODEL), CARD.classes, tmp_path / name, Tiling(256, 32, 4), labels=True)
         (summary,) = dask.compute(graph.result, scheduler="threads")
         assert (side_process.pid() is not None) == side
         frame = gpd.read_file(tmp_path / name / "instances.gpkg", layer="instances")
