@@ -157,8 +157,8 @@ def test_same_instances_whatever_the_batch_size_or_task_order(seam_scene, tmp_pa
 def test_band_by_band_outputs_equal_one_band_labels_included(seam_scene, tmp_path, monkeypatch):
     """A band per tile row (objects pending across bands, label rows written as they settle,
     batches of 4 of 6 tiles a row running on into the next band) gives the GeoPackage and
-    labels.zarr of a single band; labels agree with the polygons. They
-    are the same written in the side process and in the merge's thread."""
+    labels.zarr of a single band; labels agree with the polygons. They are the same written in
+    the side process and in the merge's thread."""
     import rasterio.features
     import zarr
 
