@@ -59,7 +59,7 @@ class ImageGraph:
 
 
 PARTS_PREFIX = ".instances-parts."  # the merge's staged Parquet parts, until the write commits them
-MIN_BAND_TILES = 64  # tiles per band of the merge: the instances held at a time scale with it (16 tried: BENCHMARKS.md)
+MIN_BAND_TILES = 64  # tiles per band of the merge (the last rows taper): the instances held at a time scale with it (16 tried: BENCHMARKS.md)
 MERGE_PRIORITY = 2**30  # merge, labels and write tasks run before any tile that is ready too
 LABEL_CHUNKS_PER_BLOCK = 4  # labels.zarr is rasterised in blocks of 4 × 4 chunks of a tile side
 

@@ -130,11 +130,19 @@ class TileGrid:
         return self._axes()[0][row].start
 
     def row_bands(self, min_tiles: int) -> list[Span]:
-        """Consecutive spans of tile rows, each of at least ``min_tiles`` tiles (the last one may
-        hold fewer): the units an image is merged and written in, top to bottom."""
+        """Consecutive spans of tile rows, top to bottom: the units an image is merged and written in.
+        Each is the fewest whole rows that hold ``min_tiles`` tiles, except at the bottom, where the
+        rows of the last band (and of a short one after it) are halved, then halved again (7 rows:
+        4, 2, 1): once the last tile is segmented, one row is left to merge and write, not a band."""
         n_rows, n_cols = self.shape
         step = max(1, -(-min_tiles // n_cols))
-        return [Span(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+        start = max(n_rows // step - 1, 0) * step
+        bands = [Span(r, r + step) for r in range(0, start, step)]
+        while start < n_rows:
+            size = -(-(n_rows - start) // 2)
+            bands.append(Span(start, start + size))
+            start += size
+        return bands
 
     def _axes(self) -> tuple[list[Span], list[Span], list[Span], list[Span]]:
         rows = axis_windows(self.height, self.tile_size, self.overlap)

@@ -60,3 +60,19 @@ def test_a_tile_built_alone_is_the_same_tile_as_in_the_whole_grid(height, width,
     assert [grid.tile(t.index) for t in grid.tiles] == grid.tiles
     with pytest.raises(IndexError):
         grid.tile(len(grid))
+
+
+@settings(max_examples=200, deadline=None)
+@given(height=st.integers(1, 20_000), width=st.integers(1, 4000), min_tiles=st.integers(1, 200))
+def test_row_bands_cover_the_rows_once_and_taper_to_one_row(height, width, min_tiles):
+    grid = TileGrid(height, width, 256, 32)
+    n_rows, n_cols = grid.shape
+    bands = grid.row_bands(min_tiles)
+    assert [b.start for b in bands] == [0, *[b.stop for b in bands[:-1]]] and bands[-1].stop == n_rows
+    full_rows = -(-min_tiles // n_cols)
+    sizes = [b.length for b in bands]
+    assert max(sizes) <= full_rows  # memory holds at most a band of min_tiles
+    tapered = [s for s in sizes if s < full_rows]
+    assert tapered == sorted(tapered, reverse=True) and sizes[-1] == 1
+    assert all(s == full_rows for s in sizes[: len(sizes) - len(tapered)])
+    assert n_rows < 2 * full_rows or sum(tapered) < 2 * full_rows  # only the rows below the last full band taper
