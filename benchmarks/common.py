@@ -129,12 +129,12 @@ def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None 
     them (``None`` as a value: unset in the worker). By default (``env=None``) the overrides of
     ``connect``: ``SEAMLINE_WORKER_ENV``; ``env={}`` keeps Dask's defaults. Workers get ``connect``'s
     other settings too (``LOCAL_WORKER_CONFIG``: not daemonic, so each has its side process for
-    the writes); ``config`` overrides them (``{"distributed.worker.daemon": True}``: the writes in
-    the merge's thread)."""
+    the writes; ``LOCAL_WORKER_DEFAULTS``: no profiler); ``config`` overrides them
+    (``{"distributed.worker.daemon": True}``: the writes in the merge's thread)."""
     import dask
     from distributed import Client, LocalCluster
 
-    from workflows.cluster import LOCAL_WORKER_CONFIG, SideProcessShutdown
+    from workflows.cluster import LOCAL_WORKER_CONFIG, LOCAL_WORKER_DEFAULTS, SideProcessShutdown, unless_configured
 
     env = SEAMLINE_WORKER_ENV if env is None else env
     # the nanny prefers these variables from os.environ over its config and leaves its own in
@@ -142,7 +142,8 @@ def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None 
     saved = {k: os.environ.pop(k, None) for k in WORKER_ENV}
     os.environ.update({k: str(v) for k, v in env.items() if v is not None})
     spawn_environ = "distributed.nanny.pre-spawn-environ."
-    settings = {k: v for k, v in LOCAL_WORKER_CONFIG.items() if not k.startswith(spawn_environ)}  # env sets those
+    settings = unless_configured(LOCAL_WORKER_DEFAULTS)
+    settings |= {k: v for k, v in LOCAL_WORKER_CONFIG.items() if not k.startswith(spawn_environ)}  # env sets those
     settings |= {f"{spawn_environ}{k}": None for k, v in env.items() if v is None} | (config or {})
     try:
         with dask.config.set(settings):

@@ -17,9 +17,9 @@ hit all alike), medians reported:
   ``--variants`` the 1-worker cluster also runs with Dask's default ``MALLOC_TRIM_THRESHOLD_=65536``
   (glibc then returns, and torch re-faults, every large freed block), without labels.zarr
   (``--no-zarr``), with labels.zarr written in the merge's thread (a daemonic worker, Dask's default,
-  may not start the side process that writes it) and with Dask's sampling profiler off (it walks
-  every thread's stack every 10 ms, holding the GIL). ``--headline`` runs the model-only ceiling and
-  the three labels.zarr settings.
+  may not start the side process that writes it) and with Dask's sampling profiler on (Dask's
+  default, off in ``seamline run``: it walks every busy thread's stack every 10 ms, holding the
+  GIL). ``--headline`` runs the model-only ceiling, the three labels.zarr settings and the profiler on.
 
 Efficiency = model-only time / end-to-end time with the same layout (calls side by side × torch
 threads each), on the same tiles of a generated GeoTIFF scene. With ``--images N``, N scenes (seeds
@@ -88,11 +88,12 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     parser.add_argument("--variants", action="store_true",
-                        help="also clusters with Dask's MALLOC_TRIM_THRESHOLD_=65536 and with Dask's profiler off")
+                        help="also clusters with Dask's MALLOC_TRIM_THRESHOLD_=65536, without labels.zarr, with labels.zarr in "
+                             "the merge's thread and with Dask's profiler on")
     parser.add_argument("--no-cluster", action="store_true", help="model only and synchronous scheduler only")
     parser.add_argument("--headline", action="store_true",
                         help="only the headline runs: model only, one call per core side by side, against seamline run's "
-                             "cluster with and without labels.zarr")
+                             "cluster with and without labels.zarr and with Dask's profiler on")
     args = parser.parse_args()
 
     model_dir = resolve_model_dir(args.model)
@@ -160,11 +161,11 @@ def main() -> None:
                 clusters[f"{one}, no labels.zarr (seamline run --no-zarr)"] = (1, cores, None, None, False)
                 clusters[f"{one}, labels.zarr in the merge's thread (daemonic worker: no side process)"] = (
                     1, cores, None, {"distributed.worker.daemon": True}, True)
+                clusters[f"{one}, Dask's profiler on (Dask's default)"] = (1, cores, None, {"distributed.worker.profile.enabled": True}, True)
             if not args.headline:
                 clusters[f"end to end, LocalCluster {cores} workers × 1 thread (seamline run --workers {cores})"] = (cores, 1, None, None, True)
             if args.variants:
                 clusters[f"{one}, Dask's MALLOC_TRIM_THRESHOLD_=65536"] = (1, cores, {}, None, True)
-                clusters[f"{one}, Dask's profiler off"] = (1, cores, None, {"distributed.worker.profile.enabled": False}, True)
             for name, (workers, threads, *setup) in clusters.items():
                 side_by_side = workers * threads if segmenter.device.type == "cpu" else workers
                 runs[name] = ((side_by_side, cluster_threads), partial(on_cluster, workers=workers, threads=threads,

@@ -89,3 +89,16 @@ def test_cli_through_scheduler_and_worker_processes(cluster, tmp_path):
 
     prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert {"read", "segment", "merge", "write"} <= set(prefixes)
+
+
+@pytest.mark.parametrize("variables, profiling", [({}, False), ({"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "True"}, True)])
+def test_local_workers_run_without_dask_s_profiler_unless_the_dask_config_asks(monkeypatch, variables, profiling):
+    from workflows.cluster import connect
+
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with connect(workers=1, threads_per_worker=1, dashboard=":0") as client:
+        sampling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        daemonic = client.run(lambda: dask.config.get("distributed.worker.daemon"))
+    assert list(sampling.values()) == [profiling]
+    assert list(daemonic.values()) == [False]  # Seamline's own settings still apply

@@ -81,10 +81,12 @@ def test_compose_structure() -> None:
     assert "container_name" not in worker
     assert "dask worker tcp://scheduler:8786" in _command(worker)
 
-    # Workers are not daemonic (Dask reads the variable as its config), so each may start its side process.
+    # Workers are not daemonic (Dask reads the variable as its config), so each may start its side process;
+    # Dask's profiler is off.
     for name in ("worker", "gpu-worker"):
         config = dask.config.collect_env(services[name].get("environment", {}))
         assert config.get("distributed", {}).get("worker", {}).get("daemon") is False, name
+        assert config["distributed"]["worker"].get("profile", {}).get("enabled") is False, name  # as seamline run's workers
 
     # The runner submits to the compose scheduler.
     runner = services["runner"]

@@ -21,6 +21,26 @@ LOCAL_WORKER_CONFIG = {
     "distributed.worker.daemon": False,
 }
 
+# set for a local cluster unless the user's Dask config sets them (``unless_configured``)
+LOCAL_WORKER_DEFAULTS = {
+    # Dask's statistical profiler samples every busy thread's Python stack every 10 ms from the
+    # worker's event loop, which then takes the GIL the inference threads need: ~10 % of a CPU run
+    # (BENCHMARKS.md). DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=True fills the dashboard's Profile page again.
+    "distributed.worker.profile.enabled": False,
+}
+
+
+def unless_configured(settings: dict) -> dict:
+    """``settings`` less the keys the user's Dask config sets: in YAML files or ``DASK_*`` variables,
+    or to other than Dask's default with ``dask.config.set``."""
+    user = dask.config.collect()
+    defaults = dask.config.merge(*dask.config.defaults)
+    return {
+        key: value for key, value in settings.items()
+        if dask.config.get(key, None, config=user) is None
+        and dask.config.get(key, None) == dask.config.get(key, None, config=defaults)
+    }
+
 
 class ClusterError(ValueError):
     """A scheduler that cannot be reached, named with the reason."""
@@ -67,7 +87,8 @@ def connect(
     Local workers get the machine's cores between them (``threads_per_worker`` None). Dask gives each
     worker process one torch thread; on the CPU each thread runs its own inference, one per core.
     Local workers are not daemonic, so each may start its side process for the writes
-    (``pipeline.side_process``); a nanny restarting a worker starts it with the same settings.
+    (``pipeline.side_process``), and run without Dask's profiler unless the user's Dask config
+    turns it on (``LOCAL_WORKER_DEFAULTS``); a nanny restarting a worker starts it with the same settings.
     """
     if scheduler:
         try:
@@ -80,7 +101,7 @@ def connect(
             warn_if_daemonic(client)
             yield client
         return
-    with dask.config.set(LOCAL_WORKER_CONFIG):
+    with dask.config.set({**unless_configured(LOCAL_WORKER_DEFAULTS), **LOCAL_WORKER_CONFIG}):
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // workers),
