@@ -128,13 +128,13 @@ def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None 
     ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``); ``env`` overrides
     them (``None`` as a value: unset in the worker). By default (``env=None``) the overrides of
     ``connect``: ``SEAMLINE_WORKER_ENV``; ``env={}`` keeps Dask's defaults. Workers get ``connect``'s
-    other settings too (``LOCAL_WORKER_CONFIG``: not daemonic, so each has its side process for
-    the writes; ``LOCAL_WORKER_DEFAULTS``: no profiler); ``config`` overrides them
+    other settings too (``local_worker_config``: not daemonic, so each has its side process for
+    the writes; no profiler); ``config`` overrides them
     (``{"distributed.worker.daemon": True}``: the writes in the merge's thread)."""
     import dask
     from distributed import Client, LocalCluster
 
-    from workflows.cluster import LOCAL_WORKER_CONFIG, LOCAL_WORKER_DEFAULTS, SideProcessShutdown, unless_configured
+    from workflows.cluster import SideProcessShutdown, local_worker_config
 
     env = SEAMLINE_WORKER_ENV if env is None else env
     # the nanny prefers these variables from os.environ over its config and leaves its own in
@@ -142,8 +142,7 @@ def local_cluster(workers: int, threads: int, env: dict[str, str | None] | None 
     saved = {k: os.environ.pop(k, None) for k in WORKER_ENV}
     os.environ.update({k: str(v) for k, v in env.items() if v is not None})
     spawn_environ = "distributed.nanny.pre-spawn-environ."
-    settings = unless_configured(LOCAL_WORKER_DEFAULTS)
-    settings |= {k: v for k, v in LOCAL_WORKER_CONFIG.items() if not k.startswith(spawn_environ)}  # env sets those
+    settings = {k: v for k, v in local_worker_config().items() if not k.startswith(spawn_environ)}  # env sets those
     settings |= {f"{spawn_environ}{k}": None for k, v in env.items() if v is None} | (config or {})
     try:
         with dask.config.set(settings):

@@ -42,6 +42,12 @@ def unless_configured(settings: dict) -> dict:
     }
 
 
+def local_worker_config() -> dict:
+    """The Dask config a local cluster's workers start with: ``LOCAL_WORKER_CONFIG`` always,
+    ``LOCAL_WORKER_DEFAULTS`` unless the user's Dask config sets them."""
+    return {**unless_configured(LOCAL_WORKER_DEFAULTS), **LOCAL_WORKER_CONFIG}
+
+
 class ClusterError(ValueError):
     """A scheduler that cannot be reached, named with the reason."""
 
@@ -101,7 +107,7 @@ def connect(
             warn_if_daemonic(client)
             yield client
         return
-    with dask.config.set({**unless_configured(LOCAL_WORKER_DEFAULTS), **LOCAL_WORKER_CONFIG}):
+    with dask.config.set(local_worker_config()):
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // workers),
