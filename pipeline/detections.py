@@ -12,7 +12,7 @@ import shapely
 class Detections:
     """Instances in level-0 pixel coordinates of the whole image (x = column, y = row).
 
-    ``cut``: the mask touches an interior edge of its tile's window. ``owned``: the centre of its
+    ``cut``: its mask or box reaches an interior edge of its tile's window. ``owned``: the centre of its
     box lies in its tile's core. Both matter only to the seam merge.
     """
 

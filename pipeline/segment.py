@@ -30,6 +30,11 @@ def tile_detections(instances: TileInstances, tile: Tile, valid: np.ndarray | No
     Masks are clipped to the part of the window inside the image (a padded tile at the border
     cannot produce pixels outside it) and, given ``valid`` (the tile's valid pixels: not nodata,
     alpha, NaN nor padding), to valid pixels; an instance mostly on invalid pixels is dropped.
+
+    An instance is ``cut`` when, at an edge a neighbouring window shares, its mask touches the
+    window's outermost pixels or its box reaches into them: for an object the edge cuts, the model's
+    box ends at the edge (torchvision clips boxes to the tile) while its thresholded mask, which
+    takes only pixels whose centres lie in the box, can stop a pixel short.
     """
     height, width = tile.rows.length, tile.cols.length
     left, top, right, bottom = tile.interior
@@ -43,6 +48,9 @@ def tile_detections(instances: TileInstances, tile: Tile, valid: np.ndarray | No
         [(crop.row, crop.col, mask) for crop, mask in zip(instances.masks, masks)],
         (height, width), tile.rows.start, tile.cols.start,
     )
+    # the box reaches into the window's outermost pixels (its mask may stop a pixel short of them)
+    x0, y0, x1, y1 = np.asarray(instances.boxes, float).reshape(-1, 4).T
+    box_reaches = (left & (x0 < 1)) | (top & (y0 < 1)) | (right & (x1 > width - 1)) | (bottom & (y1 > height - 1))
     geometries, keep, cut = [], [], []
     for i, (crop, mask, polygon) in enumerate(zip(instances.masks, masks, polygons)):
         if polygon is None:
@@ -56,7 +64,7 @@ def tile_detections(instances: TileInstances, tile: Tile, valid: np.ndarray | No
         )
         geometries.append(polygon)
         keep.append(i)
-        cut.append(bool(touches))
+        cut.append(bool(touches or box_reaches[i]))
     keep_index = np.asarray(keep, dtype=np.intp)
     geometry = np.asarray(geometries + [None], dtype=object)[:-1]
     bounds = shapely.bounds(geometry).reshape(-1, 4)

@@ -139,13 +139,20 @@ def test_only_about_one_band_is_held_at_a_time():
     assert max(held) < total / 4
 
 
-def _tile_result(tile, masks):
-    """A tile's detections from (row, col, mask) in window pixels, as a segment task returns them."""
+def _tile_instances(masks, boxes=None):
+    """Instances from (row, col, mask) in window pixels, boxed by their masks unless ``boxes`` given."""
     from models.inference import MaskCrop, TileInstances
 
     crops = [MaskCrop(r, c, m) for r, c, m in masks]
-    boxes = np.array([[c, r, c + m.shape[1], r + m.shape[0]] for r, c, m in masks], np.float32).reshape(-1, 4)
-    instances = TileInstances(boxes, np.zeros(len(crops), np.int16), np.ones(len(crops), np.float32), crops)
+    if boxes is None:
+        boxes = [[c, r, c + m.shape[1], r + m.shape[0]] for r, c, m in masks]
+    boxes = np.array(boxes, np.float32).reshape(-1, 4)
+    return TileInstances(boxes, np.zeros(len(crops), np.int16), np.ones(len(crops), np.float32), crops)
+
+
+def _tile_result(tile, masks, boxes=None):
+    """A tile's detections from (row, col, mask) in window pixels, as a segment task returns them."""
+    instances = _tile_instances(masks, boxes)
     final, candidates = split_seam_candidates(tile_detections(instances, tile), tile)
     return BatchResult(final, candidates, 1, 0)
 
@@ -168,6 +175,24 @@ def test_a_sliver_stopping_short_of_the_window_edge_yields_to_the_tile_that_owns
     beside = (40, 14, np.ones((20, 10), bool))  # x 98-108
     both = merge_image([_tile_result(left, [sliver]), _tile_result(right, [beside])], [left, right]).detections
     assert len(both) == 2
+
+
+def test_a_fragment_whose_box_reaches_the_window_edge_is_cut_though_its_mask_stops_short():
+    """Found at 20,000²: the model boxed the few columns of a large object it saw at its window's
+    edge to 0.42 px of the edge, and the mask (pixels whose centres lie in the box) stopped a column
+    short. Taken as uncut, that sliver outlived the merge beside the next tile's whole copy."""
+    left, right = TileGrid(100, 184, 100, 16).tiles  # windows x 0-100 and 84-184, cores split at x 92
+    sliver = (40, 95, np.ones((20, 4), bool))  # x 95-99, one column short of the window edge
+    box = [[95.2, 40, 99.6, 60]]
+    assert tile_detections(_tile_instances([sliver], box), left).cut.tolist() == [True]
+    assert tile_detections(_tile_instances([sliver], [[95.2, 40, 98.4, 60]]), left).cut.tolist() == [False]
+    # at the image border no neighbour sees on: the same reach is no cut
+    at_border = (40, 95, np.ones((20, 4), bool))  # x 179-183 of the right window, which ends the image
+    assert tile_detections(_tile_instances([at_border], box), right).cut.tolist() == [False]
+
+    whole = (40, 14, np.ones((20, 30), bool))  # x 98-128: covers a quarter of the sliver, IoU 0.2 in x 84-100
+    merged = merge_image([_tile_result(left, [sliver], box), _tile_result(right, [whole])], [left, right]).detections
+    assert len(merged) == 1 and merged.geometry[0].equals(shapely.box(98, 40, 128, 60))
 
 
 def test_a_clip_that_leaves_a_line_along_the_window_edge_does_not_break_the_merge(monkeypatch):
