@@ -178,14 +178,20 @@ def test_a_sliver_stopping_short_of_the_window_edge_yields_to_the_tile_that_owns
 
 
 def test_a_fragment_whose_box_reaches_the_window_edge_is_cut_though_its_mask_stops_short():
-    """Found at 20,000²: the model boxed the few columns of a large object it saw at its window's
-    edge to 0.42 px of the edge, and the mask (pixels whose centres lie in the box) stopped a column
-    short. Taken as uncut, that sliver outlived the merge beside the next tile's whole copy."""
+    """Found at 20,000² and on MoNuSeg: the model drew an object its window's edge cut up to 0.4–1 px
+    short of the edge (box and mask). Taken as uncut, such a piece outlived the merge beside the
+    next tile's whole copy."""
     left, right = TileGrid(100, 184, 100, 16).tiles  # windows x 0-100 and 84-184, cores split at x 92
     sliver = (40, 95, np.ones((20, 4), bool))  # x 95-99, one column short of the window edge
     box = [[95.2, 40, 99.6, 60]]
     assert tile_detections(_tile_instances([sliver], box), left).cut.tolist() == [True]
-    assert tile_detections(_tile_instances([sliver], [[95.2, 40, 98.4, 60]]), left).cut.tolist() == [False]
+    short = (40, 94, np.ones((20, 4), bool))  # x 94-98: two columns short
+    assert tile_detections(_tile_instances([short], [[94.2, 40, 97.99, 60]]), left).cut.tolist() == [False]
+    assert tile_detections(_tile_instances([short], [[94.2, 40, 98.01, 60]]), left).cut.tolist() == [True]  # box
+    assert tile_detections(_tile_instances([sliver], [[95.2, 40, 97.9, 60]]), left).cut.tolist() == [True]  # mask
+    top = (1, 30, np.ones((5, 5), bool))  # rows 1-6 of the right window; its top is the image border
+    assert tile_detections(_tile_instances([top], [[30, 1.2, 35, 6]]), right).cut.tolist() == [False]
+    assert tile_detections(_tile_instances([(1, 1, np.ones((5, 5), bool))]), right).cut.tolist() == [True]  # left edge
     # at the image border no neighbour sees on: the same reach is no cut
     at_border = (40, 95, np.ones((20, 4), bool))  # x 179-183 of the right window, which ends the image
     assert tile_detections(_tile_instances([at_border], box), right).cut.tolist() == [False]
