@@ -268,19 +268,54 @@ def seam_zone(windows: list) -> shapely.Geometry:
     return shapely.union_all(shapely.intersection(boxes[i[keep]], boxes[j[keep]]))
 
 
-def located_errors(predicted: np.ndarray, truth: np.ndarray, windows: list) -> dict[str, int]:
+def located_errors(predicted: np.ndarray, truth: np.ndarray, windows: list, one_window=None) -> dict[str, int]:
     """``seam_errors`` split by place: at a seam (a duplicate of which either output, or a split
     object, meets the pixels two of the tool's windows read) or inside one window (the model's own
-    overlapping or over-segmented outputs, which no merge across seams can cause)."""
+    overlapping or over-segmented outputs, which no merge across seams can cause).
+
+    With ``one_window`` (a window (x0, y0, x1, y1) → the model's polygons on it alone, in image
+    pixels), an error at a seam is also checked against the model's output on the window that holds
+    it most centrally: ``*_seam_model`` counts those the model makes there too (an object it splits
+    seen whole, away from any edge), which are not the merge's doing."""
     duplicates, split = _errors(predicted, truth)
     zone = seam_zone(windows)
     shapely.prepare(zone)
     at_seam = shapely.intersects(zone, predicted[duplicates[:, 0]]) | shapely.intersects(zone, predicted[duplicates[:, 1]])
     split_at_seam = shapely.intersects(zone, truth[split])
-    return {
+    counts = {
         "duplicates_seam": int(at_seam.sum()), "duplicates_interior": int((~at_seam).sum()),
         "splits_seam": int(split_at_seam.sum()), "splits_interior": int((~split_at_seam).sum()),
     }
+    if one_window is not None:
+        cache: dict[tuple, np.ndarray] = {}
+
+        def model_output(region: shapely.Geometry) -> np.ndarray | None:
+            window = _central_window(shapely.bounds(region), windows)
+            if window is None:
+                return None
+            if window not in cache:
+                cache[window] = one_window(window)
+            found = cache[window]
+            found = found[shapely.intersects(found, region)]
+            return found[shapely.area(shapely.intersection(found, region)) >= 0.5 * shapely.area(found)]  # half on it
+
+        model_duplicates = model_splits = 0
+        for a, b in duplicates[at_seam]:
+            found = model_output(shapely.union(predicted[a], predicted[b]))
+            model_duplicates += int(found is not None and len(_errors(found, truth[:0])[0]) > 0)
+        for s in split[split_at_seam]:
+            found = model_output(truth[s])
+            model_splits += int(found is not None and len(found) >= 2)
+        counts.update(duplicates_seam_model=model_duplicates, splits_seam_model=model_splits)
+    return counts
+
+
+def _central_window(bounds: np.ndarray, windows: list) -> tuple | None:
+    """The window (x0, y0, x1, y1) holding ``bounds`` with the widest margin, if any holds it."""
+    w = np.asarray(windows, float).reshape(-1, 4)
+    margin = np.min(np.stack([bounds[0] - w[:, 0], bounds[1] - w[:, 1], w[:, 2] - bounds[2], w[:, 3] - bounds[3]]), axis=0)
+    best = int(np.argmax(margin))
+    return tuple(int(v) for v in w[best]) if margin[best] >= 0 else None
 
 
 def fmt_bytes(n: float) -> str:
