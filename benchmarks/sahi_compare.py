@@ -261,7 +261,9 @@ def window_model(image: Path, model: str):
     from pipeline.polygons import masks_to_polygons
 
     segmenter = _segmenter(model)
-    source = open_for_model(image, segmenter.card)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tool's run already said what it had to about the image
+        source = open_for_model(image, segmenter.card)
 
     def run(window: tuple) -> np.ndarray:
         x0, y0, x1, y1 = window
