@@ -302,7 +302,7 @@ def located_errors(predicted: np.ndarray, truth: np.ndarray, windows: list, one_
         model_duplicates = model_splits = 0
         for a, b in duplicates[at_seam]:
             found = model_output(shapely.union(predicted[a], predicted[b]))
-            model_duplicates += int(found is not None and len(_errors(found, truth[:0])[0]) > 0)
+            model_duplicates += int(found is not None and len(_errors(found, truth[:0])[0]) > 0)  # no truth: pairs only
         for s in split[split_at_seam]:
             found = model_output(truth[s])
             model_splits += int(found is not None and len(found) >= 2)

@@ -260,15 +260,16 @@ def window_model(image: Path, model: str):
     from pipeline.inputs import open_for_model
     from pipeline.polygons import masks_to_polygons
 
-    segmenter = _segmenter(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tool's run already said what it had to about the image
-        source = open_for_model(image, segmenter.card)
+    @functools.cache  # opened (and the model loaded) only if a seam error asks
+    def source():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tool's run already said what it had to about the image
+            return open_for_model(image, _segmenter(model).card)
 
     def run(window: tuple) -> np.ndarray:
         x0, y0, x1, y1 = window
-        pixels, _ = source.read(Span(y0, y1), Span(x0, x1))
-        found = segmenter(pixels[None])[0]
+        pixels, _ = source().read(Span(y0, y1), Span(x0, x1))
+        found = _segmenter(model)(pixels[None])[0]
         polygons = masks_to_polygons([(c.row, c.col, c.mask) for c in found.masks], pixels.shape[:2], y0, x0)
         return np.asarray([p for p in polygons if p is not None] + [None], dtype=object)[:-1]
 

@@ -12,8 +12,9 @@ import shapely
 class Detections:
     """Instances in level-0 pixel coordinates of the whole image (x = column, y = row).
 
-    ``cut``: its mask or box reaches an interior edge of its tile's window. ``owned``: the centre of its
-    box lies in its tile's core. Both matter only to the seam merge.
+    ``cut``: its mask or box comes within ``pipeline.segment.EDGE_BAND`` px of an interior edge of its
+    tile's window. ``owned``: the centre of its box lies in its tile's core. Both matter only to the
+    seam merge.
     """
 
     geometry: np.ndarray
