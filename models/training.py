@@ -148,6 +148,7 @@ def train(
     copied (class-specific heads are re-initialised when the classes differ).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    save_card(card, out_dir)  # first, so that a resume of a killed run can check it trains the same classes
     model = build_model(card)
     if init is not None:
         _initialise_from(model, init)

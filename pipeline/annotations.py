@@ -29,6 +29,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import psutil
+import pyogrio
 import rasterio
 import shapely
 from affine import Affine
@@ -249,22 +250,44 @@ def read_imagescope_xml(image_path: Path, xml_path: Path, class_name: str = "nuc
                         value_range: ValueRange = None) -> AnnotatedImage:
     """Aperio ImageScope XML (MoNuSeg): one ``Region`` per object, ``Vertex`` X/Y in pixels.
 
-    Regions with fewer than 3 vertices or no area inside the image are skipped.
+    Each ``Annotation`` layer is a class named by its ``Name`` (``class_name`` when it has none).
+    Polygons, rectangles and ellipses (stored as two corners) are objects; negative regions
+    (``NegativeROA="1"``) are holes cut from their layer's objects; rulers and arrows are skipped.
     """
     image, _ = _read_image(Path(image_path), value_range)
-    polygons, microns, regions = _imagescope_polygons(Path(xml_path))
+    polygons, layers, microns, regions = _imagescope_polygons(Path(xml_path), class_name)
+    names = sorted(set(layers)) or [class_name]
     labels = _rasterise(polygons, image.shape[:2])
     sides = (microns, microns) if microns is not None else None
-    return _sample(Path(image_path).stem, image, labels, [class_name], sides, unit="um", annotated=regions)
+    return _sample(Path(image_path).stem, image, labels, names, sides, [names.index(n) for n in layers], unit="um",
+                   annotated=regions)
 
 
-def _imagescope_polygons(path: Path) -> tuple[list, float | None, int]:
-    """(polygons of the regions with >= 3 vertices, ``MicronsPerPixel`` or None: absent, 0 (how
-    ImageScope records an unknown pixel size) or negative, the number of regions)."""
+IMAGESCOPE_ELLIPSE = "2"  # Region Type: 0 polygon, 1 rectangle, 2 ellipse (two corners), 3 arrow, 4 ruler
+
+
+def _imagescope_polygons(path: Path, class_name: str) -> tuple[list, list[str], float | None, int]:
+    """(the objects' polygons, each one's layer name, ``MicronsPerPixel`` or None: absent, 0 (how
+    ImageScope records an unknown pixel size) or negative, the number of regions that are not
+    negative)."""
     _require_file(path)
+    objects, holes = [], defaultdict(list)
     try:
         root = ET.parse(path).getroot()
-        rings = [[(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")] for region in root.iter("Region")]
+        for layer in root.iter("Annotation"):
+            name = layer.get("Name") or class_name
+            for region in layer.iter("Region"):
+                ring = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
+                if region.get("Type") == IMAGESCOPE_ELLIPSE and len(ring) == 2:
+                    (x0, y0), (x1, y1) = ring
+                    shape = affinity.scale(shapely.Point(0, 0).buffer(1, 32), abs(x1 - x0) / 2, abs(y1 - y0) / 2, origin=(0, 0))
+                    shape = affinity.translate(shape, (x0 + x1) / 2, (y0 + y1) / 2)
+                else:
+                    shape = shapely.Polygon(ring) if len(ring) >= 3 else None
+                if region.get("NegativeROA") == "1":
+                    holes[name] += [shape] if shape is not None else []
+                else:
+                    objects.append((shape, name))
         microns = root.get("MicronsPerPixel")
         microns = float(microns) if microns else None
     except ET.ParseError as err:
@@ -273,7 +296,10 @@ def _imagescope_polygons(path: Path) -> tuple[list, float | None, int]:
         raise AnnotationError(f"{path}: a Vertex X/Y or MicronsPerPixel is not a number ({err})") from err
     if microns is not None and not (math.isfinite(microns) and microns > 0):
         microns = None
-    return [shapely.Polygon(ring) for ring in rings if len(ring) >= 3], microns, len(rings)
+    kept = [(shape, name) for shape, name in objects if shape is not None]
+    polygons = [shape if not holes[name] else shapely.difference(shapely.make_valid(shape), shapely.union_all(holes[name]))
+                for shape, name in kept]
+    return polygons, [name for _, name in kept], microns, len(objects)
 
 
 def read_label_image(image_path: Path, mask_path: Path, class_name: str = "nucleus",
@@ -287,6 +313,8 @@ def read_label_image(image_path: Path, mask_path: Path, class_name: str = "nucle
     data = _read_mask(Path(mask_path), image.shape[:2])
     if not np.issubdtype(data.dtype, np.integer):
         raise AnnotationError(f"{mask_path}: label images need integer values, found {data.dtype}")
+    if (data == data[:1]).all():  # a grey label image saved as RGB: one band
+        data = data[:1]
     colours = _colour_index(data)
     labels = _split_colours(colours) if len(data) > 1 else colours
     return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_sides(source))
@@ -315,11 +343,9 @@ def read_coco(json_path: Path, image_dir: Path, value_range: ValueRange = None) 
     """
     json_path = Path(json_path)
     images, per_image, class_of, names = _load_coco(json_path)
-    stems = Counter(Path(e["file_name"]).stem for e in images)
     return [
-        _coco_sample(entry, _coco_name(entry["file_name"], stems), per_image[entry["id"]], class_of, names, Path(image_dir), json_path,
-                     value_range)
-        for entry in images
+        _coco_sample(entry, name, per_image[entry["id"]], class_of, names, Path(image_dir), json_path, value_range)
+        for entry, name in zip(images, image_names([e["file_name"] for e in images]))
     ]
 
 
@@ -335,11 +361,17 @@ def _crowd_mask(sample: AnnotatedImage, crowds: list[dict], json_path: Path) -> 
     return replace(sample, ignore=ignore)
 
 
-def _coco_name(file_name: str, stems: Counter) -> str:
-    """An image's name (in split.json, --only, reports): its stem, or where another image in
-    another folder has the same stem, its path without the suffix (``siteA/tile_0001``)."""
-    path = Path(file_name)
-    return path.stem if stems[path.stem] == 1 else path.with_suffix("").as_posix().lstrip("/")
+def image_names(file_names: list[str]) -> list[str]:
+    """Each image's name (in split.json, --only, reports), unique: its stem; where another image
+    has the same stem, its path without the suffix (``siteA/tile_0001``); where that is shared too
+    (``x.png`` beside ``x.tif``), its whole path."""
+    paths = [Path(f) for f in file_names]
+    stems = Counter(p.stem for p in paths)
+    bare = Counter(p.with_suffix("").as_posix() for p in paths)
+    return [
+        p.stem if stems[p.stem] == 1 else (p.with_suffix("") if bare[p.with_suffix("").as_posix()] == 1 else p).as_posix().lstrip("/")
+        for p in paths
+    ]
 
 
 def _load_coco(path: Path) -> tuple[list[dict], dict, dict, list[str]]:
@@ -356,7 +388,11 @@ def _load_coco(path: Path) -> tuple[list[dict], dict, dict, list[str]]:
             per_image[annotation["image_id"]].append(annotation)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise AnnotationError(f"{path}: not a COCO instances file ({err!r})") from err
-    for what, values in (("category name", names), ("image file_name", [e["file_name"] for e in images])):
+    listed_twice = (
+        ("category name", names), ("category id", [c["id"] for c in categories]),
+        ("image file_name", [e["file_name"] for e in images]), ("image id", [e["id"] for e in images]),
+    )
+    for what, values in listed_twice:
         if repeated := sorted(v for v, n in Counter(values).items() if n > 1):
             raise AnnotationError(f"{path}: {what} listed more than once: {', '.join(map(str, repeated[:5]))}")
     listed = {e["id"] for e in images}
@@ -403,6 +439,8 @@ def _coco_rle(segmentation, height: int, width: int) -> dict | None:
     if isinstance(segmentation, list):
         if all(isinstance(v, (int, float)) for v in segmentation):  # one ring written flat, as some tools do
             segmentation = [segmentation]
+        # rings of [x, y] pairs, as some tools write them: flattened to COCO's x, y, x, y, ...
+        segmentation = [_flat_ring(ring) for ring in segmentation]
         if any(len(ring) % 2 for ring in segmentation):
             raise ValueError("a polygon has an odd number of coordinates")
         rings = [ring for ring in segmentation if len(ring) >= 6]  # 4 numbers would be read as a box
@@ -412,6 +450,15 @@ def _coco_rle(segmentation, height: int, width: int) -> dict | None:
     if isinstance(segmentation["counts"], list):
         return mask_utils.frPyObjects(segmentation, height, width)
     return {"size": segmentation["size"], "counts": segmentation["counts"]}
+
+
+def _flat_ring(ring: list) -> list:
+    """A polygon ring as COCO's flat x, y, x, y, ... list, also when written as [x, y] pairs."""
+    if ring and all(isinstance(v, (list, tuple)) for v in ring):
+        if any(len(v) != 2 for v in ring):
+            raise ValueError("a polygon's points must be numbers x, y, x, y, ... or [x, y] pairs")
+        return [float(c) for point in ring for c in point]
+    return ring
 
 
 def _paint_rles(rles: list[dict | None], shape: tuple[int, int]) -> np.ndarray:
@@ -445,14 +492,21 @@ def _read_polygons(path: Path, source: RasterSource) -> gpd.GeoDataFrame:
     """Non-empty features of a vector file, in the raster's CRS."""
     _require_file(path)
     try:
+        layers = pyogrio.list_layers(path)
+        if len(layers) > 1:
+            raise AnnotationError(f"{path}: {len(layers)} layers ({', '.join(layers[:6, 0])}): which holds the objects is "
+                                  "ambiguous; keep one layer per file (e.g. ogr2ogr out.gpkg in.gpkg LAYER)")
         frame = gpd.read_file(path)
+    except AnnotationError:
+        raise
     except Exception as err:  # pyogrio raises DataSourceError and others
         raise AnnotationError(f"{path}: not a readable vector file ({err})") from err
     if frame.crs is not None and source.crs_wkt is None:
         raise AnnotationError(f"{path}: polygons are in {frame.crs.to_string()} but {source.path} has no CRS to place them")
     if frame.crs is not None:
         frame = frame.to_crs(source.crs_wkt)
-    return frame[frame.geometry.notna() & ~frame.geometry.is_empty].reset_index(drop=True)
+    geometry = frame.geometry.values
+    return frame[~(shapely.is_missing(geometry) | shapely.is_empty(geometry))].reset_index(drop=True)
 
 
 def _classes_from_field(frame: gpd.GeoDataFrame, field: str, path: Path) -> tuple[list[str], np.ndarray]:

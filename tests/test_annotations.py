@@ -66,6 +66,29 @@ def test_imagescope_xml_slivers_overlaps_and_frame(tmp_path):
     assert (sample.labels[10:16, 30:36] != sample.labels[5, 25]).all()  # small one on top of the large one
 
 
+def test_imagescope_layers_are_classes_negative_regions_holes_and_ellipses_objects(tmp_path):
+    def layer(name, *regions):
+        return f'<Annotation Name="{name}"><Regions>{"".join(regions)}</Regions></Annotation>'
+
+    hole = region((14, 14), (16, 14), (16, 16), (14, 16)).replace("<Region>", '<Region NegativeROA="1">')
+    ellipse = region((30, 26), (40, 32)).replace("<Region>", '<Region Type="2">')  # two corners of its box
+    ruler = region((40, 2), (48, 2)).replace("<Region>", '<Region Type="4">')
+    (tmp_path / "a.xml").write_text(
+        '<Annotations MicronsPerPixel="0.5">'
+        + layer("tumor", region((10, 10), (20, 10), (20, 20), (10, 20)), hole, region((2, 30), (8, 30), (8, 36), (2, 36)))
+        + layer("lymphocyte", ellipse, ruler) + layer("", region((40, 10), (44, 10), (44, 14), (40, 14)))
+        + "</Annotations>"
+    )
+    with pytest.warns(UserWarning, match="1 of 5 annotated objects have no pixel"):  # the ruler
+        sample = read_imagescope_xml(image_file(tmp_path), tmp_path / "a.xml", class_name="nucleus")
+    assert_well_formed(sample)
+    assert sample.class_names == ["lymphocyte", "nucleus", "tumor"]
+    named = sorted((sample.class_names[c], int((sample.labels == i + 1).sum())) for i, c in enumerate(sample.classes))
+    assert named[0][0] == "lymphocyte" and abs(named[0][1] - np.pi * 5 * 3) < 6  # the ellipse: 10 × 6 px box
+    assert named[1:] == [("nucleus", 16), ("tumor", 36), ("tumor", 100 - 4)]  # the hole cut from its square
+    assert sample.labels[15, 15] == 0 and sample.labels[12, 12] > 0
+
+
 def test_imagescope_self_intersecting_region_is_repaired(tmp_path):
     bow_tie = region((0, 0), (20, 20), (20, 0), (0, 20))  # two triangles meeting at (10, 10)
     sample = read_imagescope_xml(image_file(tmp_path), imagescope(tmp_path / "a.xml", bow_tie, mpp=""))
@@ -177,6 +200,35 @@ def test_coco_errors(tmp_path):
         read_coco(tmp_path / "bad.json", tmp_path)
 
 
+def test_coco_ids_listed_twice_are_refused_and_points_as_pairs_read(tmp_path):
+    images = [{"id": 1, "file_name": "a.tif"}, {"id": 1, "file_name": "b.tif"}]  # two exports merged
+    with pytest.raises(AnnotationError, match="coco.json: image id listed more than once: 1"):
+        read_coco(coco_file(tmp_path, [], images=images), tmp_path)
+    path = coco_file(tmp_path, [])
+    coco = json.loads(path.read_text())
+    coco["categories"].append({"id": 3, "name": "shed"})
+    path.write_text(json.dumps(coco))
+    with pytest.raises(AnnotationError, match="coco.json: category id listed more than once: 3"):
+        read_coco(path, tmp_path)
+    quad = [[[10, 10], [20, 10], [20, 20], [10, 20]]]  # points as [x, y] pairs, as some tools write them
+    hexagon = [[[30, 30], [34, 30], [36, 34], [34, 38], [30, 38], [28, 34]]]
+    a, _ = read_coco(coco_file(tmp_path, [{"category_id": 3, "segmentation": quad}, {"category_id": 1, "segmentation": hexagon}]), tmp_path)
+    assert areas(a) == sorted([100, rle_area([sum(hexagon[0], [])])])
+    with pytest.raises(AnnotationError, match=r"\[x, y\] pairs"):
+        read_coco(coco_file(tmp_path, [{"category_id": 3, "segmentation": [[[1, 1, 1], [5, 1, 1], [5, 5, 1]]]}]), tmp_path)
+
+
+def test_coco_images_of_one_stem_in_one_folder_keep_apart(tmp_path):
+    images = [{"id": 1, "file_name": "a.tif"}, {"id": 2, "file_name": "b.tif"}]
+    path = coco_file(tmp_path, [{"category_id": 1, "segmentation": [[2, 2, 12, 2, 12, 12]]}], images=images)
+    (tmp_path / "a.png").write_bytes((tmp_path / "b.tif").read_bytes())  # PNG in name, GeoTIFF within: read either way
+    coco = json.loads(path.read_text())
+    coco["images"][1]["file_name"] = "a.png"
+    path.write_text(json.dumps(coco))
+    samples = read_coco(path, tmp_path)
+    assert [s.name for s in samples] == ["a.tif", "a.png"] and [int(s.labels.max()) for s in samples] == [1, 0]
+
+
 # ---------------------------------------------------------------- vector
 
 
@@ -243,6 +295,9 @@ def test_vector_errors(tmp_path):
         read_vector(raster, tmp_path / "v.gpkg", class_field="class")
     with pytest.raises(AnnotationError, match="no CRS"):
         read_vector(image_file(tmp_path), tmp_path / "v.gpkg")
+    gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 1, 1)], crs="EPSG:32631").to_file(tmp_path / "v.gpkg", layer="roads")
+    with pytest.raises(AnnotationError, match="v.gpkg: 2 layers .*roads.*keep one layer per file"):
+        read_vector(raster, tmp_path / "v.gpkg")
     (tmp_path / "junk.geojson").write_text("{not json")
     with pytest.raises(AnnotationError, match="junk.geojson"):
         read_vector(raster, tmp_path / "junk.geojson")
@@ -279,6 +334,8 @@ def test_label_image_values_are_instances(tmp_path):
     assert_well_formed(sample)
     assert areas(sample) == [50, 50, 100] and sample.class_names == ["cell"]
     assert sample.labels[0, 0] == sample.labels[9, 9]
+    as_rgb = read_label_image(image_file(tmp_path), write_geotiff(np.repeat(labels, 3, axis=2), tmp_path / "rgb.tif", crs=None))
+    assert (as_rgb.labels == sample.labels).all()  # a grey label image saved as RGB: the same instances
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(AnnotationError, match="corrupt.png"):
         read_label_image(image_file(tmp_path), tmp_path / "corrupt.png")
@@ -298,6 +355,18 @@ def test_colour_coded_mask_reuses_colours(tmp_path):
     sample = read_label_image(image_file(tmp_path), tmp_path / "m.png")
     assert_well_formed(sample)
     assert sample.labels.max() == 4 and areas(sample) == [12, 24, 36, 36]
+
+
+def test_a_dataset_folder_with_two_images_of_one_name_is_refused(tmp_path):
+    from workflows.datasets import DatasetFormat, load_dataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image_file(tmp_path / "images", "x.tif")
+    Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(tmp_path / "images" / "x.png")
+    write_geotiff(np.ones((H, W, 1), np.uint8), tmp_path / "masks" / "x.tif", crs=None)
+    with pytest.raises(AnnotationError, match="images: x.png, x.tif: images of one name are paired with one annotation file"):
+        load_dataset(DatasetFormat.binary_masks, tmp_path / "images", tmp_path / "masks")
 
 
 # ---------------------------------------------------------------- statistics

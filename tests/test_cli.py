@@ -1,5 +1,6 @@
 import json
 import warnings
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -132,6 +133,43 @@ def test_train_command_writes_a_loadable_model_and_its_split(tmp_path):
     assert (out / "split.json").read_text() == before  # a refused resume leaves the model's record alone
 
 
+def test_train_keeps_what_it_starts_from_and_refuses_to_mix_runs(tmp_path):
+    from models.card import load_card
+
+    images, labels = dataset(tmp_path / "data", n=1)
+    data = ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels), "--val-every", "0"]
+
+    def train(*options):
+        result = runner.invoke(app, [*data, *options])
+        return result.exit_code, " ".join(result.output.split())
+
+    # a fine-tune keeps the sizes its base model's weights learnt (anchors, tile, detections) unless told otherwise;
+    # post-processing chosen for the base (threshold, mask NMS, flips) is the new model's to choose
+    assert train("--init", "nuclei-he", "--pack-only", "--out", str(tmp_path / "fine"))[0] == 0
+    fine = load_card(tmp_path / "fine")
+    he = load_card(Path(__file__).parents[1] / "models/zoo/nuclei-he")
+    assert (fine.anchor_sizes, fine.tile_size, fine.max_detections) == (he.anchor_sizes, he.tile_size, he.max_detections)
+    assert (fine.mask_nms_threshold, fine.test_time_flips, fine.score_threshold, fine.classes) == (None, False, 0.5, ["object"])
+    assert train("--init", "nuclei-he", "--anchors", "4,8,16,32,64", "--pack-only", "--out", str(tmp_path / "own"))[0] == 0
+    assert load_card(tmp_path / "own").anchor_sizes == [4, 8, 16, 32, 64]
+
+    # resuming a model of other classes would read its heads as these classes
+    model_variant(tmp_path / "shapes", "synthetic-shapes")
+    (tmp_path / "shapes" / "checkpoint.pt").write_bytes(b"tensors")
+    code, output = train("--resume", "--out", str(tmp_path / "shapes"))
+    assert code == 2 and "was trained for classes ['ellipse', 'rectangle', 'triangle']" in output and "give ['object']" in output
+
+    # a folder of other files is not written over; --overwrite leaves no stale checkpoint behind
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "training_log.csv").write_text("mine")
+    code, output = train("--pack-only", "--out", str(tmp_path / "notes"))
+    assert code == 2 and "not empty and not a model directory" in output
+    assert (tmp_path / "notes" / "training_log.csv").read_text() == "mine"
+    assert train("--overwrite", "--pack-only", "--out", str(tmp_path / "shapes"))[0] == 0
+    assert load_card(tmp_path / "shapes").classes == ["object"]
+    assert not (tmp_path / "shapes" / "checkpoint.pt").exists() and not (tmp_path / "shapes" / "weights.safetensors").exists()
+
+
 def test_a_value_range_given_to_train_is_kept_in_the_card_and_read_by_evaluate_and_run(tmp_path):
     """16-bit copies of 8-bit scenes (values × 16): ``train --value-range 0,4080`` trains on exactly the
     8-bit pixels and writes the range into the card, a model fine-tuned from it keeps it, and evaluate
@@ -257,6 +295,9 @@ def test_evaluate_matches_classes_by_name_in_any_order(tmp_path):
     assert not reports[0]["class_agnostic"] and not reports[1]["class_agnostic"]
     assert reports[0]["summary"] == reports[1]["summary"] and reports[0]["summary"]["f1"] > 0.9
     assert reports[0]["per_image"][0]["per_class"] == reports[1]["per_image"][0]["per_class"]
+    listed = AnnotatedImage("s", scene.image, labels, scene.classes.astype(np.int16), [*card.classes, "star"])  # no star drawn
+    report = evaluate([listed], resolve_model_dir(), card, tmp_path / "listed", Tiling(256, 32))
+    assert not report["class_agnostic"] and report["summary"] == reports[0]["summary"]
 
 
 def test_the_command_line_loads_without_the_pipeline_libraries():

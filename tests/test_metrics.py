@@ -304,6 +304,10 @@ def test_best_score_threshold_is_read_off_the_pr_curve():
     assert best_threshold(np.zeros(2), np.zeros(2), np.array([0.9, 0.5]))["score_threshold"] is None  # no true object found
     top = best_threshold(np.array([1.0]), np.array([1.0]), np.array([0.99987]))
     assert top["score_threshold"] == 0.999  # rounded down: 1.0 would drop the one prediction that scores
+    # the best keeps every prediction: nothing argues for more than the threshold they were made at
+    assert best_threshold(np.array([1.0]), np.array([1.0]), np.array([0.99987]), floor=0.5)["score_threshold"] == 0.5
+    assert best_threshold(precision, recall, np.array([0.9, 0.8, 0.7, 0.6]), floor=0.5)["score_threshold"] == 0.5
+    assert best_threshold(np.array([1, 0.5]), np.array([1.0, 1.0]), np.array([0.9, 0.8]), floor=0.5)["score_threshold"] == 0.9
 
 
 def test_helper_f1_counts_a_duplicated_output_once():

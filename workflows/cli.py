@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from models.card import ModelCardError, check_weights_file, load_card
-from models.registry import resolve_model_dir, shipped_models
+from models.registry import ZOO, resolve_model_dir, shipped_models
 from workflows.analyst_cli import register as register_analyst_commands
 from workflows.formats import DatasetFormat
 
@@ -241,7 +241,7 @@ def train(
     annotations: AnnotationsOption = None, class_name: ClassOption = "object", class_field: ClassFieldOption = None,
     architecture: Annotated[Optional[str], typer.Option(help="maskrcnn_compact (default), maskrcnn_resnet50_fpn[_v2], maskrcnn_mobilenet_v3_large_fpn; with --init, that model's.")] = None,
     init: Annotated[Optional[str], typer.Option(help="Fine-tune from this model (directory or shipped name) instead of from scratch.")] = None,
-    tile_size: Annotated[int, typer.Option(help="Training crop = inference tile size.")] = 512,
+    tile_size: Annotated[Optional[int], typer.Option(help="Training crop = inference tile size. Default 512 (with --init or --resume, that card's).")] = None,
     minutes: Annotated[float, typer.Option(help="Training time budget (cosine schedule over it).")] = 30.0,
     batch_size: Annotated[int, typer.Option(min=1, max=1024, help="Crops per training step.")] = 4,
     lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, cosine schedule).")] = 0.02,
@@ -251,8 +251,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the model already in OUT (without it, training into a model directory is refused).")] = False,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: cuda when present.")] = None,
-    anchors: Annotated[str, typer.Option(help="Five anchor sizes in pixels, one per FPN level.")] = "16,32,64,128,256",
-    max_detections: Annotated[int, typer.Option(min=1, max=10_000, help="Detections per tile (dense nuclei need hundreds).")] = 500,
+    anchors: Annotated[Optional[str], typer.Option(help="Five anchor sizes in pixels, one per FPN level. Default 16,32,64,128,256 (with --init or --resume, that card's).")] = None,
+    max_detections: Annotated[Optional[int], typer.Option(min=1, max=10_000, help="Detections per tile (dense nuclei need hundreds). Default 500 (with --init or --resume, that card's).")] = None,
     pack_only: Annotated[bool, typer.Option(help="Only write OUT/train-pack.npz and OUT/model.yaml, for `python -m models.training` on a machine with torch alone (e.g. a GPU box).")] = False,
     checkpoint_minutes: Annotated[float, typer.Option(help="Write OUT/checkpoint.pt this often while training (--resume continues from it).")] = 5.0,
     resolution: Annotated[Optional[float], typer.Option(help="Train at this pixel size (µm for imagescope, else m), resampling every image to it; the model then reads images at it. Default: the first image's own.")] = None,
@@ -267,16 +267,16 @@ def train(
     from pipeline.annotations import AnnotationError, at_resolution
     from workflows.datasets import split
 
-    if tile_size % 32 or not 64 <= tile_size <= 4096:
+    if tile_size is not None and (tile_size % 32 or not 64 <= tile_size <= 4096):
         _fail(f"--tile-size {tile_size} must be a multiple of 32 between 64 and 4096")
     for name, value in (("--minutes", minutes), ("--lr", lr), ("--checkpoint-minutes", checkpoint_minutes), ("--resolution", resolution)):
         if value is not None and not (math.isfinite(value) and value > 0):
             _fail(f"{name} {value} must be a positive number")
     try:
-        anchor_sizes = [int(a) for a in anchors.split(",")]
+        anchor_sizes = [int(a) for a in anchors.split(",")] if anchors else None
     except ValueError:
         anchor_sizes = []
-    if len(anchor_sizes) != 5 or min(anchor_sizes) < 1:
+    if anchor_sizes is not None and (len(anchor_sizes) != 5 or min(anchor_sizes) < 1):
         _fail(f"--anchors {anchors}: expected five positive sizes in pixels, one per FPN level, e.g. 16,32,64,128,256")
     try:
         range_pair = _value_range(value_range) if value_range else None
@@ -296,6 +296,10 @@ def train(
         _fail(f"--resume: {out / 'checkpoint.pt'} not found (nothing to continue)")
     if (out / "model.yaml").is_file() and not (resume or overwrite or (pack_only and _only_a_pack(out))):
         _fail(f"{out}: already holds a model; --resume continues it, --overwrite replaces it, or choose a new --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model.yaml").is_file() and not (overwrite or resume):
+        _fail(f"{out}: not empty and not a model directory; training would write over its files (--overwrite allows it)")
+    earlier = _card_or_fail(out) if resume and (out / "model.yaml").is_file() else None
+    like = earlier or base  # what a resumed run or a fine-tune keeps unless told otherwise
     samples = _load(fmt, images, annotations, class_name, class_field, read_as.value_range)
     if resolution is not None:
         try:
@@ -311,15 +315,26 @@ def train(
     if not any(s.labels.any() for s in training):
         _fail(f"no annotated object in the {len(training)} training image(s): nothing to learn from")
     class_names = samples[0].class_names
+    tile_size = tile_size or (like.tile_size if like else 512)
+    kept = earlier.model_dump(include=KEPT_ON_RESUME) if earlier else {}
     try:
-        card = ModelCard(
-            name=out.name, architecture=base.architecture if base else architecture or "maskrcnn_compact", classes=class_names,
-            input=read_as, tile_size=tile_size, overlap=max(32, tile_size // 8), resolution=samples[0].resolution,
-            resolution_unit=samples[0].resolution_unit,
-            max_detections=max_detections, anchor_sizes=anchor_sizes,
-        )
+        card = ModelCard(**{
+            **kept, "name": out.name, "architecture": base.architecture if base else architecture or "maskrcnn_compact",
+            "classes": class_names, "input": read_as, "tile_size": tile_size, "overlap": max(32, tile_size // 8),
+            "resolution": samples[0].resolution, "resolution_unit": samples[0].resolution_unit,
+            "max_detections": max_detections or (like.max_detections if like else 500),
+            "anchor_sizes": anchor_sizes or (like.anchor_sizes if like else [16, 32, 64, 128, 256]),
+        })
     except ValidationError as err:
         _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+    if earlier and (earlier.classes, earlier.anchor_sizes) != (card.classes, card.anchor_sizes):
+        _fail(f"--resume: {out} was trained for classes {earlier.classes} with anchors {earlier.anchor_sizes}; these images "
+              f"and options give {card.classes} with {card.anchor_sizes}: its heads would be read as other classes or "
+              "sizes. Train into a new --out, or --overwrite")
+    if overwrite and not resume:  # the replaced model's weights, checkpoint or pack must not pass for this run's
+        for stale in {"checkpoint.pt", "train-pack.npz", card.weights, *_weights_named_in(out)}:
+            if Path(stale).name == stale:  # files of this folder only
+                (out / stale).unlink(missing_ok=True)
     pack = [Sample(s.name, s.image, s.labels, s.classes) for s in training]
     _record_split(out / "split.json", {"train": [s.name for s in training], "validation": [s.name for s in held_out]}, resume)
     if pack_only:
@@ -335,6 +350,27 @@ def train(
     except ValueError as err:  # a checkpoint or --init model that does not fit
         _fail(str(err))
     console.print(f"model written to {out}; validation images: {', '.join(s.name for s in held_out) or 'none'}")
+
+
+# what a resumed run keeps of its card besides tile size, anchors and detections (which a fine-tune keeps too):
+# post-processing chosen for this model, maybe since edited in its card
+KEPT_ON_RESUME = {"score_threshold", "mask_threshold", "mask_nms_threshold", "mask_nms_metric", "mask_nms_across_classes",
+                  "test_time_flips", "description"}
+
+
+def _card_or_fail(model_dir: Path):
+    try:
+        return load_card(model_dir)
+    except ModelCardError as err:
+        _fail(str(err))
+
+
+def _weights_named_in(model_dir: Path) -> list[str]:
+    """The weights file named by ``model_dir``'s card, if it has a readable one."""
+    try:
+        return [load_card(model_dir).weights]
+    except ModelCardError:
+        return []
 
 
 def _only_a_pack(out: Path) -> bool:
@@ -385,7 +421,7 @@ def evaluate(
         tiling = _tiling(card, tile_size, overlap, 4, flips)
     except ValueError as err:
         _fail(str(err))
-    if calibrate and (model is None or not (Path(model) / "model.yaml").is_file()):  # a shipped model, by name
+    if calibrate and (model is None or not (Path(model) / "model.yaml").is_file() or model_dir.is_relative_to(ZOO.resolve())):
         _fail(f"--calibrate rewrites the model's card: give a model directory, e.g. a copy of this shipped one (cp -r {model_dir} my-model)")
     _check_output_dir(out)
     samples = _load(fmt, images, annotations, class_name, class_field, card.input.value_range)

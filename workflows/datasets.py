@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from pipeline import annotations
@@ -17,6 +18,10 @@ def _images(images: Path) -> list[Path]:
     found = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
         raise AnnotationError(f"{images}: no images found")
+    stems = Counter(p.stem for p in found)
+    if shared := sorted(p.name for p in found if stems[p.stem] > 1):
+        raise AnnotationError(f"{images}: {', '.join(shared[:6])}: images of one name are paired with one annotation "
+                              "file and scored under one name; keep one of each (or move the others to another folder)")
     return found
 
 

@@ -85,9 +85,11 @@ def precision_recall_curve(
     return precision, recall, np.asarray(scores, float)[order]
 
 
-def best_threshold(precision: np.ndarray, recall: np.ndarray, thresholds: np.ndarray) -> dict:
+def best_threshold(precision: np.ndarray, recall: np.ndarray, thresholds: np.ndarray, floor: float | None = None) -> dict:
     """The score threshold that maximises F1@0.5 along the curve (ties: the higher threshold), to
-    3 decimals rounded down; None when no threshold finds a true object."""
+    3 decimals rounded down; None when no threshold finds a true object. ``floor`` is the threshold
+    the predictions were made at: when the best keeps every prediction, nothing here argues for a
+    higher one (a clean image whose objects all score 0.999 would otherwise ask for 0.999)."""
     if len(thresholds) == 0:
         return {"score_threshold": None, "f1": 0.0}
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
@@ -97,6 +99,8 @@ def best_threshold(precision: np.ndarray, recall: np.ndarray, thresholds: np.nda
     if f1[best] == 0:  # no true positive at any threshold (no ground truth, or nothing found): nothing to calibrate
         return {"score_threshold": None, "f1": 0.0}
     cut = np.floor(thresholds[best] * 1000) / 1000  # 3 decimals, rounded down: the best cut keeps its predictions
+    if floor is not None and best == len(thresholds) - 1:
+        cut = min(cut, floor)
     return {"score_threshold": float(cut), "f1": float(f1[best]),
             "precision": float(precision[best]), "recall": float(recall[best])}
 
@@ -115,19 +119,21 @@ def _finite_or_null(value):
 def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, out: Path, tiling: Tiling) -> dict:
     """Per-image and dataset metrics; writes ``report.json``, ``report.md`` and ``pr_curve.png``.
 
-    Dataset classes are matched to the model's by name, in any order; when some dataset class is
-    not among the model's, instances are scored class-agnostically.
+    Dataset classes are matched to the model's by name, in any order; when a dataset class with
+    instances in ``samples`` is not among the model's, instances are scored class-agnostically
+    (a listed class without instances, as COCO exports keep them, changes nothing).
     """
     out.mkdir(parents=True, exist_ok=True)
     names = samples[0].class_names if samples else []
-    unmatched = [n for n in names if n not in card.classes]
+    present = set(np.concatenate([s.classes for s in samples]).tolist()) if samples else set()
+    unmatched = [n for k, n in enumerate(names) if n not in card.classes and k in present]
     agnostic = bool(unmatched)
     if agnostic:
         warnings.warn(
             f"dataset class(es) {', '.join(unmatched)} not among the model's ({', '.join(card.classes)}; names must match "
             "exactly, letter case included): scored class-agnostically", stacklevel=2,
         )
-    model_class = [0] * len(names) if agnostic else [card.classes.index(n) for n in names]
+    model_class = [0 if agnostic else card.classes.index(n) if n in card.classes else -1 for n in names]
     class_names = ["instance"] if agnostic else card.classes
     gpkgs = segment_samples(samples, model_dir, card, out / "predictions", tiling)
     per_image, coco_inputs, curves, total_true = [], [], [], 0
@@ -153,7 +159,7 @@ def evaluate(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, ou
         "per_image": per_image,
     }
     precision, recall, thresholds = precision_recall_curve(curves, total_true)
-    report["calibration"] = {"card_score_threshold": card.score_threshold, **best_threshold(precision, recall, thresholds)}
+    report["calibration"] = {"card_score_threshold": card.score_threshold, **best_threshold(precision, recall, thresholds, card.score_threshold)}
     _plot_pr(precision, recall, out / "pr_curve.png")
     with atomic_path(out / "report.json") as tmp:
         tmp.write_text(json.dumps(_finite_or_null(report), indent=2, default=float, allow_nan=False))
