@@ -12,6 +12,7 @@ the thumbnail's tissue is applied to every tile (never per tile, which would put
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 import xml.etree.ElementTree as ElementTree
 import zlib
@@ -279,6 +280,9 @@ def _tiff_thumbnail_data(path: str, max_size: int) -> tuple[np.ndarray, str]:
     """(pixels as stored, axes) of the smallest pyramid level at least ``max_size`` / 2 on its long
     side, decimated to fit."""
     with tifffile.TiffFile(path) as tif:
+        if tif.is_svs:  # only those OpenSlide refuses come here
+            warnings.warn(f"{path}: an Aperio slide that OpenSlide cannot open (damaged or truncated?); "
+                          "read through tifffile from its full-resolution image", stacklevel=3)
         levels = tif.series[0].levels
         sides = [max(lv.shape[lv.axes.index("Y")], lv.shape[lv.axes.index("X")]) for lv in levels]
         big_enough = [k for k, side in enumerate(sides) if side >= max_size // 2] or [0]
@@ -294,8 +298,8 @@ _THUMBNAILS = {"openslide": _openslide_thumbnail, "tifffile": _tiff_thumbnail}
 
 
 def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
-    """Level-0 microns per pixel from OME PhysicalSizeX, else the TIFF resolution tags when they
-    give a microscope's pixel size (≤ ``MAX_MICROSCOPE_MPP``)."""
+    """Level-0 microns per pixel from OME PhysicalSizeX, an Aperio description's ``MPP``, else the
+    TIFF resolution tags when they give a microscope's pixel size (≤ ``MAX_MICROSCOPE_MPP``)."""
     if tif.is_ome:
         pixels = ElementTree.fromstring(tif.ome_metadata).find(".//{*}Pixels")
         if pixels is not None and pixels.get("PhysicalSizeX"):
@@ -306,6 +310,8 @@ def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
             if abs(y / x - 1) > 0.05:
                 warnings.warn(f"{tif.filehandle.path}: pixels are {x:g} × {y:g} µm; read as {x:g} µm square", stacklevel=3)
             return x
+    if tif.is_svs and (found := re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", tif.pages.first.description or "")):
+        return float(found.group(1))  # an Aperio slide OpenSlide could not open (damaged, truncated): read by tifffile
     tags = tif.pages.first.tags
     if "XResolution" in tags and "ResolutionUnit" in tags:
         numerator, denominator = tags["XResolution"].value
@@ -325,6 +331,9 @@ def _describe_openslide(path: Path) -> tuple[float | None, list[tuple[int, int]]
 def _describe_tiff(path: Path) -> tuple[float | None, list[tuple[int, int]], int, np.dtype]:
     """(level-0 µm per pixel, level sizes, colour channels (an RGBA page's alpha not counted), dtype)."""
     with tifffile.TiffFile(path) as tif:
+        if tif.is_svs:  # only those OpenSlide refuses come here
+            warnings.warn(f"{path}: an Aperio slide that OpenSlide cannot open (damaged or truncated?); "
+                          "read through tifffile from its full-resolution image", stacklevel=3)
         levels = tif.series[0].levels
         sizes = [(lv.shape[lv.axes.index("X")], lv.shape[lv.axes.index("Y")]) for lv in levels]
         samples = {a: levels[0].shape[levels[0].axes.index(a)] for a in "CS" if a in levels[0].axes}

@@ -116,7 +116,8 @@ def percentile_range(values: np.ndarray) -> tuple[float, float]:
 def scaled_to_uint8(data: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """``data`` mapped linearly from [low, high] (broadcast) to 0–255, clipped; NaN to 0."""
     data = data.astype(np.float32)
-    return np.clip(np.nan_to_num((data - low) / (high - low) * 255, nan=0.0), 0, 255).round().astype(np.uint8)
+    with np.errstate(over="ignore", invalid="ignore"):  # nodata of -3.4e38 and the like: clipped, and masked anyway
+        return np.clip(np.nan_to_num((data - low) / (high - low) * 255, nan=0.0), 0, 255).round().astype(np.uint8)
 
 
 def open_raster(

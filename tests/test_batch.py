@@ -263,6 +263,7 @@ def test_images_sharing_a_name_keep_apart_ids_in_every_output(tmp_path):
         again = tmp_path / "south" / ".." / "south" / "scene.tif"  # given twice: runs once
         report = run_images(client, [*images, again], resolve_model_dir(), card, tmp_path / "out", Tiling(256, 32), show_progress=False)
     assert not report.failed and len(report.done) == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scene", "scene-2"]
+    assert f"{again}: the same file as {images[1]}: segmented once" in report.warnings[str(images[1])]
     ids = {image: summary["image_id"] for image, summary in report.done.items()}
     assert sorted(ids.values()) == ["scene", "scene-2"]
     for image, image_id in ids.items():

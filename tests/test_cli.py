@@ -72,6 +72,10 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
     assert result.exit_code == 2 and "not a model directory" in output(result)
     result = runner.invoke(app, ["dataset", "stats", "-f", "imagescope", "--images", str(tmp_path)])
     assert result.exit_code == 2 and "--annotations" in output(result)
+    (tmp_path / "a-file").write_text("")
+    scene = write_geotiff(np.zeros((64, 64, 3), np.uint8), tmp_path / "scene.tif", crs=None)
+    result = runner.invoke(app, ["run", str(scene), "--out", str(tmp_path / "a-file" / "out")])
+    assert result.exit_code == 2 and "a-file is a file, not a directory" in output(result)  # before any cluster starts
 
     images, labels = dataset(tmp_path / "data", n=1)
     model_variant(tmp_path / "existing", "synthetic-shapes")

@@ -9,6 +9,7 @@ import pytest
 from models.card import load_card
 from models.registry import resolve_model_dir
 from pipeline.graph import Tiling, image_graph
+from pipeline.grid import Span
 from pipeline.slides import choose_level, is_slide, is_tiff_slide, open_slide, resample_factor
 from pipeline.sources import SourceError, open_image
 from pipeline.synthetic_raster import write_geotiff
@@ -142,6 +143,23 @@ def test_pyramid_level_selection_finds_the_same_nuclei(shared_data, tmp_path):
     aligned = len(np.unique(level0.sindex.query(centroids, predicate="within")[0]))
     shifted = len(np.unique(level0.sindex.query(centroids.translate(60, 60), predicate="within")[0]))
     assert aligned >= 2 * max(shifted, 5)
+
+
+def test_an_aperio_slide_openslide_refuses_is_read_as_a_slide_at_its_own_pixel_size(shared_data, tmp_path):
+    """Cut short, CMU-1 loses its trailing label and macro images and OpenSlide refuses it; its
+    full-resolution image is whole: read through tifffile at the description's MPP, never taken
+    for a plain raster of unknown scale."""
+    original = shared_data / "wsi-cmu1-small-region" / "CMU-1-Small-Region.svs"
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(original.read_bytes()[: int(original.stat().st_size * 0.9)])
+    with pytest.warns(UserWarning, match="cut.svs: an Aperio slide that OpenSlide cannot open"):
+        source = open_image(cut, target_mpp=0.25)
+    assert source.mpp == pytest.approx(0.499) and source.width == round(2220 * 0.499 / 0.25)
+    import openslide
+
+    with openslide.OpenSlide(str(original)) as slide:
+        whole = np.asarray(slide.read_region((0, 0), 0, (300, 200)).convert("RGB"))
+    assert (open_image(cut).read(Span(0, 200), Span(0, 300))[0] == whole).all()
 
 
 def cmu1_pixels(shared_data, rows=slice(None), cols=slice(None)) -> np.ndarray:

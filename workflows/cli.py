@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import warnings
 from contextlib import ExitStack
@@ -79,8 +80,14 @@ def _value_range(text: str) -> tuple[float, float]:
 
 
 def _check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an output path that is a file or lies where nothing can be written."""
     if out.exists() and not out.is_dir():
         _fail(f"{out}: exists and is not a directory")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        _fail(f"{out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail(f"{out}: {existing} is not writable")
 
 
 REMOTE = re.compile(r"^(/vsi[a-z0-9_]+/|[A-Za-z][A-Za-z0-9+.-]+:/|[A-Z][A-Z0-9_]+:)")  # https:/ once a Path
@@ -90,7 +97,7 @@ FlipsOption = Annotated[Optional[bool], typer.Option("--flips/--no-flips", help=
 @app.command()
 def run(
     ctx: typer.Context,
-    images: Annotated[list[Path], typer.Argument(help="Images (GeoTIFFs, slides, OME-TIFFs …) to segment, or one workflow YAML file.")],
+    images: Annotated[list[Path], typer.Argument(readable=False, help="Images (GeoTIFFs, slides, OME-TIFFs …) to segment, or one workflow YAML file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory; one folder per image.")] = Path("seamline-out"),
     model: Annotated[Optional[str], typer.Option(help=f"Model directory or shipped model name ({', '.join(shipped_models())}); default: the demo model synthetic-shapes.")] = None,
     tile_size: Annotated[Optional[int], typer.Option(help="Tile (window) size in pixels; default from the model card.")] = None,
@@ -535,8 +542,12 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
         console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
     for image, error in report.failed.items():
         console.print(f"[red]failed:[/red] {error}", soft_wrap=True)
-    with atomic_path(out / "run.json") as tmp:
-        tmp.write_text(json.dumps({"done": report.done, "failed": report.failed}, indent=2))
+    try:
+        with atomic_path(out / "run.json") as tmp:
+            tmp.write_text(json.dumps({"done": report.done, "failed": report.failed}, indent=2))
+    except OSError as err:  # a full disk, say: each image's own outputs stand or failed above
+        console.print(f"[red]run.json not written:[/red] {err}", soft_wrap=True)
+        raise typer.Exit(1) from None
     if report.done:
         from workflows.catalogue import build_catalogue
 
