@@ -88,7 +88,7 @@ def run_images(
     for image in images:  # a file given twice (under any spelling) runs once
         first = first_of.setdefault(Path(image).resolve(), image)
         if first is not image:
-            report.warnings.setdefault(str(first), []).append(f"{image}: the same file as {first}: segmented once, as {first}")
+            report.warnings.setdefault(str(first), []).append(f"{image}: the same file as {first}: segmented once")
     for image in first_of.values():
         out_dir = (output_dirs or {}).get(str(image)) or output_dir(out_root, image, taken)
         try:
