@@ -353,3 +353,35 @@ def test_a_compound_crs_joins_its_horizontal_crs():
     assert len(joined) == 2 and joined.crs.to_epsg() == 32631
     with pytest.raises(QueryError, match="several CRSs"):
         combine([frame("EPSG:32631"), frame("EPSG:32632")])
+
+
+@pytest.fixture(scope="module")
+def lon_lat_run(tmp_path_factory):
+    """Four lon/lat images in one output: at the equator, at 85° N, and across the antimeridian
+    written both ways (longitudes past 180, and below -180)."""
+    root = tmp_path_factory.mktemp("lonlat")
+    out = root / "out"
+    step = 4.5e-6  # ~0.5 m
+    corners = {"equator": (10.0, 0.001), "north": (10.0, 85.0), "east": (180 - 150 * step, -17.0), "west": (-180 - 150 * step, -16.9)}
+    for seed, (name, (x, y)) in enumerate(corners.items()):
+        scene = make_scene(40 + seed, 300, 300, density=1.5).image
+        segment(scene, root / f"{name}.tif", out / name, "EPSG:4326", Affine(step, 0, x, 0, -step, y))
+    truth = {d.name: gpd.read_file(d / "instances.gpkg", layer="instances") for d in sorted(out.iterdir())}
+    build_catalogue(out)
+    return out, truth, corners
+
+
+def test_lon_lat_boxes_find_images_on_the_antimeridian_and_near_the_pole(lon_lat_run):
+    out, truth, corners = lon_lat_run
+    everything = brute(truth, lambda f: f["score"] >= 0)
+    assert {i for i, _ in everything} == set(corners) and len(everything) > 20
+    assert ids(query(out, bbox=(-180, -90, 180, 90), bbox_crs="EPSG:4326")) == everything
+    world = gpd.GeoDataFrame({"name": ["world"]}, geometry=[shapely.box(-180, -90, 180, 90)], crs="EPSG:4326")
+    assert query(out, within=world)["count"].tolist() == [len(everything)]
+    for name, (x, y) in corners.items():  # a box around each image, its longitudes given either way round
+        whole = brute(truth, lambda f: f["score"] >= 0, [name])
+        for turn in (0, 360, -360):
+            box = (x - 0.001 + turn, y - 0.003, x + 0.003 + turn, y + 0.001)
+            if -540 < box[0] and box[2] < 540:
+                found = query(out, bbox=box, bbox_crs="EPSG:4326")
+                assert ids(found) == whole, (name, turn)

@@ -74,7 +74,7 @@ def bbox_in(bbox: Bbox, bbox_crs: str | None, crs: CRS | None, extent: Bbox | No
     dense = shapely.segmentize(box, max(bbox[2] - bbox[0], bbox[3] - bbox[1]) / 100)
     if extent is None:
         return gpd.GeoSeries([dense], crs=bbox_crs).to_crs(crs).iloc[0]
-    dense = shapely.intersection(dense, _footprint(extent, crs, bbox_crs))
+    dense = shapely.intersection(_with_turns(dense, bbox_crs), _footprint(extent, crs, bbox_crs))
     return _unwrapped(gpd.GeoSeries([dense], crs=bbox_crs).to_crs(crs).values, crs, extent)[0]
 
 
@@ -87,7 +87,8 @@ def regions_in(regions: gpd.GeoDataFrame, crs: CRS | None, extent: Bbox | None =
         return regions
     if extent is None:
         return regions.to_crs(crs)
-    local = regions.set_geometry(regions.geometry.intersection(_footprint(extent, crs, regions.crs))).to_crs(crs)
+    footprint = _footprint(extent, crs, regions.crs)
+    local = regions.set_geometry(shapely.intersection(_with_turns(regions.geometry.values, regions.crs), footprint)).to_crs(crs)
     return local.set_geometry(_unwrapped(local.geometry.values, crs, extent), crs=crs)
 
 
@@ -97,6 +98,14 @@ def _footprint(extent: Bbox, crs: CRS, into) -> shapely.Geometry:
     pad = 0.01 * max(x1 - x0, y1 - y0) + 1e-9
     box = shapely.segmentize(shapely.box(x0 - pad, y0 - pad, x1 + pad, y1 + pad), 25 * pad)
     return gpd.GeoSeries([box], crs=crs).to_crs(into).iloc[0]
+
+
+def _with_turns(geometry, crs) -> np.ndarray:
+    """In a lon/lat ``crs``, each shape with its copies a turn east and west: a footprint across the
+    antimeridian (longitudes past 180, or below -180) meets a box given on the other side of it."""
+    if not CRS.from_user_input(crs).is_geographic:
+        return geometry
+    return shapely.union_all([geometry, *(shapely.transform(geometry, lambda xy, t=turn: xy + [t, 0]) for turn in (-360, 360))], axis=0)
 
 
 def _unwrapped(geometry: np.ndarray, crs: CRS, extent: Bbox) -> np.ndarray:
@@ -160,8 +169,8 @@ def select(
     images: list[str] | None = None,
     regions: gpd.GeoDataFrame | None = None,
 ) -> list[gpd.GeoDataFrame]:
-    """Matching instances, one frame per CRS (geometry as in the outputs). ``regions`` only
-    restricts the search to the images they apply to and to their extent."""
+    """Matching instances, one frame per CRS, and per image in a lon/lat CRS (geometry as in the
+    outputs). ``regions`` only restricts the search to the images they apply to and to their extent."""
     _check_bbox(bbox)
     _check_crs(bbox_crs)
     if area_range and None not in area_range and area_range[0] > area_range[1]:
@@ -170,13 +179,16 @@ def select(
     rows = read_images(catalogue)
     _check_known("image", images, [r["image_id"] for r in rows])
     _check_known("class", classes, known_classes(rows))
-    groups: dict[str | None, list[str]] = {}
+    groups: dict[tuple[str | None, str | None], list[str]] = {}
+    crs_of = {wkt: CRS.from_wkt(wkt) if wkt else None for wkt in {row["crs"] for row in rows}}
     for row in rows:
         if images is None or row["image_id"] in images:
-            groups.setdefault(row["crs"], []).append(row["image_id"])
+            # lon/lat images one by one: their extents are unwrapped around each image (see _unwrapped)
+            alone = crs_of[row["crs"]] is not None and crs_of[row["crs"]].is_geographic
+            groups.setdefault((row["crs"], row["image_id"] if alone else None), []).append(row["image_id"])
     frames, skipped, applied, extents = [], [], 0, []
-    for wkt, ids in groups.items():
-        crs = CRS.from_wkt(wkt) if wkt else None
+    for (wkt, _), ids in groups.items():
+        crs = crs_of[wkt]
         if not _applies(crs, bbox_crs if bbox is not None else None, regions):
             skipped.append(crs)
             continue
