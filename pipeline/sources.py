@@ -78,6 +78,7 @@ class RasterSource:
     factor: float = 1.0
     palette: tuple[tuple[int, int, int, int], ...] | None = None  # RGBA per value of a colour-mapped band
     name: str | None = None  # the image's id in the outputs; default: the file's stem
+    microns: float | None = None  # µm per image pixel of a microscopy image without a CRS (given as --mpp)
 
     @property
     def image_id(self) -> str:
@@ -85,8 +86,8 @@ class RasterSource:
 
     @property
     def mpp(self) -> float | None:
-        """Microns per pixel: georeferenced rasters measure in CRS units instead."""
-        return None
+        """Microns per image pixel, when given: georeferenced rasters measure in CRS units instead."""
+        return self.microns
 
     @property
     def pixel_scale(self) -> float:
@@ -126,10 +127,14 @@ def open_raster(
     value_range: tuple[float, float] | None = None,
     channels: int = 3,
     target_m: float | None = None,
+    mpp: float | None = None,
+    target_mpp: float | None = None,
 ) -> RasterSource:
     """Open, validate and describe a raster; errors name the file and the problem. With
     ``target_m`` (the model's metres per pixel) a projected raster whose pixels differ from it by
-    more than 5 % is resampled on read, and its ``transform`` describes the processed grid."""
+    more than 5 % is resampled on read, and its ``transform`` describes the processed grid. A
+    raster without a CRS given ``mpp`` (µm per pixel: a microscope's PNG or JPEG) is resampled to
+    ``target_mpp`` the same way."""
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: file not found")
@@ -139,7 +144,7 @@ def open_raster(
         raise SourceError(f"{path}: empty file (0 bytes)")
     try:
         with open_quietly(path) as dataset:
-            return _describe(dataset, path, bands, value_range, channels, target_m)
+            return _describe(dataset, path, bands, value_range, channels, target_m, mpp, target_mpp)
     except RasterioIOError as err:
         raise SourceError(f"{path}: not a readable raster ({err})") from err
 
@@ -183,7 +188,8 @@ def check_upsampling(path: Path, factor: float, pixel_size: float | None, target
         )
 
 
-def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: float | None = None) -> RasterSource:
+def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: float | None = None,
+              mpp: float | None = None, target_mpp: float | None = None) -> RasterSource:
     if dataset.width == 0 or dataset.height == 0:
         raise SourceError(f"{path}: image has no pixels ({dataset.width}×{dataset.height})")
     colour = [i for i in range(1, dataset.count + 1) if dataset.colorinterp[i - 1].name != "alpha"]
@@ -228,11 +234,15 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     if len(dataset.subdatasets) > 1:  # a multi-page TIFF (not a pyramid: those are overviews)
         warnings.warn(f"{path}: {len(dataset.subdatasets)} images in the file; only the first is read", stacklevel=3)
     crs_wkt, transform = _georeferencing(dataset, path)
-    # each axis to the model's metres: lon/lat pixels are far from square away from the equator
-    sides = (pixel_sides_m(crs_wkt, transform, dataset.width, dataset.height) if target_m else None) or (None, None)
-    across, down = (resample_factor(side, target_m) for side in sides)
+    microns = mpp if crs_wkt is None else None  # a CRS measures the pixels itself
+    if microns is not None:
+        sides, target, unit = (microns, microns), target_mpp, "µm"
+    else:  # each axis to the model's metres: lon/lat pixels are far from square away from the equator
+        sides = (pixel_sides_m(crs_wkt, transform, dataset.width, dataset.height) if target_m else None) or (None, None)
+        target, unit = target_m, "m"
+    across, down = (resample_factor(side, target) for side in sides)
     for side, factor in zip(sides, (across, down)):
-        check_upsampling(path, factor, side, target_m, "m")
+        check_upsampling(path, factor, side, target, unit)
     factor = float(np.sqrt(across * down))  # source pixels per processed pixel, by area
     height, width = max(1, round(dataset.height / down)), max(1, round(dataset.width / across))
     return RasterSource(
@@ -246,6 +256,7 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         crs_wkt=crs_wkt,
         factor=factor,
         palette=palette,
+        microns=microns,
     )
 
 
@@ -431,6 +442,8 @@ def open_image(
 
     if Path(path).is_file() and (is_slide(path) or is_tiff_slide(path, mpp is not None)):
         return open_slide(path, target_mpp=target_mpp, mpp=mpp, bands=bands, value_range=value_range)
-    if mpp is not None:
-        warnings.warn(f"{path}: --mpp is for slides and microscopy TIFFs; ignored for this raster", stacklevel=2)
-    return open_raster(path, bands=bands, value_range=value_range, channels=channels, target_m=target_m)
+    source = open_raster(path, bands=bands, value_range=value_range, channels=channels, target_m=target_m,
+                         mpp=mpp, target_mpp=target_mpp)
+    if mpp is not None and source.crs_wkt is not None:
+        warnings.warn(f"{path}: --mpp ignored: a georeferenced raster's pixel size comes from its CRS", stacklevel=2)
+    return source

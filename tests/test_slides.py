@@ -451,8 +451,33 @@ def test_a_flat_microscopy_tiff_is_read_at_its_pixel_size(tmp_path):
     from pipeline.synthetic_raster import write_geotiff
 
     geotiff = write_geotiff(image, tmp_path / "scene.tif")
-    with pytest.warns(UserWarning, match="scene.tif: --mpp is for slides and microscopy TIFFs; ignored"):
+    with pytest.warns(UserWarning, match="scene.tif: --mpp ignored: a georeferenced raster's pixel size comes from its CRS"):
         assert isinstance(open_image(geotiff, mpp=0.5), RasterSource)
+
+
+def test_a_microscopy_png_is_read_at_the_pixel_size_given_and_warned_about_without_one(shared_data, tmp_path):
+    """A PNG or JPEG export of a slide region carries no pixel size: --mpp gives it (resampled to the
+    model's like a slide, areas in µm²); without it the image is read as it is, and that is said."""
+    from PIL import Image
+
+    from models.card import load_card
+    from pipeline.inputs import open_for_model
+
+    tile = shared_data / "nuclei-monuseg2018" / "images" / "TCGA-A6-6782-01A-01-BS1.tif"
+    with Image.open(tile) as full:
+        full.convert("RGB").crop((0, 0, 600, 600)).resize((300, 300), Image.Resampling.BILINEAR).save(tmp_path / "half.png")
+    card = load_card(resolve_model_dir("nuclei-he"))
+    with pytest.warns(UserWarning, match=r"half.png: pixel size unknown .* the model's 0.2527 µm per pixel; give --mpp"):
+        assert open_for_model(tmp_path / "half.png", card).width == 300
+    source = open_for_model(tmp_path / "half.png", card, mpp=0.5054)
+    assert source.mpp == 0.5054 and (source.width, source.height) == (600, 600) and source.pixel_scale == pytest.approx(0.5)
+    tiling = Tiling(card.tile_size, card.overlap, 4, test_time_flips=False)
+    dask.compute(image_graph(source, str(resolve_model_dir("nuclei-he")), card.classes, tmp_path / "out", tiling).result,
+                 scheduler="sync")
+    found = gpd.read_file(tmp_path / "out" / "instances.gpkg", layer="instances")
+    assert len(found) > 30 and found.total_bounds[2] <= 300  # polygons in the PNG's own pixels
+    median = found["area_um2"].median()  # H&E nuclei: ~20-40 µm²
+    assert 10 < median < 80 and np.allclose(found["area_um2"], found.geometry.area * 0.5054**2, rtol=1e-6)
 
 
 def test_a_slide_without_tissue_is_said_and_no_tissue_reads_every_tile(tmp_path):
