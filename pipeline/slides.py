@@ -328,6 +328,9 @@ def _describe_openslide(path: Path) -> tuple[float | None, list[tuple[int, int]]
         return (float(found) if found else None), list(slide.level_dimensions), 3, np.dtype(np.uint8)
 
 
+AXIS_NAMES = {"Z": "focal planes (Z)", "T": "time points", "I": "pages", "Q": "planes", "R": "tiles", "E": "lambda planes"}
+
+
 def _describe_tiff(path: Path) -> tuple[float | None, list[tuple[int, int]], int, np.dtype]:
     """(level-0 µm per pixel, level sizes, colour channels (an RGBA page's alpha not counted), dtype)."""
     with tifffile.TiffFile(path) as tif:
@@ -335,6 +338,10 @@ def _describe_tiff(path: Path) -> tuple[float | None, list[tuple[int, int]], int
             warnings.warn(f"{path}: an Aperio slide that OpenSlide cannot open (damaged or truncated?); "
                           "read through tifffile from its full-resolution image", stacklevel=3)
         levels = tif.series[0].levels
+        planes = [f"{n} {AXIS_NAMES.get(a, a)}" for a, n in zip(levels[0].axes, levels[0].shape) if a not in "YXCS" and n > 1]
+        if planes or (len(tif.series) > 1 and not tif.is_svs):  # an SVS's other series are its label and macro images
+            held = ", ".join(planes + ([f"{len(tif.series)} images"] if len(tif.series) > 1 else []))
+            warnings.warn(f"{path}: {held} in the file; only the first plane of the first image is read", stacklevel=3)
         sizes = [(lv.shape[lv.axes.index("X")], lv.shape[lv.axes.index("Y")]) for lv in levels]
         samples = {a: levels[0].shape[levels[0].axes.index(a)] for a in "CS" if a in levels[0].axes}
         channels = int(np.prod(list(samples.values()), dtype=int))

@@ -555,3 +555,20 @@ def test_a_tiff_georeferenced_by_its_sidecars_stays_a_raster(tmp_path):
     for sidecar in ("ortho.tfw", "ortho.tif.aux.xml"):  # without them the same pixels are a pyramid: a slide
         (tmp_path / sidecar).unlink(missing_ok=True)
     assert not isinstance(open_image(path, mpp=0.5), RasterSource)
+
+
+def test_planes_and_images_beyond_the_first_are_said(tmp_path):
+    """A Z stack, a time series or a multi-page microscopy TIFF: the first plane is segmented, and
+    the file is said to hold more."""
+    import tifffile
+
+    stack = np.zeros((3, 64, 80), np.uint16)
+    tifffile.imwrite(tmp_path / "z.ome.tif", stack, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    with pytest.warns(UserWarning, match="z.ome.tif: 3 focal planes .Z. in the file; only the first plane"):
+        source = open_image(tmp_path / "z.ome.tif", target_mpp=0.5, value_range=(0, 100))
+    assert (source.width, source.height) == (80, 64)
+    with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:
+        for _ in range(2):
+            tif.write(np.zeros((64, 80, 3), np.uint8), photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    with pytest.warns(UserWarning, match="pages.tif: 2 images in the file"):
+        open_image(tmp_path / "pages.tif", target_mpp=0.5)

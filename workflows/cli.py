@@ -109,7 +109,7 @@ def run(
     bands: Annotated[Optional[str], typer.Option(help="1-based bands (slides: channels) to read, e.g. '3,2,1' or '1'.")] = None,
     value_range: Annotated[Optional[str], typer.Option(help="'LO,HI' mapped to 0-255 for non-8-bit data; default: the model card's input.value_range, else each image's 0.5-99.5th percentiles per band.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    mpp: Annotated[Optional[float], typer.Option(help="Slides and microscopy TIFFs: level-0 microns per pixel, when files lack it or are wrong (applies to every input).")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Slides and microscopy images (TIFF, PNG, JPEG): level-0 microns per pixel, when files lack it or are wrong (applies to every input).")] = None,
     tissue: Annotated[bool, typer.Option(help="Slides: segment only tiles over tissue found on a thumbnail; --no-tissue: every tile with pixels.")] = True,
     force: Annotated[bool, typer.Option(help="Workflow runs: reprocess every image, even those the ledger has as up to date.")] = False,
     zarr: Annotated[bool, typer.Option(help="Also write labels.zarr (instance and class rasters, pyramid, density grids).")] = True,
