@@ -271,7 +271,7 @@ def train(
 
     from models.card import InputSpec, ModelCard, save_card
     from models.training import RandomCrops, Sample, save_pack, train as train_model
-    from pipeline.annotations import AnnotationError, at_resolution
+    from pipeline.annotations import AnnotationError, at_resolution, dataset_stats
     from workflows.datasets import split
 
     if tile_size is not None and (tile_size % 32 or not 64 <= tile_size <= 4096):
@@ -308,6 +308,12 @@ def train(
     earlier = _card_or_fail(out) if resume and (out / "model.yaml").is_file() else None
     like = earlier or base  # what a resumed run or a fine-tune keeps unless told otherwise
     samples = _load(fmt, images, annotations, class_name, class_field, read_as.value_range)
+    pixel_sizes = dataset_stats(samples)["resolution"]  # as `dataset stats` reports them
+    if resolution is None and (pixel_sizes["mixed"] or (pixel_sizes["per_unit"] and pixel_sizes["images_without"])):
+        known = "; ".join(f"{v['min']:.4g} to {v['max']:.4g} {u}" for u, v in pixel_sizes["per_unit"].items())
+        unknown = f", unknown for {len(pixel_sizes['images_without'])}" if pixel_sizes["images_without"] else ""
+        console.print(f"[yellow]warning:[/yellow] pixel sizes differ between the images ({known}{unknown}): objects of one "
+                      "size appear at several; --resolution puts them on one scale (the card records the first image's)")
     if resolution is not None:
         try:
             samples = [at_resolution(s, resolution) for s in samples]
