@@ -71,7 +71,7 @@ def foreground_tiles(source, tiles: list, tissue: bool = True) -> tuple[list, di
     if not hasattr(source, "thumbnail"):
         mask, scale = valid_overview(source)
         if not mask.any():
-            warnings.warn(f"{source.path}: no valid pixel (all nodata, transparent or masked): nothing to segment", stacklevel=2)
+            warnings.warn(f"{source.path}: no valid pixel (all nodata, NaN, transparent or masked): nothing to segment", stacklevel=2)
         keep = tiles_with_tissue(tiles, mask, scale)
         return [t for t, k in zip(tiles, keep) if k], {"data_fraction": float(mask.mean())}
     thumbnail, valid, scale = source.thumbnail()

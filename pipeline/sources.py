@@ -415,15 +415,22 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
 
 def valid_overview(source: RasterSource, max_size: int = 2048) -> tuple[np.ndarray, float]:
     """(mask of pixels with data, processed pixels per mask pixel) from a decimated read of the
-    nodata / alpha mask, dilated by two mask pixels so thin strips of data are never dropped."""
+    nodata / alpha mask and, for float data, of where the chosen bands are finite (NaN collars come
+    without a nodata tag), dilated by two mask pixels so thin strips of data are never dropped."""
     from scipy import ndimage
 
     scale = max(1.0, max(source.height, source.width) / max_size)
     shape = (max(1, int(np.ceil(source.height / scale))), max(1, int(np.ceil(source.width / scale))))
+    mask = np.ones(shape, bool)
     with open_quietly(source.path) as dataset:
-        if all(flags == [MaskFlags.all_valid] for flags in dataset.mask_flag_enums):
-            return np.ones(shape, bool), scale
-        mask = dataset.dataset_mask(out_shape=shape, resampling=Resampling.average) > 0
+        if not all(flags == [MaskFlags.all_valid] for flags in dataset.mask_flag_enums):
+            mask = dataset.dataset_mask(out_shape=shape, resampling=Resampling.average) > 0
+        if np.dtype(source.dtype).kind == "f":
+            bands = sorted(set(source.bands))
+            values = dataset.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest, masked=False)
+            mask &= np.isfinite(values).all(axis=0)
+    if mask.all():
+        return mask, scale
     return ndimage.binary_dilation(mask, iterations=2), source.width / shape[1]
 
 

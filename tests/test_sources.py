@@ -200,6 +200,18 @@ def test_nodata_regions_are_masked_from_an_overview_before_reading(tmp_path):
     assert len(kept) <= len(overlapping) + 8 and 0.05 < info["data_fraction"] < 0.15
     full = open_raster(write_geotiff(image + 1, tmp_path / "full.tif"))
     assert len(foreground_tiles(full, tiles)[0]) == len(tiles)
+    # float data with a NaN collar and no nodata tag (numpy outputs, reprojections): the same
+    collar = np.full(image.shape, np.nan, np.float32)
+    collar[100:400, 900:1300] = 0.5
+    with pytest.warns(UserWarning, match="float32 data scaled"):
+        floats = open_raster(write_geotiff(collar, tmp_path / "collar.tif"))
+    kept, info = foreground_tiles(floats, tiles)
+    assert set(t.index for t in overlapping) <= set(t.index for t in kept) and len(kept) <= len(overlapping) + 8
+    assert 0.05 < info["data_fraction"] < 0.15
+    with pytest.warns(UserWarning, match="all-nan.tif: no valid pixel .all nodata, NaN"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*scaled to 8 bits")
+            assert foreground_tiles(open_raster(write_geotiff(collar * np.nan, tmp_path / "all-nan.tif")), tiles)[0] == []
 
 
 def test_georeferencing_without_a_geotransform(tmp_path):
