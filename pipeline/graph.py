@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def foreground_tiles(source, tiles: list, tissue: bool = True) -> tuple[list, di
     keep = tiles_with_tissue(tiles, mask, scale)
     info = {"tissue_fraction": float(mask.mean())}
     if source.mpp:
-        info["tissue_mm2"] = tissue_area_mm2(mask, scale * source.pixel_scale * source.mpp)
+        info["tissue_mm2"] = tissue_area_mm2(mask, scale * source.pixel_scale * math.sqrt(source.mpp_sides[0] * source.mpp_sides[1]))
     return [t for t, k in zip(tiles, keep) if k], info
 
 
@@ -120,7 +121,7 @@ def image_graph(
     if labels:
         store = delayed(create_label_store, pure=True)(
             out_dir / "labels.zarr", source.height, source.width, tiling.tile_size, class_names, source.transform,
-            source.crs_wkt, source.mpp, LABEL_CHUNKS_PER_BLOCK, dask_key_name=f"labels-create-{token}",
+            source.crs_wkt, source.mpp_sides, LABEL_CHUNKS_PER_BLOCK, dask_key_name=f"labels-create-{token}",
         )
         block = tiling.tile_size * LABEL_CHUNKS_PER_BLOCK
         touched = touched_blocks(source.height, source.width, block, foreground)

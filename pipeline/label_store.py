@@ -116,12 +116,12 @@ def discard_unfinished(path: Path) -> None:
 
 def create_label_store(
     path: Path, height: int, width: int, chunk: int, class_names: list[str],
-    transform: Affine, crs_wkt: str | None, mpp: float | None, per_task: int = 4,
+    transform: Affine, crs_wkt: str | None, mpp: tuple[float, float] | None, per_task: int = 4,
 ) -> Path:
     """Create the empty store as a hidden temporary sibling of ``path`` and return its path.
 
     ``transform`` maps label pixels (column, row) to CRS units for georeferenced rasters, to
-    level-0 pixels for slides; ``mpp`` is the level-0 microns per pixel of a slide. Blocks will
+    level-0 pixels for slides; ``mpp`` is the level-0 microns per pixel (across, down) of a slide. Blocks will
     be ``label_blocks(..., per_task)``.
     """
     if min(height, width, chunk) < 1:
@@ -138,7 +138,8 @@ def create_label_store(
         **({"proj:wkt2": CRS.from_wkt(crs_wkt).to_wkt(version="WKT2_2019")} if crs_wkt else {}),
         "crs_wkt": crs_wkt,
         "geotransform": list(transform.to_gdal()),
-        "mpp": mpp,
+        "mpp": mpp[0] if mpp else None,
+        "mpp_down": mpp[1] if mpp else None,
         "chunk": chunk,
         "block_levels": block_levels(chunk, per_task, height, width),
         "class_names": list(class_names),
@@ -285,14 +286,14 @@ def density_grid(detections: Detections, n_classes: int, height: int, width: int
 
 
 def _multiscales(
-    name: str, n_levels: int, transform: Affine, mpp: float | None, class_names: list[str] | None
+    name: str, n_levels: int, transform: Affine, mpp: tuple[float, float] | None, class_names: list[str] | None
 ) -> dict:
-    """OME-NGFF 0.5 label-image metadata; scales in µm when ``mpp`` is known, else in the units
-    of ``transform`` (level-0 pixels for slides and plain images, CRS units for rasters)."""
+    """OME-NGFF 0.5 label-image metadata; scales in µm when ``mpp`` (across, down) is known, else in
+    the units of ``transform`` (level-0 pixels for slides and plain images, CRS units for rasters)."""
     dy, dx = math.hypot(transform.b, transform.e), math.hypot(transform.a, transform.d)
-    factor = mpp or 1.0
+    across, down = mpp or (1.0, 1.0)
     axes = [{"name": axis, "type": "space", **({"unit": "micrometer"} if mpp else {})} for axis in ("y", "x")]
-    scales = [[dy * factor * 2**k, dx * factor * 2**k] for k in range(n_levels)]
+    scales = [[dy * down * 2**k, dx * across * 2**k] for k in range(n_levels)]
     datasets = [
         {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
         for k, scale in enumerate(scales)
@@ -332,7 +333,8 @@ def finalise_label_store(
     ``move=False`` the caller renames it, e.g. with an image's other outputs)."""
     root = zarr.open_group(store, mode="r+")
     transform = Affine(*root.attrs["spatial:transform"])
-    mpp, chunk = root.attrs["mpp"], root.attrs["chunk"]
+    mpp = (root.attrs["mpp"], root.attrs["mpp_down"]) if root.attrs["mpp"] else None
+    chunk = root.attrs["chunk"]
     height, width = root[f"{LABELS}/0"].shape
     shapes = pyramid_shapes(height, width, chunk)
     for name, names in ((LABELS, None), (CLASSES, class_names)):

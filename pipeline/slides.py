@@ -30,8 +30,8 @@ from rasterio.errors import RasterioIOError
 from pipeline.grid import Span
 from pipeline.handles import open_cached
 from pipeline.sources import (
-    SourceError, check_upsampling, checked_value_range, image_stem, open_quietly, percentile_range, read_error_reason,
-    resample_factor, scaled_to_uint8,
+    RESAMPLE_TOLERANCE, SourceError, check_upsampling, checked_value_range, image_stem, open_quietly, percentile_range,
+    read_error_reason, resample_factor, scaled_to_uint8,
 )
 
 TOLERANCE = 1.2
@@ -110,8 +110,9 @@ def choose_level(level_mpp: list[float], target_mpp: float | None) -> int:
 
 @dataclass(frozen=True)
 class SlideSource:
-    """A slide read at pyramid ``level``, resampled by ``factor`` level pixels per processed pixel;
-    ``height``/``width`` are the processed size, ``mpp`` the level-0 microns per pixel."""
+    """A slide read at pyramid ``level``, resampled by ``factor`` level pixels per processed pixel
+    (``factor_down`` down, when its pixels are not square); ``height``/``width`` are the processed
+    size, ``mpp`` the level-0 microns per pixel across (``mpp_down`` down, when it differs)."""
 
     path: str
     height: int
@@ -128,10 +129,17 @@ class SlideSource:
     value_range: tuple[tuple[float, float], ...] | None = None  # per band, for non-8-bit pixels
     crs_wkt: str | None = None
     name: str | None = None  # the image's id in the outputs; default: the file's stem
+    factor_down: float | None = None
+    mpp_down: float | None = None
 
     @property
     def image_id(self) -> str:
         return self.name or image_stem(self.path)
+
+    @property
+    def mpp_sides(self) -> tuple[float, float] | None:
+        """Level-0 microns per pixel (across, down); None when unknown."""
+        return None if self.mpp is None else (self.mpp, self.mpp_down or self.mpp)
 
     @property
     def transform(self) -> Affine:
@@ -157,8 +165,9 @@ class SlideSource:
 
     def read(self, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 RGB (h, w, 3), valid mask) of a window given in processed pixels."""
-        x0, y0 = cols.start * self.factor, rows.start * self.factor
-        x1, y1 = min(cols.stop * self.factor, self.level_size[0]), min(rows.stop * self.factor, self.level_size[1])
+        across, down = self.factor, self.factor_down or self.factor
+        x0, y0 = cols.start * across, rows.start * down
+        x1, y1 = min(cols.stop * across, self.level_size[0]), min(rows.stop * down, self.level_size[1])
         left, top = int(np.floor(x0)), int(np.floor(y0))
         right, bottom = max(int(np.ceil(x1)), left + 1), max(int(np.ceil(y1)), top + 1)
         reason = None
@@ -173,9 +182,9 @@ class SlideSource:
                 f"{self.path}: read failed at level {self.level}, rows {rows.start}:{rows.stop}, "
                 f"the file may be truncated or corrupt ({reason})"
             )
-        if self.factor != 1.0:
+        if (across, down) != (1.0, 1.0):
             box = (x0 - left, y0 - top, x1 - left, y1 - top)
-            size = (max(1, round((x1 - x0) / self.factor)), max(1, round((y1 - y0) / self.factor)))
+            size = (max(1, round((x1 - x0) / across)), max(1, round((y1 - y0) / down)))
             size = (min(size[0], cols.length), min(size[1], rows.length))
             resized = Image.fromarray(rgba).resize(size, Image.Resampling.BILINEAR, box=box)
             rgba = np.zeros((rows.length, cols.length, 4), np.uint8)
@@ -297,9 +306,9 @@ _REGIONS = {"openslide": _openslide_region, "tifffile": _tiff_region}
 _THUMBNAILS = {"openslide": _openslide_thumbnail, "tifffile": _tiff_thumbnail}
 
 
-def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
-    """Level-0 microns per pixel from OME PhysicalSizeX, an Aperio description's ``MPP``, else the
-    TIFF resolution tags when they give a microscope's pixel size (≤ ``MAX_MICROSCOPE_MPP``)."""
+def _tiff_mpp(tif: tifffile.TiffFile) -> tuple[float, float] | None:
+    """Level-0 microns per pixel (across, down) from OME PhysicalSizeX/Y, an Aperio description's
+    ``MPP``, else the TIFF resolution tags when they give a microscope's pixel size (≤ ``MAX_MICROSCOPE_MPP``)."""
     if tif.is_ome:
         pixels = ElementTree.fromstring(tif.ome_metadata).find(".//{*}Pixels")
         if pixels is not None and pixels.get("PhysicalSizeX"):
@@ -307,32 +316,31 @@ def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
                 float(pixels.get(f"PhysicalSize{a}", pixels.get("PhysicalSizeX"))) * UM_PER_UNIT.get(pixels.get(f"PhysicalSize{a}Unit", "µm"), 1.0)
                 for a in "XY"
             )
-            if abs(y / x - 1) > 0.05:
-                warnings.warn(f"{tif.filehandle.path}: pixels are {x:g} × {y:g} µm; read as {x:g} µm square", stacklevel=3)
-            return x
+            return x, y
     if tif.is_svs and (found := re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", tif.pages.first.description or "")):
-        return float(found.group(1))  # an Aperio slide OpenSlide could not open (damaged, truncated): read by tifffile
+        return (float(found.group(1)),) * 2  # an Aperio slide OpenSlide could not open (damaged, truncated): read by tifffile
     tags = tif.pages.first.tags
     if "XResolution" in tags and "ResolutionUnit" in tags:
-        numerator, denominator = tags["XResolution"].value
         per_unit = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value))
-        if per_unit and numerator > 0 and denominator > 0:
-            microns = per_unit * denominator / numerator
-            return microns if microns <= MAX_MICROSCOPE_MPP else None  # 72 or 300 dpi: a default, not a pixel size
+        sides = [tags[name].value if name in tags else tags["XResolution"].value for name in ("XResolution", "YResolution")]
+        if per_unit and all(n > 0 and d > 0 for n, d in sides):
+            x, y = (per_unit * d / n for n, d in sides)
+            return (x, y) if max(x, y) <= MAX_MICROSCOPE_MPP else None  # 72 or 300 dpi: a default, not a pixel size
     return None
 
 
-def _describe_openslide(path: Path) -> tuple[float | None, list[tuple[int, int]], int, np.dtype]:
+def _describe_openslide(path: Path) -> tuple[tuple[float, float] | None, list[tuple[int, int]], int, np.dtype]:
     with openslide.OpenSlide(str(path)) as slide:
-        found = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        return (float(found) if found else None), list(slide.level_dimensions), 3, np.dtype(np.uint8)
+        x, y = (slide.properties.get(key) for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y))
+        sides = (float(x), float(y or x)) if x else None
+        return sides, list(slide.level_dimensions), 3, np.dtype(np.uint8)
 
 
 AXIS_NAMES = {"Z": "focal planes (Z)", "T": "time points", "I": "pages", "Q": "planes", "R": "tiles", "E": "lambda planes"}
 
 
-def _describe_tiff(path: Path) -> tuple[float | None, list[tuple[int, int]], int, np.dtype]:
-    """(level-0 µm per pixel, level sizes, colour channels (an RGBA page's alpha not counted), dtype)."""
+def _describe_tiff(path: Path) -> tuple[tuple[float, float] | None, list[tuple[int, int]], int, np.dtype]:
+    """(level-0 µm per pixel across and down, level sizes, colour channels (an RGBA page's alpha not counted), dtype)."""
     with tifffile.TiffFile(path) as tif:
         if tif.is_svs:  # only those OpenSlide refuses come here
             warnings.warn(f"{path}: an Aperio slide that OpenSlide cannot open (damaged or truncated?); "
@@ -413,23 +421,34 @@ def open_slide(
         raise
     except (*READ_ERRORS, IndexError) as err:
         raise SourceError(f"{path}: not a readable slide ({read_error_reason(err)})") from None
-    if mpp is not None and found and abs(mpp / found - 1) > 0.05:
-        warnings.warn(f"{path}: --mpp {mpp:g} overrides the file's {found:g} µm per pixel", stacklevel=2)
-    level0 = mpp if mpp is not None else found
+    if mpp is not None and found and abs(mpp / found[0] - 1) > 0.05:
+        warnings.warn(f"{path}: --mpp {mpp:g} overrides the file's {found[0]:g} µm per pixel", stacklevel=2)
+    sides = (mpp, mpp) if mpp is not None else found
+    level0 = sides[0] if sides else None
     if level0 is None and target_mpp is not None:
         raise SourceError(f"{path}: no resolution metadata (microns per pixel); pass --mpp")
+    square = sides is None or abs(sides[1] / sides[0] - 1) <= RESAMPLE_TOLERANCE
+    if not square:
+        shown = f"resampled axis by axis to the model's {target_mpp:g} µm" if target_mpp else "areas measured with both sides"
+        warnings.warn(f"{path}: pixels are {sides[0]:g} × {sides[1]:g} µm (across × down); {shown}", stacklevel=2)
     usable = consistent_levels(sizes)
     if len(usable) < len(sizes):
         skipped = ", ".join(f"{k} ({w}×{h})" for k, (w, h) in enumerate(sizes) if k not in usable)
         warnings.warn(f"{path}: pyramid level(s) {skipped} not scaled like level 0 in both directions: not used", stacklevel=2)
     downsamples = [sizes[0][0] / sizes[k][0] for k in usable]
-    chosen = choose_level([level0 * d for d in downsamples] if level0 else downsamples, target_mpp)
+    equal_area = float(np.sqrt(sides[0] * sides[1])) if sides else None
+    chosen = choose_level([equal_area * d for d in downsamples] if sides else downsamples, target_mpp)
     level = usable[chosen]
-    factor = resample_factor(level0 * downsamples[chosen] if level0 else None, target_mpp)
-    check_upsampling(path, factor, level0, target_mpp, "µm")
     width, height = sizes[level]
+    if square:  # one factor, by the level's downsample across (levels may round their sizes differently down)
+        across = down = resample_factor(level0 * downsamples[chosen] if sides else None, target_mpp)
+    else:
+        across, down = (resample_factor(side * downsamples[chosen], target_mpp) for side in sides)
+    for side, factor in zip(sides or (None, None), (across, down)):
+        check_upsampling(path, factor, side, target_mpp, "µm")
     return SlideSource(
-        str(path.resolve()), max(1, round(height / factor)), max(1, round(width / factor)), level,
-        float(downsamples[chosen]), level0, sizes[0], (width, height), factor, backend,
+        str(path.resolve()), max(1, round(height / down)), max(1, round(width / across)), level,
+        float(downsamples[chosen]), level0, sizes[0], (width, height), across, backend,
         bands=chosen_bands, value_range=ranges,
+        factor_down=None if down == across else down, mpp_down=None if square else sides[1],
     )

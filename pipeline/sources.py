@@ -90,6 +90,10 @@ class RasterSource:
         return self.microns
 
     @property
+    def mpp_sides(self) -> tuple[float, float] | None:
+        return None if self.microns is None else (self.microns, self.microns)
+
+    @property
     def pixel_scale(self) -> float:
         """Image pixels per processed pixel (> 1 when resampled to a coarser model resolution)."""
         return self.factor

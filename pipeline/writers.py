@@ -68,7 +68,7 @@ def instances_table(
         "score": pa.array(detections.score.astype(np.float64).round(5)),
         "area": pa.array(shapely.area(geometry)),
         "area_px": pa.array(shapely.area(detections.geometry) * source.pixel_scale**2),
-        **({"area_um2": pa.array(shapely.area(detections.geometry) * (source.pixel_scale * source.mpp) ** 2)} if source.mpp else {}),
+        **({"area_um2": pa.array(shapely.area(geometry) * np.prod(source.mpp_sides))} if source.mpp else {}),  # level-0 px
         **({"area_m2": pa.array(ground)} if ground is not None else {}),
         "tile_id": pa.array(detections.tile.astype(np.int32)),
         "geometry": pa.array(shapely.to_wkb(geometry), pa.binary()),

@@ -279,7 +279,7 @@ def test_a_block_whose_boxes_cover_no_pixel_centre_stores_nothing(tmp_path):
 
 
 def test_empty_slide_stores_nothing_and_uses_microns(tmp_path):
-    store = create_label_store(tmp_path / "labels.zarr", HEIGHT, WIDTH, CHUNK, NAMES, Affine.scale(2.0), None, 0.25, 2)
+    store = create_label_store(tmp_path / "labels.zarr", HEIGHT, WIDTH, CHUNK, NAMES, Affine.scale(2.0), None, (0.25, 0.5), 2)
     for rows, cols in label_blocks(HEIGHT, WIDTH, CHUNK, 2):
         assert write_label_block(store, Detections.empty(), rows, cols) == 0
     summary = finalise_label_store(store, tmp_path / "labels.zarr", density_of(Detections.empty(), 256), NAMES)
@@ -291,7 +291,7 @@ def test_empty_slide_stores_nothing_and_uses_microns(tmp_path):
     ome = group["classes"].attrs["ome"]
     assert ome["multiscales"][0]["axes"][0]["unit"] == "micrometer"
     scales = [d["coordinateTransformations"][0]["scale"] for d in ome["multiscales"][0]["datasets"]]
-    assert scales == [[0.5 * 2**k, 0.5 * 2**k] for k in range(5)]
+    assert scales == [[1.0 * 2**k, 0.5 * 2**k] for k in range(5)]  # (y, x): pixels of 0.25 µm across, 0.5 µm down
     assert [p["class"] for p in ome["image-label"]["properties"]] == NAMES
     assert "proj:wkt2" not in group.attrs and summary["counts"] == dict.fromkeys(NAMES, 0)
 

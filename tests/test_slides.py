@@ -526,11 +526,16 @@ def test_non_square_pixels_and_tiffs_by_content_are_said(tmp_path):
     import tifffile
 
     path = tmp_path / "scan.qptiff"  # a TIFF by its bytes (Akoya's suffix), not by its name
-    tifffile.imwrite(path, np.zeros((300, 300, 3), np.uint8), ome=True, photometric="rgb",
-                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5})
-    with pytest.warns(UserWarning, match=r"scan.qptiff: pixels are 0.25 × 0.5 µm; read as 0.25 µm square"):
+    image = np.zeros((300, 300, 3), np.uint8)
+    image[100:110, 40:60] = 255  # 5 µm across, 5 µm down
+    tifffile.imwrite(path, image, ome=True, photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5})
+    with pytest.warns(UserWarning, match=r"scan.qptiff: pixels are 0.25 × 0.5 µm .across × down.; resampled axis by axis"):
         source = open_image(path, target_mpp=0.25)
-    assert source.backend == "tifffile" and source.mpp == 0.25
+    assert source.backend == "tifffile" and source.mpp_sides == (0.25, 0.5) and (source.width, source.height) == (300, 600)
+    pixels, _ = source.read(Span(0, 600), Span(0, 300))
+    rows, cols = np.nonzero(pixels[..., 0] > 127)  # the model sees the square as square
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (200, 220, 40, 60)
+    assert source.transform.e == pytest.approx(0.5)  # polygons come back in level-0 pixels
 
 
 def test_a_tiff_georeferenced_by_its_sidecars_stays_a_raster(tmp_path):
