@@ -407,6 +407,10 @@ def test_a_model_folder_beside_the_workflow_is_found_from_any_directory(tmp_path
     assert load_workflow(tmp_path / "jobs" / "w.yaml").model == str(tmp_path / "jobs" / "mymodel")
     (tmp_path / "jobs" / "w.yaml").write_text("inputs: {paths: [a]}\noutputs: {dir: out}\nmodel: nuclei-he\n")
     assert load_workflow(tmp_path / "jobs" / "w.yaml").model == "nuclei-he"  # shipped names stay names
+    (tmp_path / "models" / "mine").mkdir(parents=True)  # beside the current directory, not the workflow
+    (tmp_path / "models" / "mine" / "model.yaml").write_text((resolve_model_dir() / "model.yaml").read_text())
+    (tmp_path / "jobs" / "w.yaml").write_text("inputs: {paths: [a]}\noutputs: {dir: out}\nmodel: models/mine\n")
+    assert load_workflow(tmp_path / "jobs" / "w.yaml").model == str(tmp_path / "jobs" / "models" / "mine")  # the file's
 
 
 def test_an_images_seconds_start_when_the_image_before_it_finished(tmp_path):
@@ -464,3 +468,63 @@ def test_a_failing_image_stops_its_other_batches(tmp_path):
     assert list(report.failed) == [str(tmp_path / "bad.tif")] and "bad.tif" in report.failed[str(tmp_path / "bad.tif")]
     assert list(report.done) == [str(tmp_path / "good.tif")] and done.count("good.tif") >= 1
     assert done.count("bad.tif") <= 16, done  # of its 25 batches: those above the bad tile, and one or two more
+
+
+def test_the_ledger_serves_results_being_redone_and_retires_inputs_no_longer_listed(tmp_path):
+    """While a run redoes an image, its previous results stand (the new files replace them only when
+    complete); an image the workflow no longer lists is withdrawn, one whose file is gone missing."""
+    from workflows.ledger import Fingerprint, Ledger
+
+    kept, new, dropped, deleted = (tmp_path / f"{n}.tif" for n in ("kept", "new", "dropped", "deleted"))
+    for image in (kept, new, dropped):
+        image.write_bytes(b"x")
+    summary = {"instances": 3, "counts": {"a": 3}}
+    with Ledger(tmp_path) as ledger:
+        for image in (kept, dropped, deleted):
+            ledger.started(image, Fingerprint(1, 1), "c", "m", tmp_path / image.stem)
+            ledger.done(image, summary)
+        assert ledger.served_folders() == {"kept", "dropped", "deleted"}
+        ledger.started(kept, Fingerprint(1, 2), "c", "m2", tmp_path / "kept")  # redone: a model change, say
+        ledger.started(new, Fingerprint(1, 1), "c", "m2", tmp_path / "new")  # nothing to serve yet
+        assert ledger.served_folders() == {"kept", "dropped", "deleted"}
+        retired = ledger.retire_missing({str(kept), str(new)})
+        assert sorted(retired) == [(str(deleted), "missing"), (str(dropped), "withdrawn")]
+        assert ledger.served_folders() == {"kept"} and ledger.retire_missing({str(kept), str(new)}) == []
+        ledger.failed(kept, "unreadable")
+        assert ledger.served_folders() == set()
+
+
+def test_inputs_never_include_the_outputs_and_a_glob_into_no_folder_is_a_problem(tmp_path):
+    archive = tmp_path / "archive"
+    for name in ["a.tif", "out/report/a.png", "out/scene/preview.png"]:
+        (archive / name).parent.mkdir(parents=True, exist_ok=True)
+        (archive / name).write_bytes(b"x")
+    (tmp_path / "g.yaml").write_text("inputs:\n  globs: ['archive/**/*.png', 'archive/*.tif', 'archiv/*.tif']\n"
+                                     "outputs:\n  dir: archive/out\n")
+    workflow = load_workflow(tmp_path / "g.yaml")
+    images, problems = list_inputs(workflow.inputs, workflow.outputs.dir)
+    assert images == [archive / "a.tif"]  # the run's pictures are never its inputs, however matched
+    assert list(problems.values()) == [f"{tmp_path / 'archiv/*.tif'}: matches nothing: no folder {tmp_path / 'archiv'}"]
+    (tmp_path / "same.yaml").write_text("inputs:\n  paths: [archive/out]\n  patterns: ['*.png']\noutputs:\n  dir: archive/out\n")
+    workflow = load_workflow(tmp_path / "same.yaml")
+    with pytest.raises(WorkflowError, match="no image found"):
+        list_inputs(workflow.inputs, workflow.outputs.dir)
+
+
+def test_what_decides_a_rerun_is_the_models_files_and_settings_that_change_results(tmp_path):
+    from safetensors.numpy import save_file
+
+    from workflows.batch import settings_of
+    from workflows.ledger import model_hash
+
+    model = tmp_path / "model"
+    (model / "weights").mkdir(parents=True)
+    card = (resolve_model_dir() / "model.yaml").read_text().replace("weights: weights.safetensors", "weights: weights/w.ckpt")
+    (model / "model.yaml").write_text(card)
+    save_file({"w": np.zeros(3, np.float32)}, model / "weights" / "w.ckpt")
+    before = model_hash(model)
+    save_file({"w": np.ones(3, np.float32)}, model / "weights" / "w.ckpt")  # new weights where the card says they are
+    assert model_hash(model) != before
+    workflow = load_workflow(workflow_file(tmp_path))
+    assert settings_of(workflow, Tiling(512, 64, 2)) == settings_of(workflow, Tiling(512, 64, 8))  # batch size: same results
+    assert settings_of(workflow, Tiling(512, 64, 2)) != settings_of(workflow, Tiling(512, 96, 2))

@@ -57,8 +57,9 @@ class Metrics:
 
 
 def settings_of(workflow: Workflow, tiling: Tiling) -> dict:
-    """What changes the results: a change in any of these reprocesses every image."""
-    return {"tiling": tiling.__dict__, "read": workflow.read.model_dump(mode="json"),
+    """What changes the results: a change in any of these reprocesses every image (not the batch
+    size: results do not depend on it)."""
+    return {"tiling": {k: v for k, v in tiling.__dict__.items() if k != "batch_size"}, "read": workflow.read.model_dump(mode="json"),
             "zarr": [workflow.outputs.zarr, workflow.outputs.density_cell]}
 
 
@@ -96,13 +97,18 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
     metrics = Metrics(workflow.name)
     with run_lock(out), Ledger(out) as ledger:
         if workflow.monitoring.metrics_port:  # once the lock is held: a second run must fail on the lock, not the port
-            start_http_server(workflow.monitoring.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+            try:
+                start_http_server(workflow.monitoring.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+            except OSError as err:  # another process holds the port: the textfile still has the metrics
+                log(f"warning: metrics not served on 127.0.0.1:{workflow.monitoring.metrics_port} ({err.strerror}); "
+                    f"they are still written to {out / 'metrics.prom'}")
         config = config_hash(settings_of(workflow, tiling))
         model = model_hash(model_dir)
         for path, reason in problems.items():
             ledger.failed(Path(path), reason)
-        for path in ledger.retire_missing({str(i) for i in images} | set(problems)):
-            log(f"gone since the last run: {path} (its results are kept in the folder, not served)")
+        for path, status in ledger.retire_missing({str(i) for i in images} | set(problems)):
+            why = "gone since the last run" if status == "missing" else "no longer among the inputs"
+            log(f"{why}: {path} (its results are kept in the folder, not served)")
         prints = {str(i): fingerprint(i, workflow.inputs.hash_content) for i in images}
         todo = [i for i in images if force or not ledger.is_current(i, prints[str(i)], config, model)]
         outcome = BatchOutcome(RunReport(), [str(i) for i in images if i not in todo], dict(problems))

@@ -108,12 +108,13 @@ def image_outputs(out_root: str | Path) -> list[ImageOutput]:
 
 
 def _ledger_done(out_root: Path) -> set[str] | None:
-    """Output folders a workflow's ledger has as done (None: no ledger). Results of images that
-    failed since, or whose file is gone, stay on disk but are no longer served."""
+    """Output folders whose results a workflow's ledger serves (``Ledger.served_folders``; None: no
+    ledger). Results of images that failed since, whose file is gone or that are no longer an
+    input stay on disk but are not served."""
     if not (out_root / LEDGER_NAME).is_file():
         return None
     with Ledger(out_root) as ledger:
-        return {ledger.folder(row).name for row in ledger.rows() if row["status"] == "done" and row["output_dir"]}
+        return ledger.served_folders()
 
 
 def find_output(out_root: str | Path, image_id: str) -> ImageOutput:

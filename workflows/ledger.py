@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.card import CARD_FILENAME, load_card
+
 LEDGER_NAME = "ledger.sqlite"
 LOCK_NAME = ".seamline.lock"
 
@@ -58,11 +60,20 @@ def fingerprint(path: Path, content: bool = False) -> Fingerprint:
     return Fingerprint(stat.st_size, stat.st_mtime_ns, digest)
 
 
+def model_files(model_dir: Path) -> list[Path]:
+    """The files a model's results depend on: its card, the weights file it names (wherever in the
+    folder, whatever its suffix) and every other top-level weights file."""
+    model_dir = Path(model_dir)
+    named = [model_dir / load_card(model_dir).weights] if (model_dir / CARD_FILENAME).is_file() else []
+    top = [p for p in model_dir.iterdir() if p.suffix in {".yaml", ".safetensors", ".pt", ".pth"}]
+    return sorted({p for p in [*top, *named] if p.is_file()})
+
+
 def model_hash(model_dir: Path) -> str:
-    """SHA-256 over the model card and every weights file of a model directory."""
+    """SHA-256 over the model's files (``model_files``)."""
     sha = hashlib.sha256()
-    for file in sorted(p for p in Path(model_dir).iterdir() if p.suffix in {".yaml", ".safetensors", ".pt", ".pth"}):
-        sha.update(file.name.encode())
+    for file in model_files(model_dir):
+        sha.update(file.relative_to(model_dir).as_posix().encode())
         sha.update(file.read_bytes())
     return sha.hexdigest()
 
@@ -184,11 +195,22 @@ class Ledger:
         self._upsert(path, status="failed", finished=time.time(), error=error, instances=None, counts=None,
                      tiles=None, tiles_skipped=None, batches_resumed=None)
 
-    def retire_missing(self, present: set[str]) -> list[str]:
-        """Mark ``missing`` the images recorded here whose file is gone (deleted or renamed) and is not
-        among ``present``; returns their paths."""
-        gone = [row["path"] for row in self.rows()
-                if row["status"] != "missing" and row["path"] not in present and not Path(row["path"]).exists()]
-        for path in gone:
-            self._upsert(Path(path), status="missing", error="the file is gone (deleted, moved or renamed)")
-        return gone
+    def retire_missing(self, present: set[str]) -> list[tuple[str, str]]:
+        """Retire the images recorded here that are not among ``present`` (this run's inputs):
+        ``missing`` when their file is gone (deleted or renamed), ``withdrawn`` when it is still there
+        but no longer an input (left out of the manifest, the paths or the patterns). Returns (path, status)."""
+        retired = []
+        for row in self.rows():
+            if row["path"] in present or row["status"] in ("missing", "withdrawn"):
+                continue
+            status = "withdrawn" if Path(row["path"]).exists() else "missing"
+            why = "no longer among the workflow's inputs" if status == "withdrawn" else "the file is gone (deleted, moved or renamed)"
+            self._upsert(Path(row["path"]), status=status, error=why)
+            retired.append((row["path"], status))
+        return retired
+
+    def served_folders(self) -> set[str]:
+        """Output folders whose results stand: images done, and images being processed again whose
+        previous run succeeded (their files are replaced only once the new ones are complete)."""
+        return {self.folder(row).name for row in self.rows() if row["output_dir"] and (
+            row["status"] == "done" or (row["status"] == "running" and row["instances"] is not None))}

@@ -16,6 +16,7 @@ from models.card import ModelCard
 from pipeline.graph import ImageGraph, Tiling, discard_staging, image_graph
 from pipeline.inputs import open_for_model
 from pipeline.sources import SourceError, image_stem
+from workflows.ledger import model_files
 
 
 @dataclass
@@ -172,6 +173,6 @@ def resume_folder(out_dir: Path, image: Path, source, model_dir: Path, tiling: T
     """Where an image's segmented batches are kept for a resume. Named by the settings and by the
     state (size, mtime) of the image file and of the model's files: batches of a file or model
     replaced in place since are never reused."""
-    files = [image, *model_dir.iterdir()]
+    files = [image, *model_files(model_dir)]
     states = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
     return out_dir / f".partial-{tokenize(source, str(model_dir), tiling, states)}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import glob
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,8 @@ def _resolve(base: Path, raw: dict[str, Any]) -> dict[str, Any]:
     if isinstance(outputs, dict) and isinstance(outputs.get("dir"), str):
         outputs["dir"] = absolute(outputs["dir"])
     model = raw.get("model")
-    if isinstance(model, str) and (("/" in model or model.startswith(".")) and (base / model).exists()
-                                   or (base / model / "model.yaml").is_file()):  # a model folder beside the workflow
-        raw["model"] = absolute(model)
+    if isinstance(model, str) and ("/" in model or model.startswith(".") or (base / model / "model.yaml").is_file()):
+        raw["model"] = absolute(model)  # a path, relative to the workflow file; a bare name is a shipped model
     return raw
 
 
@@ -233,8 +233,8 @@ def _manifest_paths(manifest: Path) -> tuple[list[Path], dict[str, str]]:
 
 def list_inputs(inputs: Inputs, outputs: Path | None = None) -> tuple[list[Path], dict[str, str]]:
     """(images to process in a stable order, {path: why it cannot be used}) — a missing file is
-    reported, not dropped silently, and never stops the others. Folders are searched without the
-    ``outputs`` folder (a run's pictures are no input). Inputs that match nothing at all are refused:
+    reported, not dropped silently, and never stops the others. Nothing under the ``outputs``
+    folder is an input, whether a folder, a glob or the manifest finds it (a run's pictures are no input). Inputs that match nothing at all are refused:
     a nightly job with a typo must not pass green."""
     skip = outputs.resolve() if outputs is not None else None
     found: list[Path] = []
@@ -245,15 +245,20 @@ def list_inputs(inputs: Inputs, outputs: Path | None = None) -> tuple[list[Path]
         else:
             found.append(entry)
     for pattern in inputs.globs:
-        found += [Path(os.path.normpath(p)) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+        matched = [Path(os.path.normpath(p)) for p in glob.glob(pattern, recursive=True) if Path(p).is_file()]
+        fixed = Path(*[part for part in itertools.takewhile(lambda part: not glob.has_magic(part), Path(pattern).parts)])
+        if not matched and not fixed.is_dir():  # a typo in one of several globs must not pass green either
+            problems[pattern] = f"{pattern}: matches nothing: " + (f"no folder {fixed}" if glob.has_magic(pattern) else "file not found")
+        found += matched
     if inputs.manifest is not None:
-        listed, problems = _manifest_paths(inputs.manifest)
+        listed, unusable = _manifest_paths(inputs.manifest)
+        problems.update(unusable)
         found += listed
     images: list[Path] = []
     seen: set[Path] = set()
     for image in found:
         key = image.resolve()
-        if key in seen:
+        if key in seen or (skip is not None and key.is_relative_to(skip)):  # a run's own outputs, however matched
             continue
         seen.add(key)
         if inputs.roots and not _under(image, inputs.roots):
@@ -262,7 +267,7 @@ def list_inputs(inputs: Inputs, outputs: Path | None = None) -> tuple[list[Path]
             problems[str(image)] = f"{image}: file not found"
         else:
             images.append(image)
-    if not images and all(p.endswith(": file not found") for p in problems.values()):  # a typo, not bad images
+    if not images and all(p.endswith(": file not found") or ": matches nothing: " in p for p in problems.values()):  # a typo, not bad images
         where = [*map(str, inputs.paths), *inputs.globs, *([str(inputs.manifest)] if inputs.manifest else [])]
         missing = f"; not found: {', '.join(problems)}" if problems else ""
         raise WorkflowError(f"no image found in {', '.join(where)} (patterns {', '.join(inputs.patterns)}){missing}")
