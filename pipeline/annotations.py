@@ -117,6 +117,10 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
             with rasterio.open(path) as dataset:
                 bands = [i + 1 for i, c in enumerate(dataset.colorinterp) if c != ColorInterp.alpha] or [1]
                 data = dataset.read(bands, masked=False)
+                alpha = [i + 1 for i in range(dataset.count) if i + 1 not in bands]
+                if alpha and not data.any() and len(np.unique(dataset.read(alpha[0], masked=False))) > 1:
+                    warnings.warn(f"{path}: the colour bands are empty and the alpha band holds shapes: masks are read "
+                                  "from the colour bands (save the mask without transparency)", stacklevel=4)
     except RasterioIOError as err:
         raise AnnotationError(f"{path}: not a readable mask image ({err})") from err
     if data.shape[1:] != shape:

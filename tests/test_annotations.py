@@ -322,6 +322,11 @@ def test_binary_mask_components(tmp_path):
         read_binary_mask(image, tmp_path / "absent.png")
     with pytest.raises(AnnotationError, match="small.tif.*20×10 px"):
         read_binary_mask(image, write_geotiff(mask[:10, :20], tmp_path / "small.tif", crs=None))
+    drawn_in_alpha = np.zeros((H, W, 4), np.uint8)
+    drawn_in_alpha[2:10, 2:10, 3] = 255
+    Image.fromarray(drawn_in_alpha, "RGBA").save(tmp_path / "alpha.png")
+    with pytest.warns(UserWarning, match="alpha.png: the colour bands are empty and the alpha band holds shapes"):
+        assert not read_binary_mask(image, tmp_path / "alpha.png").labels.any()
 
 
 def test_label_image_values_are_instances(tmp_path):
