@@ -30,7 +30,7 @@ from rasterio.errors import RasterioIOError
 from pipeline.grid import Span
 from pipeline.handles import open_cached
 from pipeline.sources import (
-    RESAMPLE_TOLERANCE, SourceError, check_upsampling, checked_value_range, image_stem, open_quietly, percentile_range,
+    RESAMPLE_TOLERANCE, SourceError, check_resampling, checked_value_range, image_stem, open_quietly, percentile_range,
     read_error_reason, resample_factor, scaled_to_uint8,
 )
 
@@ -444,8 +444,8 @@ def open_slide(
         across = down = resample_factor(level0 * downsamples[chosen] if sides else None, target_mpp)
     else:
         across, down = (resample_factor(side * downsamples[chosen], target_mpp) for side in sides)
-    for side, factor in zip(sides or (None, None), (across, down)):
-        check_upsampling(path, factor, side, target_mpp, "µm")
+    level_sides = tuple(side * downsamples[chosen] for side in sides) if sides else (None, None)
+    check_resampling(path, (across, down), level_sides, target_mpp, "µm")
     return SlideSource(
         str(path.resolve()), max(1, round(height / down)), max(1, round(width / across)), level,
         float(downsamples[chosen]), level0, sizes[0], (width, height), across, backend,

@@ -182,14 +182,21 @@ def resample_factor(pixel_size: float | None, target: float | None) -> float:
     return 1.0 if abs(factor - 1) <= RESAMPLE_TOLERANCE else factor
 
 
-def check_upsampling(path: Path, factor: float, pixel_size: float | None, target: float | None, unit: str) -> None:
-    """Refuse reads upsampled more than ``MAX_UPSAMPLING`` times: a pixel size that far from the
-    model's is a metadata (or ``--mpp``) mistake, and the processed image would be enormous."""
-    if factor < 1 / MAX_UPSAMPLING:
-        raise SourceError(
-            f"{path}: pixels of {pixel_size:.3g} {unit}, the model's are {target:.3g} {unit}: refusing to upsample "
-            f"{1 / factor:.0f}× (check the image's georeferencing, resolution metadata or --mpp)"
-        )
+def check_resampling(path: Path, factors: tuple[float, float], sides: tuple, target: float | None, unit: str) -> None:
+    """Refuse reads upsampled more than ``MAX_UPSAMPLING`` times along either axis: a pixel size that
+    far from the model's is a metadata (or ``--mpp``) mistake, and the processed image would be
+    enormous. Downsampling that much is said: it may be meant (5 cm drone pixels for a 0.5 m model),
+    or the same mistake the other way, which would leave objects a pixel or two wide."""
+    for factor, side in zip(factors, sides):
+        if factor < 1 / MAX_UPSAMPLING:
+            raise SourceError(
+                f"{path}: pixels of {side:.3g} {unit}, the model's are {target:.3g} {unit}: refusing to upsample "
+                f"{1 / factor:.0f}× (check the image's georeferencing, resolution metadata or --mpp)"
+            )
+    if max(factors) > MAX_UPSAMPLING:
+        side = sides[int(np.argmax(factors))]
+        warnings.warn(f"{path}: pixels of {side:.3g} {unit}, the model's are {target:.3g} {unit}: read at 1/{max(factors):.0f} "
+                      "of the resolution (check the resolution metadata or --mpp if that is not meant)", stacklevel=4)
 
 
 def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: float | None = None,
@@ -245,8 +252,7 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         sides = (pixel_sides_m(crs_wkt, transform, dataset.width, dataset.height) if target_m else None) or (None, None)
         target, unit = target_m, "m"
     across, down = (resample_factor(side, target) for side in sides)
-    for side, factor in zip(sides, (across, down)):
-        check_upsampling(path, factor, side, target, unit)
+    check_resampling(path, (across, down), sides, target, unit)
     factor = float(np.sqrt(across * down))  # source pixels per processed pixel, by area
     height, width = max(1, round(dataset.height / down)), max(1, round(dataset.width / across))
     return RasterSource(

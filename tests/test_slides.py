@@ -577,3 +577,14 @@ def test_planes_and_images_beyond_the_first_are_said(tmp_path):
             tif.write(np.zeros((64, 80, 3), np.uint8), photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
     with pytest.warns(UserWarning, match="pages.tif: 2 images in the file"):
         open_image(tmp_path / "pages.tif", target_mpp=0.5)
+
+
+def test_a_read_far_coarser_than_the_file_is_said(tmp_path):
+    """0.01 µm in the metadata (a slip for 0.1 or 1): the image would be read at 1/25 of its
+    pixels, its nuclei a pixel wide. Not refused (5 cm drone pixels for a 0.5 m model are meant), but said."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "slip.ome.tif", np.zeros((500, 500, 3), np.uint8), ome=True, photometric="rgb",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.01, "PhysicalSizeY": 0.01})
+    with pytest.warns(UserWarning, match=r"slip.ome.tif: pixels of 0.01 µm, the model's are 0.25 µm: read at 1/25 of the resolution"):
+        assert open_image(tmp_path / "slip.ome.tif", target_mpp=0.25).width == 20
