@@ -121,24 +121,6 @@ def load_card(model_dir: str | Path) -> ModelCard:
         raise ModelCardError(f"{path}: {problems}") from err
 
 
-def check_weights_file(model_dir: str | Path, card: ModelCard) -> Path:
-    """The card's weights file, checked before any work starts, without importing torch: present,
-    and for safetensors a header that covers the file (a truncated copy fails here, not in every
-    task). Whether the tensors fit the architecture is checked when a worker loads them."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(model_dir) / card.weights
-    if not path.is_file() or path.stat().st_size == 0:
-        raise ModelCardError(f"{path}: weights file {'is empty' if path.is_file() else 'not found'}")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(path, framework="numpy"):
-                pass
-        except (SafetensorError, OSError) as err:
-            raise ModelCardError(f"{path}: not a readable safetensors file ({err})") from err
-    return path
-
-
 def save_card(card: ModelCard, model_dir: str | Path) -> Path:
     """Write ``card`` as ``model_dir/model.yaml``."""
     path = Path(model_dir) / CARD_FILENAME

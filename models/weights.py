@@ -34,12 +34,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         raise ModelWeightsError(f"{path}: not a readable torch checkpoint ({err})") from err
-    for wrapper in ("model", "state_dict"):  # torchvision's reference scripts; Lightning and mmdet
+    for wrapper in ("model", "state_dict", "model_state_dict"):  # torchvision's reference scripts; Lightning, mmdet; tutorials
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelWeightsError(f"{path}: expected a state_dict of tensors")
+        found = f"keys {', '.join(map(str, list(state)[:5]))}" if isinstance(state, dict) else type(state).__name__
+        raise ModelWeightsError(f"{path}: expected a state_dict of tensors (or one under 'model', 'state_dict' or "
+                                f"'model_state_dict'), found {found}")
     return state
 
 

@@ -111,7 +111,7 @@ def test_bad_input_corpus_fails_file_by_file(tmp_path):
     (["--bands", "0"], "--bands 0: bands are numbered from 1"),
     (["--bands", "a,b"], "--bands a,b: expected 1-based band numbers"),
     (["--scheduler", "no-port-here"], "Dask scheduler no-port-here: cannot connect"),
-    (["--model", "truncated-model"], "not a readable safetensors file (Error while deserializing header"),
+    (["--model", "truncated-model"], "not a readable safetensors file (header longer than the file)"),
     (["https://example.com/cog.tif"], "cog.tif: URLs, GDAL virtual paths (/vsizip/, /vsicurl/ …) and subdataset names are not read"),
     (["/vsizip/scenes.zip/scene.tif"], "/vsizip/scenes.zip/scene.tif: URLs, GDAL virtual paths"),
 ])

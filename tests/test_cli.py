@@ -104,7 +104,7 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
     assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
     model_variant(tmp_path / "two-classes", "synthetic-shapes", classes=["a", "b"])  # weights of three
     result = runner.invoke(app, ["evaluate", *data, "--model", str(tmp_path / "two-classes"), "--out", str(tmp_path / "r2")])
-    assert result.exit_code == 2 and "weights do not fit maskrcnn_compact with 2 classes" in output(result), result.output
+    assert result.exit_code == 2 and "weights for 3 classes, the card lists 2 (a, b)" in output(result), result.output
     images, labels = dataset(tmp_path / "blank", n=1)
     write_geotiff(np.zeros((600, 700, 1), np.uint16), labels / "scene0.tif")
     result = runner.invoke(app, ["train", "-f", "label-images", "--images", str(images), "--annotations", str(labels),

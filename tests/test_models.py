@@ -99,6 +99,34 @@ def test_pickled_checkpoints_needing_code_are_refused(tmp_path):
         load_weights(model, path, "compact")
     torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "ok.pt")
     load_weights(build_model(small_card()), tmp_path / "ok.pt", "compact")
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 3}, tmp_path / "tutorial.pt")  # as tutorials save them
+    load_weights(build_model(small_card()), tmp_path / "tutorial.pt", "compact")
+    torch.save({"weights": model.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(ModelWeightsError, match="other.pt: expected a state_dict of tensors .* found keys weights"):
+        load_weights(build_model(small_card()), tmp_path / "other.pt", "compact")
+
+
+def test_weights_that_would_fail_every_task_are_refused_before_any_work_without_torch(tmp_path):
+    """Read from the file's bytes (zip archive, pickle opcodes, safetensors header): nothing unpickled."""
+    from models.card import ModelCardError
+    from models.weights_check import check_weights_file
+
+    card = small_card()
+    model = build_model(card)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    assert check_weights_file(tmp_path, card.model_copy(update={"weights": "state.pt"})) == tmp_path / "state.pt"
+    torch.save(model, tmp_path / "whole.pt")  # the whole model object
+    with pytest.raises(ModelCardError, match=r"whole.pt: holds pickled objects .*torch.nn.modules.*save model.state_dict\(\)"):
+        check_weights_file(tmp_path, card.model_copy(update={"weights": "whole.pt"}))
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "state.pt").read_bytes()[:-5000])
+    with pytest.raises(ModelCardError, match="cut.pt: not a readable torch checkpoint, truncated or corrupt"):
+        check_weights_file(tmp_path, card.model_copy(update={"weights": "cut.pt"}))
+    save_weights(model, tmp_path / "w.safetensors")
+    with pytest.raises(ModelCardError, match=r"w.safetensors: weights for 2 classes, the card lists 3 \(a, b, c\)"):
+        check_weights_file(tmp_path, card.model_copy(update={"weights": "w.safetensors", "classes": ["a", "b", "c"]}))
+    (tmp_path / "short.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:-100])
+    with pytest.raises(ModelCardError, match="short.safetensors: not a readable safetensors file .truncated"):
+        check_weights_file(tmp_path, card.model_copy(update={"weights": "short.safetensors"}))
 
 
 def test_pasted_masks_land_where_the_mask_head_learned_them():

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server, write_to_textfile
 
-from models.card import check_weights_file, load_card
+from models.card import load_card
+from models.weights_check import check_weights_file
 from models.registry import resolve_model_dir
 from pipeline.graph import Tiling
 from pipeline.writers import atomic_path

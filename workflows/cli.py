@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from models.card import ModelCardError, check_weights_file, load_card
+from models.card import ModelCardError, load_card
+from models.weights_check import check_weights_file
 from models.registry import ZOO, resolve_model_dir, shipped_models
 from workflows.analyst_cli import register as register_analyst_commands
 from workflows.formats import DatasetFormat
