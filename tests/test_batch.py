@@ -528,3 +528,18 @@ def test_what_decides_a_rerun_is_the_models_files_and_settings_that_change_resul
     workflow = load_workflow(workflow_file(tmp_path))
     assert settings_of(workflow, Tiling(512, 64, 2)) == settings_of(workflow, Tiling(512, 64, 8))  # batch size: same results
     assert settings_of(workflow, Tiling(512, 64, 2)) != settings_of(workflow, Tiling(512, 96, 2))
+
+
+def test_status_shows_counts_only_for_results_that_are_served(tmp_path):
+    from typer.testing import CliRunner
+
+    from workflows.cli import app
+    from workflows.ledger import Fingerprint, Ledger
+
+    with Ledger(tmp_path) as ledger:
+        for name, count in (("kept.tif", 41), ("gone.tif", 97)):
+            ledger.started(tmp_path / name, Fingerprint(1, 1), "c", "m", tmp_path / Path(name).stem)
+            ledger.done(tmp_path / name, {"instances": count, "counts": {"a": count}})
+        ledger.retire_missing({str(tmp_path / "kept.tif")})
+    output = CliRunner().invoke(app, ["status", str(tmp_path)]).output
+    assert "41" in output and "97" not in output and "missing: 1" in output

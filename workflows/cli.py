@@ -454,7 +454,7 @@ def evaluate(
     best = report["calibration"]
     if best["score_threshold"] is not None:
         console.print(f"best F1@0.5 {best['f1']:.3f} at score ≥ {best['score_threshold']:.3f} (card: {card.score_threshold})")
-    if calibrate and best["score_threshold"] is not None:
+    if calibrate and best["score_threshold"] is not None and best["score_threshold"] != card.score_threshold:
         from models.card import save_card
 
         threshold = best["score_threshold"]
@@ -473,7 +473,7 @@ def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None
             workflow.cluster.scheduler = scheduler
         outcome = run_workflow(workflow, force=force, show_progress=progress, log=console.print)
     except (WorkflowError, ModelCardError, LedgerLocked, ValueError) as err:
-        _fail(str(err))
+        _fail(f"{path}: {err}" if str(err).startswith("tiling:") else str(err))  # the card's tile size against the file's overlap
     for image, summary in outcome.report.done.items():
         console.print(f"[green]done[/green] {image}: {summary['instances']} instances")
     for message in (m for messages in outcome.report.warnings.values() for m in messages):
@@ -501,10 +501,11 @@ def status(out: Annotated[Path, typer.Argument(help="Output directory of a workf
         table.add_column(column, justify="left" if column in {"image", "status"} else "right")
     for row in rows:
         name, folder = Path(row["path"]).name, Path(row["output_dir"] or "").name
+        served = row["status"] in ("done", "running", "interrupted")  # the others' last counts are no longer served
         table.add_row(
             name if folder in ("", image_stem(name)) else f"{name} → {folder}",  # one name in two folders
-            row["status"], f"{row['seconds']:.1f}" if row["seconds"] else "",
-            *(str(row[c]) if row[c] is not None else "" for c in ("instances", "tiles", "tiles_skipped", "batches_resumed")),
+            row["status"], f"{row['seconds']:.1f}" if row["seconds"] and served else "",
+            *(str(row[c]) if row[c] is not None and served else "" for c in ("instances", "tiles", "tiles_skipped", "batches_resumed")),
         )
     console.print(table)
     for row in rows:
