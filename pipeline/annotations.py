@@ -339,18 +339,24 @@ def read_binary_mask(image_path: Path, mask_path: Path, class_name: str = "objec
     return _sample(Path(image_path).stem, image, labels, [class_name], _pixel_sides(source))
 
 
-def read_coco(json_path: Path, image_dir: Path, value_range: ValueRange = None) -> list[AnnotatedImage]:
+def read_coco(json_path: Path, image_dir: Path, value_range: ValueRange = None, only: set[str] | None = None) -> list[AnnotatedImage]:
     """COCO instances (polygons, RLE or uncompressed RLE); crowd regions (``iscrowd``) become the
     sample's ``ignore`` mask: not instances, and detections on them are not scored.
 
-    ``class_names`` are the categories in id order. Images are ``image_dir / file_name``.
+    ``class_names`` are the categories in id order. Images are ``image_dir / file_name``; with
+    ``only``, just the images of those names are read.
     """
     json_path = Path(json_path)
     images, per_image, class_of, names = _load_coco(json_path)
     return [
         _coco_sample(entry, name, per_image[entry["id"]], class_of, names, Path(image_dir), json_path, value_range)
-        for entry, name in zip(images, image_names([e["file_name"] for e in images]))
+        for entry, name in zip(images, image_names([e["file_name"] for e in images])) if only is None or name in only
     ]
+
+
+def coco_image_names(json_path: Path) -> list[str]:
+    """The names ``read_coco`` gives the images of a COCO file, without reading them."""
+    return image_names([e["file_name"] for e in _load_coco(Path(json_path))[0]])
 
 
 def _crowd_mask(sample: AnnotatedImage, crowds: list[dict], json_path: Path) -> AnnotatedImage:

@@ -374,6 +374,27 @@ def test_a_dataset_folder_with_two_images_of_one_name_is_refused(tmp_path):
         load_dataset(DatasetFormat.binary_masks, tmp_path / "images", tmp_path / "masks")
 
 
+def test_only_the_images_asked_for_are_read(tmp_path):
+    """``evaluate --only`` scores a split: the other images are not read (one may be broken, or huge)."""
+    from workflows.datasets import DatasetFormat, load_dataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image_file(tmp_path / "images", "good.tif")
+    (tmp_path / "images" / "broken.tif").write_bytes(b"II*\x00 not really a TIFF")
+    for name in ("good", "broken"):
+        write_geotiff(np.ones((H, W, 1), np.uint8), tmp_path / "masks" / f"{name}.tif", crs=None)
+    samples = load_dataset(DatasetFormat.binary_masks, tmp_path / "images", tmp_path / "masks", only={"good"})
+    assert [s.name for s in samples] == ["good"]
+    with pytest.raises(AnnotationError, match=r"nope not among the dataset's images \(broken, good\)"):
+        load_dataset(DatasetFormat.binary_masks, tmp_path / "images", tmp_path / "masks", only={"good", "nope"})
+    with pytest.raises(AnnotationError, match="broken.tif"):
+        load_dataset(DatasetFormat.binary_masks, tmp_path / "images", tmp_path / "masks")
+    path = coco_file(tmp_path, [{"category_id": 1, "segmentation": [[2, 2, 12, 2, 12, 12]]}],
+                     images=[{"id": 1, "file_name": "a.tif"}, {"id": 2, "file_name": "gone.tif"}])
+    assert [s.name for s in load_dataset(DatasetFormat.coco, tmp_path, path, only={"a"})] == ["a"]
+
+
 # ---------------------------------------------------------------- statistics
 
 

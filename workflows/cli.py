@@ -215,15 +215,15 @@ ClassOption = Annotated[str, typer.Option(help="Class name for formats without c
 ClassFieldOption = Annotated[Optional[str], typer.Option(help="vector: attribute holding the class.")]
 
 
-def _load(fmt, images, annotations, class_name, class_field, value_range=None):
+def _load(fmt, images, annotations, class_name, class_field, value_range=None, only=None):
     from pipeline.annotations import AnnotationError
     from pipeline.sources import SourceError
     from workflows.datasets import load_dataset
 
     try:
-        return load_dataset(fmt, images, annotations, class_name, class_field, value_range)
+        return load_dataset(fmt, images, annotations, class_name, class_field, value_range, only)
     except (AnnotationError, SourceError) as err:
-        _fail(str(err))
+        _fail(f"--only: {err}" if only and "not among the dataset's images" in str(err) else str(err))
 
 
 @dataset_app.command("stats")
@@ -438,12 +438,7 @@ def evaluate(
     if calibrate and (model is None or not (Path(model) / "model.yaml").is_file() or model_dir.is_relative_to(ZOO.resolve())):
         _fail(f"--calibrate rewrites the model's card: give a model directory, e.g. a copy of this shipped one (cp -r {model_dir} my-model)")
     _check_output_dir(out)
-    samples = _load(fmt, images, annotations, class_name, class_field, card.input.value_range)
-    if only:
-        wanted = set(only.split(","))
-        if unknown := wanted - {s.name for s in samples}:
-            _fail(f"--only: {', '.join(sorted(unknown))} not among the dataset's images ({', '.join(s.name for s in samples[:5])}{', …' if len(samples) > 5 else ''})")
-        samples = [s for s in samples if s.name in wanted]
+    samples = _load(fmt, images, annotations, class_name, class_field, card.input.value_range, set(only.split(",")) if only else None)
     try:
         report = run_evaluation(samples, model_dir, card, out, tiling)
     except ModelWeightsError as err:  # evaluate runs in this process: the loader's own error

@@ -40,17 +40,22 @@ def load_dataset(
     class_name: str = "object",
     class_field: str | None = None,
     value_range: tuple[float, float] | None = None,
+    only: set[str] | None = None,
 ) -> list[AnnotatedImage]:
-    """Read every annotated image of a dataset (non-8-bit pixels: ``value_range`` to 0-255, else
-    each image's percentiles); errors name the file and the problem."""
+    """Read every annotated image of a dataset, or with ``only`` those of these names (one that is
+    not there is an error); non-8-bit pixels: ``value_range`` to 0-255, else each image's
+    percentiles. Errors name the file and the problem."""
     if fmt == DatasetFormat.coco:
         if annotations_path is None:
             raise AnnotationError("coco needs --annotations INSTANCES.json")
-        return annotations.read_coco(annotations_path, images, value_range)
+        _check_names(annotations.coco_image_names(annotations_path), only)
+        return annotations.read_coco(annotations_path, images, value_range, only)
     if annotations_path is None:
         raise AnnotationError(f"{fmt.value} needs --annotations (a folder of files named like the images)")
+    found = _images(images)
+    _check_names([p.stem for p in found], only)
     samples = []
-    for image in _images(images):
+    for image in (p for p in found if only is None or p.stem in only):
         if fmt == DatasetFormat.imagescope:
             samples.append(annotations.read_imagescope_xml(image, _partner(image, annotations_path, (".xml",)), class_name, value_range))
         elif fmt == DatasetFormat.label_images:
@@ -63,6 +68,12 @@ def load_dataset(
             vector = _partner(image, annotations_path, (".gpkg", ".geojson", ".json", ".shp"))
             samples.append(annotations.read_vector(image, vector, class_field=class_field, class_name=class_name, value_range=value_range))
     return annotations.with_common_classes(samples)
+
+
+def _check_names(names: list[str], only: set[str] | None) -> None:
+    if only and (unknown := only - set(names)):
+        listed = f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}"
+        raise AnnotationError(f"{', '.join(sorted(unknown))} not among the dataset's images ({listed})")
 
 
 def split(samples: list[AnnotatedImage], every: int) -> tuple[list[AnnotatedImage], list[AnnotatedImage]]:
