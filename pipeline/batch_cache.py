@@ -40,7 +40,7 @@ def save_batch(path: Path, result) -> None:
     buffer = io.BytesIO()
     np.savez(
         buffer, **_pack("final", result.final), **_pack("candidates", result.candidates),
-        counts=np.array([result.tiles_segmented, result.tiles_skipped], np.int64),
+        counts=np.array([result.tiles_segmented, result.tiles_skipped], np.int64), seconds=np.array([result.seconds]),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -57,4 +57,5 @@ def load_batch(path: Path):
 
     with np.load(path, allow_pickle=False) as data:
         segmented, skipped = data["counts"].tolist()
-        return BatchResult(_unpack("final", data), _unpack("candidates", data), segmented, skipped)
+        seconds = float(data["seconds"][0]) if "seconds" in data.files else 0.0  # kept by an older version: unknown
+        return BatchResult(_unpack("final", data), _unpack("candidates", data), segmented, skipped, seconds)

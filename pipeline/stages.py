@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ class BatchResult:
     candidates: Detections
     tiles_segmented: int
     tiles_skipped: int
+    seconds: float = 0.0  # the segment task's own time: model and polygons
 
 
 @dataclass
@@ -65,6 +67,7 @@ def segment_batch(batch: TileBatch, model_dir: str, flips: bool | None = None, d
     ``flips``: flip test-time augmentation on or off (None: as the model card says)."""
     from models.inference import cached_segmenter  # torch: imported by workers, never by the client
 
+    began = time.perf_counter()
     segmenter = cached_segmenter(model_dir, device, flips)
     run = np.flatnonzero(batch.has_data)
     finals, candidates = [], []
@@ -79,6 +82,7 @@ def segment_batch(batch: TileBatch, model_dir: str, flips: bool | None = None, d
         candidates=Detections.concat(candidates),
         tiles_segmented=len(run),
         tiles_skipped=len(batch.tiles) - len(run),
+        seconds=time.perf_counter() - began,
     )
 
 

@@ -62,6 +62,7 @@ class ImageStream:
     labelled_rows: int = 0
     tiles_skipped: int = 0
     seam_candidates: int = 0
+    segment_seconds: float = 0.0  # its batches' own time, summed (over threads and runs resumed)
 
 
 def start_image(parts_dir: Path, n_classes: int, height: int, width: int, labels: LabelRaster | None) -> ImageStream:
@@ -106,6 +107,7 @@ def merge_step(
         parts=[*stream.parts, str(part)],
         tiles_skipped=stream.tiles_skipped + sum(r.tiles_skipped for r in results),
         seam_candidates=stream.seam_candidates + sum(len(r.candidates) for r in results),
+        segment_seconds=stream.segment_seconds + sum(r.seconds for r in results),
     )
     if labels is None:
         return stream
@@ -136,7 +138,7 @@ def finish_image(
     if len(stream.seams.pending) or len(stream.seams.held):
         raise RuntimeError(f"{source.path}: the merge ended with instances not released (bands out of order?)")
     extra = {**extra, "tiles_skipped": extra.get("tiles_skipped", 0) + stream.tiles_skipped,
-             "seam_candidates": stream.seam_candidates}
+             "seam_candidates": stream.seam_candidates, "segment_seconds": round(stream.segment_seconds, 2)}
     staged = {}
     if labels is not None:
         extra["labels_zarr"] = {k: v for k, v in labels.items() if k != "staged"}

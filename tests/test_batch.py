@@ -413,18 +413,28 @@ def test_a_model_folder_beside_the_workflow_is_found_from_any_directory(tmp_path
     assert load_workflow(tmp_path / "jobs" / "w.yaml").model == str(tmp_path / "jobs" / "models" / "mine")  # the file's
 
 
-def test_an_images_seconds_start_when_the_image_before_it_finished(tmp_path):
+def test_an_images_seconds_are_its_own_segmentation_time_kept_across_a_resume(tmp_path):
+    """Images of a run interleave, so wall times overlap: an image's seconds are its batches' own
+    (model and polygons), summed, and a batch kept for a resume keeps its time."""
+    from pipeline.batch_cache import load_batch, save_batch
+    from pipeline.grid import TileGrid
+    from pipeline.stages import read_batch, segment_batch
     from workflows.ledger import Ledger, fingerprint
 
     image = tmp_path / "scene.tif"
-    image.write_bytes(b"pixels")
+    write_scene(image, seed=81, height=300, width=300)
+    model = resolve_model_dir()
+    card = load_card(model)
+    graph = image_graph(open_raster(image), str(model), card.classes, tmp_path / "out", Tiling(256, 32, 2))
+    (summary,) = dask.compute(graph.result, scheduler="sync")
+    assert 0 < summary["segment_seconds"] < 60
+    result = segment_batch(read_batch(open_raster(image), TileGrid(300, 300, 256, 32), [0, 1]), str(model))
+    save_batch(tmp_path / "kept.npz", result)
+    assert load_batch(tmp_path / "kept.npz").seconds == result.seconds > 0
     with Ledger(tmp_path / "out") as ledger:
-        ledger.started(image, fingerprint(image), "config", "model", tmp_path / "out" / "scene")  # with the others
-        time.sleep(0.3)  # the images before it
-        since = time.time()
-        time.sleep(0.1)  # its own work
-        ledger.done(image, {"instances": 1, "counts": {"a": 1}}, since=since)
-        assert 0.1 <= ledger.get(image)["seconds"] < 0.3
+        ledger.started(image, fingerprint(image), "config", "model", tmp_path / "out")
+        ledger.done(image, summary)
+        assert ledger.get(image)["seconds"] == summary["segment_seconds"]
 
 
 def test_status_tells_a_killed_run_from_a_live_one(tmp_path):

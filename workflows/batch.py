@@ -121,18 +121,14 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
             output_dirs[str(image)] = (row and ledger.folder(row)) or output_dir(out, image, taken)
         metrics.pending.set(len(todo))
 
-        previous = [time.time()]  # when the image before finished: the next one's work began about then
-
         def done(image: str, summary: dict) -> None:
-            ledger.done(Path(image), summary, since=previous[0])
-            previous[0] = time.time()
+            ledger.done(Path(image), summary)
             metrics.done.inc()
             metrics.pending.dec()
             metrics.instances.inc(summary["instances"])
 
         def failed(image: str, error: str) -> None:
             ledger.failed(Path(image), error)
-            previous[0] = time.time()
             metrics.failed.inc()
             metrics.pending.dec()
 

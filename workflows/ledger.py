@@ -178,14 +178,11 @@ class Ledger:
         previous = row["warnings"] if row and row["warnings"] else ""
         self._upsert(path, status=row["status"] if row else "pending", warnings=f"{previous}{message}\n")
 
-    def done(self, path: Path, summary: dict, since: float | None = None) -> None:
-        """``since``: when this image's own work began, if later than its start (images of a run are
-        all started at once, and processed one after another)."""
-        row = self.get(path)
-        now = time.time()
-        began = max(filter(None, [row["started"] if row else None, since]), default=None)
+    def done(self, path: Path, summary: dict) -> None:
+        """``seconds``: the time its tiles took to segment (model and polygons), summed over the
+        threads that ran them (images of a run interleave: their wall times overlap)."""
         self._upsert(
-            path, status="done", finished=now, seconds=now - began if began else None,
+            path, status="done", finished=time.time(), seconds=summary.get("segment_seconds"),
             instances=summary["instances"], counts=json.dumps(summary["counts"]), tiles=summary.get("tiles"),
             tiles_skipped=summary.get("tiles_skipped"), batches_resumed=summary.get("batches_resumed", 0), error=None,
         )
