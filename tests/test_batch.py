@@ -500,8 +500,13 @@ def test_the_ledger_serves_results_being_redone_and_retires_inputs_no_longer_lis
         retired = ledger.retire_missing({str(kept), str(new)})
         assert sorted(retired) == [(str(deleted), "missing"), (str(dropped), "withdrawn")]
         assert ledger.served_folders() == {"kept"} and ledger.retire_missing({str(kept), str(new)}) == []
+        (tmp_path / "dropped").mkdir()
+        (tmp_path / "dropped" / "counts.json").write_text("{}")  # its outputs, still in the folder
+        assert ledger.is_current(dropped, Fingerprint(1, 1), "c", "m")  # listed again unchanged: not redone ...
+        ledger.reinstate(dropped)
+        assert ledger.served_folders() == {"kept", "dropped"}  # ... and served again
         ledger.failed(kept, "unreadable")
-        assert ledger.served_folders() == set()
+        assert ledger.served_folders() == {"dropped"}
 
 
 def test_inputs_never_include_the_outputs_and_a_glob_into_no_folder_is_a_problem(tmp_path):

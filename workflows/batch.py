@@ -112,6 +112,8 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
             log(f"{why}: {path} (its results are kept in the folder, not served)")
         prints = {str(i): fingerprint(i, workflow.inputs.hash_content) for i in images}
         todo = [i for i in images if force or not ledger.is_current(i, prints[str(i)], config, model)]
+        for image in set(images) - set(todo):
+            ledger.reinstate(image)
         outcome = BatchOutcome(RunReport(), [str(i) for i in images if i not in todo], dict(problems))
         log(f"{len(images)} images: {len(todo)} to process, {len(outcome.up_to_date)} up to date, {len(problems)} unusable")
         taken = {Path(r["output_dir"]).name for r in ledger.rows() if r["output_dir"]}

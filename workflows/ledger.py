@@ -141,9 +141,10 @@ class Ledger:
         return self.db.execute("SELECT * FROM images ORDER BY path").fetchall()
 
     def is_current(self, path: Path, print_: Fingerprint, config: str, model: str) -> bool:
-        """Done before with the same file, configuration and model, and its outputs still there."""
+        """Done before with the same file, configuration and model, and its outputs still there (also
+        when it was withdrawn since: listed again, it is served again without being redone)."""
         row = self.get(path)
-        if row is None or row["status"] != "done" or (row["config_hash"], row["model_hash"]) != (config, model):
+        if row is None or row["status"] not in ("done", "withdrawn") or (row["config_hash"], row["model_hash"]) != (config, model):
             return False
         if print_.sha256 is not None:
             unchanged = row["sha256"] == print_.sha256
@@ -205,6 +206,12 @@ class Ledger:
             self._upsert(Path(row["path"]), status=status, error=why)
             retired.append((row["path"], status))
         return retired
+
+    def reinstate(self, path: Path) -> None:
+        """Serve again the results of an image listed again (``is_current`` held them as they were)."""
+        row = self.get(path)
+        if row is not None and row["status"] == "withdrawn":
+            self._upsert(path, status="done", error=None)
 
     def served_folders(self) -> set[str]:
         """Output folders whose results stand: images done, and images being processed again whose
