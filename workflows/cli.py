@@ -218,12 +218,12 @@ ClassFieldOption = Annotated[Optional[str], typer.Option(help="vector: attribute
 def _load(fmt, images, annotations, class_name, class_field, value_range=None, only=None):
     from pipeline.annotations import AnnotationError
     from pipeline.sources import SourceError
-    from workflows.datasets import load_dataset
+    from workflows.datasets import UnknownImages, load_dataset
 
     try:
         return load_dataset(fmt, images, annotations, class_name, class_field, value_range, only)
     except (AnnotationError, SourceError) as err:
-        _fail(f"--only: {err}" if only and "not among the dataset's images" in str(err) else str(err))
+        _fail(f"--only: {err}" if isinstance(err, UnknownImages) else str(err))
 
 
 @dataset_app.command("stats")

@@ -70,10 +70,14 @@ def load_dataset(
     return annotations.with_common_classes(samples)
 
 
+class UnknownImages(AnnotationError):
+    """Images asked for by name that the dataset does not have."""
+
+
 def _check_names(names: list[str], only: set[str] | None) -> None:
     if only and (unknown := only - set(names)):
         listed = f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}"
-        raise AnnotationError(f"{', '.join(sorted(unknown))} not among the dataset's images ({listed})")
+        raise UnknownImages(f"{', '.join(sorted(unknown))} not among the dataset's images ({listed})")
 
 
 def split(samples: list[AnnotatedImage], every: int) -> tuple[list[AnnotatedImage], list[AnnotatedImage]]:
