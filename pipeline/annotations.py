@@ -503,14 +503,12 @@ def _read_polygons(path: Path, source: RasterSource) -> gpd.GeoDataFrame:
     _require_file(path)
     try:
         layers = pyogrio.list_layers(path)
-        if len(layers) > 1:
-            raise AnnotationError(f"{path}: {len(layers)} layers ({', '.join(layers[:6, 0])}): which holds the objects is "
-                                  "ambiguous; keep one layer per file (e.g. ogr2ogr out.gpkg in.gpkg LAYER)")
-        frame = gpd.read_file(path)
-    except AnnotationError:
-        raise
+        frame = gpd.read_file(path) if len(layers) == 1 else None
     except Exception as err:  # pyogrio raises DataSourceError and others
         raise AnnotationError(f"{path}: not a readable vector file ({err})") from err
+    if frame is None:
+        raise AnnotationError(f"{path}: {len(layers)} layers ({', '.join(layers[:6, 0])}): which holds the objects is "
+                              "ambiguous; keep one layer per file (e.g. ogr2ogr out.gpkg in.gpkg LAYER)")
     if frame.crs is not None and source.crs_wkt is None:
         raise AnnotationError(f"{path}: polygons are in {frame.crs.to_string()} but {source.path} has no CRS to place them")
     if frame.crs is not None:

@@ -24,12 +24,13 @@ def open_for_model(
         path, bands, value_range or card.input.value_range, card.input.channels,
         target_mpp=resolution.get("um"), mpp=mpp, target_m=resolution.get("m"),
     )
-    if isinstance(source, RasterSource) and source.crs_wkt is None and card.resolution_unit == "um" and card.resolution and source.mpp is None:
-        warnings.warn(f"{source.path}: pixel size unknown (no resolution metadata): read as it is, as if at the model's "
-                      f"{card.resolution:g} µm per pixel; give --mpp if it is not", stacklevel=2)
-    elif isinstance(source, RasterSource) and source.crs_wkt is None and source.mpp is None:
-        where = "pixel coordinates" if source.transform.is_identity else "the units of its transform, CRS unknown"
-        warnings.warn(f"{source.path}: no CRS; polygons are in {where}", stacklevel=2)
+    if isinstance(source, RasterSource) and source.crs_wkt is None and source.mpp is None:  # nothing measures its pixels
+        if card.resolution_unit == "um" and card.resolution:
+            warnings.warn(f"{source.path}: pixel size unknown (no resolution metadata): read as it is, as if at the model's "
+                          f"{card.resolution:g} µm per pixel; give --mpp if it is not", stacklevel=2)
+        else:
+            where = "pixel coordinates" if source.transform.is_identity else "the units of its transform, CRS unknown"
+            warnings.warn(f"{source.path}: no CRS; polygons are in {where}", stacklevel=2)
     if card.input.slide_normalisation and hasattr(source, "with_colour_normalisation"):
         source = source.with_colour_normalisation(card.input.reference_mean, card.input.reference_std)
     return source

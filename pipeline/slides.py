@@ -289,9 +289,6 @@ def _tiff_thumbnail_data(path: str, max_size: int) -> tuple[np.ndarray, str]:
     """(pixels as stored, axes) of the smallest pyramid level at least ``max_size`` / 2 on its long
     side, decimated to fit."""
     with tifffile.TiffFile(path) as tif:
-        if tif.is_svs:  # only those OpenSlide refuses come here
-            warnings.warn(f"{path}: an Aperio slide that OpenSlide cannot open (damaged or truncated?); "
-                          "read through tifffile from its full-resolution image", stacklevel=3)
         levels = tif.series[0].levels
         sides = [max(lv.shape[lv.axes.index("Y")], lv.shape[lv.axes.index("X")]) for lv in levels]
         big_enough = [k for k, side in enumerate(sides) if side >= max_size // 2] or [0]

@@ -59,6 +59,7 @@ def instances_table(
     it has none): the instances layer's columns."""
     geometry = to_source_crs(detections.geometry, source)
     ground = ground_area_m2(geometry, source.crs_wkt)
+    area = shapely.area(geometry)
     n = len(detections)
     columns = {
         "instance_id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
@@ -66,9 +67,9 @@ def instances_table(
         "class_id": pa.array(detections.label.astype(np.int32)),
         "class": pa.array(np.asarray(class_names, dtype=object)[detections.label.astype(np.intp)], pa.string()),
         "score": pa.array(detections.score.astype(np.float64).round(5)),
-        "area": pa.array(shapely.area(geometry)),
+        "area": pa.array(area),
         "area_px": pa.array(shapely.area(detections.geometry) * source.pixel_scale**2),
-        **({"area_um2": pa.array(shapely.area(geometry) * np.prod(source.mpp_sides))} if source.mpp else {}),  # level-0 px
+        **({"area_um2": pa.array(area * np.prod(source.mpp_sides))} if source.mpp else {}),  # µm per output (level-0) pixel
         **({"area_m2": pa.array(ground)} if ground is not None else {}),
         "tile_id": pa.array(detections.tile.astype(np.int32)),
         "geometry": pa.array(shapely.to_wkb(geometry), pa.binary()),

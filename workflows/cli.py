@@ -346,7 +346,8 @@ def train(
               f"and options give {card.classes} with {card.anchor_sizes}: its heads would be read as other classes or "
               "sizes. Train into a new --out, or --overwrite")
     if overwrite and not resume:  # the replaced model's weights, checkpoint or pack must not pass for this run's
-        for stale in {"checkpoint.pt", "train-pack.npz", card.weights, *_weights_named_in(out)}:
+        replaced = _card_in(out)
+        for stale in {"checkpoint.pt", "train-pack.npz", card.weights, *([replaced.weights] if replaced else [])}:
             if Path(stale).name == stale:  # files of this folder only
                 (out / stale).unlink(missing_ok=True)
     pack = [Sample(s.name, s.image, s.labels, s.classes) for s in training]
@@ -379,20 +380,18 @@ def _card_or_fail(model_dir: Path):
         _fail(str(err))
 
 
-def _weights_named_in(model_dir: Path) -> list[str]:
-    """The weights file named by ``model_dir``'s card, if it has a readable one."""
+def _card_in(model_dir: Path):
+    """``model_dir``'s card, or None when it has no readable one."""
     try:
-        return [load_card(model_dir).weights]
+        return load_card(model_dir)
     except ModelCardError:
-        return []
+        return None
 
 
 def _only_a_pack(out: Path) -> bool:
     """Whether ``out`` holds what ``train --pack-only`` wrote (a card, its weights not trained yet)."""
-    try:
-        return (out / "train-pack.npz").is_file() and not (out / load_card(out).weights).is_file()
-    except ModelCardError:
-        return False
+    card = _card_in(out)
+    return (out / "train-pack.npz").is_file() and card is not None and not (out / card.weights).is_file()
 
 
 def _record_split(path: Path, recorded: dict, resume: bool) -> None:
@@ -467,8 +466,10 @@ def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None
         if scheduler:
             workflow.cluster.scheduler = scheduler
         outcome = run_workflow(workflow, force=force, show_progress=progress, log=console.print)
-    except (WorkflowError, ModelCardError, LedgerLocked, ValueError) as err:
-        _fail(f"{path}: {err}" if str(err).startswith("tiling:") else str(err))  # the card's tile size against the file's overlap
+    except (WorkflowError, ModelCardError, LedgerLocked) as err:  # their messages name the file
+        _fail(str(err))
+    except ValueError as err:  # a setting of the workflow's that does not fit (tiling against the card's tile size)
+        _fail(f"{path}: {err}")
     for image, summary in outcome.report.done.items():
         console.print(f"[green]done[/green] {image}: {summary['instances']} instances")
     for message in (m for messages in outcome.report.warnings.values() for m in messages):
