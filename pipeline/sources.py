@@ -232,8 +232,11 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
     if dtype.startswith("complex"):
         raise SourceError(f"{path}: {dtype} pixels (complex SAR data): convert to amplitude or intensity first")
     palette = _palette(dataset, bands)
-    if palette is not None or (dtype == "uint8" and value_range is None):
+    bits = int(dataset.tags(bands[0], ns="IMAGE_STRUCTURE").get("NBITS", 8)) if dtype == "uint8" else 8
+    if palette is not None or (dtype == "uint8" and value_range is None and bits == 8):
         ranges = None
+    elif value_range is None and bits < 8:  # 1- to 7-bit pixels (a bilevel scan reads 0 / 1): their full range
+        ranges = ((0.0, float(2**bits - 1)),) * len(bands)
     elif value_range is not None:
         try:
             ranges = (checked_value_range(value_range),) * len(bands)

@@ -115,6 +115,17 @@ def test_sixteen_bit_is_scaled_once_per_image_with_a_warning(tmp_path):
     assert fixed.value_range == ((0.0, 10000.0),) * 3
 
 
+def test_a_bilevel_tiff_reads_black_and_white_not_zero_and_one(tmp_path):
+    bits = (np.indices((64, 80)).sum(axis=0) // 8 % 2).astype(np.uint8)
+    path = tmp_path / "bilevel.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=80, height=64, count=1, dtype="uint8", nbits=1) as dst:
+        dst.write(bits, 1)
+    with rasterio.open(path) as check:
+        assert check.read(1).max() == 1  # what GDAL hands over
+    pixels, valid = read_window(open_raster(path), *FULL)
+    assert valid.all() and np.array_equal(pixels[..., 0], bits * 255)
+
+
 def test_float_nan_and_nodata_pixels_are_invalid(tmp_path):
     data = np.full((64, 80, 3), 0.5, np.float32)
     data[:10] = np.nan
