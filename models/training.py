@@ -211,17 +211,23 @@ def train(
                 _write_log(out_dir, log)
                 saved = time.time()
                 if progress:  # a line per checkpoint: what a batch job's log shows, where no bar is drawn
-                    recent = [r["loss"] for r in log[-5:]] or [row["loss"]]
-                    bar.console.print(f"step {step}, {row['seconds'] / 60:.1f} min: loss {np.mean(recent):.3f} "
-                                      f"(mean of the last {len(recent)} logged); checkpoint written")
-    if row is not None and (not log or log[-1]["step"] != step):
-        log.append(row)  # the last step is always logged
+                    _print_checkpoint_line(bar.console, row, log, "checkpoint written")
+        if row is not None and (not log or log[-1]["step"] != step):
+            log.append(row)  # the last step is always logged
     model.eval().cpu()
     _save_checkpoint(checkpoint, model, optimiser, step, time.time() - start)
     save_weights(model, out_dir / card.weights)
     save_card(card, out_dir)
     _write_log(out_dir, log)
+    if progress and row is not None:
+        _print_checkpoint_line(bar.console, row, log, "done: weights and checkpoint written")
     return log
+
+
+def _print_checkpoint_line(console, row: dict, log: list[dict], what: str) -> None:
+    recent = [r["loss"] for r in log[-5:]] or [row["loss"]]
+    console.print(f"step {row['step']}, {row['seconds'] / 60:.1f} min: loss {np.mean(recent):.3f} "
+                  f"(mean of the last {len(recent)} logged); {what}", soft_wrap=True)
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer, step: int, seconds: float) -> None:

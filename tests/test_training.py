@@ -96,6 +96,10 @@ def test_progress_reports_the_loss_at_every_checkpoint(tmp_path, capsys):
     crops = RandomCrops(tiny_samples(), crop=128, seed=1)
     train(card, crops, tmp_path / "m", minutes=10, batch_size=2, lr=0.01, workers=0, max_steps=3, log_every=1,
           checkpoint_minutes=0)
-    lines = [line for line in capsys.readouterr().out.splitlines() if "checkpoint written" in line]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith("; checkpoint written")]
     assert [line.split(",")[0] for line in lines] == ["step 1", "step 2", "step 3"]
     assert all(re.search(r"loss \d+\.\d{3} \(mean of the last [1-3] logged\)", line) for line in lines)
+    # a run shorter than one checkpoint period still ends with a line, after the weights are written
+    train(card, crops, tmp_path / "short", minutes=10, batch_size=2, lr=0.01, workers=0, max_steps=2, log_every=1)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("step 2,") and last.endswith("done: weights and checkpoint written")
