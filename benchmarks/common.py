@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
@@ -20,6 +21,9 @@ import shapely
 from scipy import ndimage
 
 from pipeline.polygons import mask_to_polygon
+
+if TYPE_CHECKING:
+    from pipeline.graph import Tiling
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 import psutil
 import pyogrio
-import rasterio
 import shapely
 from affine import Affine
 from pycocotools import mask as mask_utils
@@ -43,7 +42,7 @@ from shapely import affinity
 
 from pipeline.grid import Span
 from pipeline.sources import (
-    RESAMPLE_TOLERANCE, RasterSource, SourceError, open_raster, pixel_sides_m, read_window, resample_factor,
+    RESAMPLE_TOLERANCE, RasterSource, SourceError, open_raster, opened, pixel_sides_m, read_window, resample_factor,
 )
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
@@ -112,15 +111,13 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """Colour bands of a mask image (alpha left out, nodata ignored) as (bands, h, w)."""
     _require_file(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as dataset:
-                bands = [i + 1 for i, c in enumerate(dataset.colorinterp) if c != ColorInterp.alpha] or [1]
-                data = dataset.read(bands, masked=False)
-                alpha = [i + 1 for i in range(dataset.count) if i + 1 not in bands]
-                if alpha and not data.any() and len(np.unique(dataset.read(alpha[0], masked=False))) > 1:
-                    warnings.warn(f"{path}: the colour bands are empty and the alpha band holds shapes: masks are read "
-                                  "from the colour bands (save the mask without transparency)", stacklevel=4)
+        with opened(path) as dataset:
+            bands = [i + 1 for i, c in enumerate(dataset.colorinterp) if c != ColorInterp.alpha] or [1]
+            data = dataset.read(bands, masked=False)
+            alpha = [i + 1 for i in range(dataset.count) if i + 1 not in bands]
+            if alpha and not data.any() and len(np.unique(dataset.read(alpha[0], masked=False))) > 1:
+                warnings.warn(f"{path}: the colour bands are empty and the alpha band holds shapes: masks are read "
+                              "from the colour bands (save the mask without transparency)", stacklevel=4)
     except RasterioIOError as err:
         raise AnnotationError(f"{path}: not a readable mask image ({err})") from err
     if data.shape[1:] != shape:

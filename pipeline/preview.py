@@ -28,7 +28,7 @@ from matplotlib.path import Path as MplPath
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.grid import Span
-from pipeline.sources import RasterSource, open_image, open_quietly
+from pipeline.sources import RasterSource, open_image, opened
 from pipeline.writers import atomic_path
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def image_grid(source: RasterSource | SlideSource) -> tuple[tuple[int, int], Aff
 def _full_resolution(source: RasterSource | SlideSource) -> tuple[int, int, Affine]:
     """(width, height, pixel → output coordinates) of the image at full resolution."""
     if isinstance(source, RasterSource):
-        with open_quietly(source.path) as dataset:
+        with opened(source.path) as dataset:
             return dataset.width, dataset.height, dataset.transform
     width, height = source.level0_size
     return width, height, Affine.identity()

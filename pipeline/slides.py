@@ -30,7 +30,7 @@ from rasterio.errors import RasterioIOError
 from pipeline.grid import Span
 from pipeline.handles import open_cached
 from pipeline.sources import (
-    RESAMPLE_TOLERANCE, SourceError, check_resampling, checked_value_range, image_stem, open_quietly, percentile_range,
+    RESAMPLE_TOLERANCE, SourceError, check_resampling, checked_value_range, image_stem, opened, percentile_range,
     read_error_reason, resample_factor, scaled_to_uint8,
 )
 
@@ -94,7 +94,7 @@ def _georeferenced_by_sidecar(path: str | Path) -> bool:
     """Whether GDAL puts a TIFF without GeoTIFF tags on the ground all the same: a world file
     (.tfw), an .aux.xml or a .prj beside it (GDAL's baseline-TIFF exports, ArcGIS deliveries)."""
     try:
-        with open_quietly(path) as dataset:
+        with opened(path) as dataset:
             return dataset.crs is not None or not dataset.transform.is_identity or bool(dataset.gcps[0])
     except RasterioIOError:
         return False

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,6 +26,7 @@ from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.io import DatasetReader
 from rasterio.transform import from_gcps, xy
 from rasterio.windows import Window
 
@@ -147,7 +150,7 @@ def open_raster(
     if path.stat().st_size == 0:
         raise SourceError(f"{path}: empty file (0 bytes)")
     try:
-        with open_quietly(path) as dataset:
+        with opened(path) as dataset:
             return _describe(dataset, path, bands, value_range, channels, target_m, mpp, target_mpp)
     except RasterioIOError as err:
         raise SourceError(f"{path}: not a readable raster ({err})") from err
@@ -378,6 +381,14 @@ def open_quietly(path: str | Path):
         return rasterio.open(path)
 
 
+@contextmanager
+def opened(path: str | Path) -> Iterator[DatasetReader]:
+    """``open_quietly(path)`` for a ``with`` block, read inside a ``rasterio.Env``: outside one, GDAL
+    prints its messages to stderr itself (``Warning 1: TIFFFetchNormalTag …`` for a harmless bad tag)."""
+    with rasterio.Env(), open_quietly(path) as dataset:
+        yield dataset
+
+
 def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 pixels (h, w, channels), valid mask (h, w)) for one window of the image. 8-bit
     bands are decoded straight into the pixel-interleaved array (no band-first copy)."""
@@ -385,7 +396,7 @@ def read_window(source: RasterSource, rows: Span, cols: Span) -> tuple[np.ndarra
     bands = list(source.bands)
     reason = None
     try:
-        with open_cached(source.path, open_quietly) as dataset:
+        with rasterio.Env(), open_cached(source.path, open_quietly) as dataset:
             resampled = (dataset.width, dataset.height) != (source.width, source.height)
             if not resampled:
                 window = Window(cols.start, rows.start, cols.length, rows.length)
@@ -435,7 +446,7 @@ def valid_overview(source: RasterSource, max_size: int = 2048) -> tuple[np.ndarr
     scale = max(1.0, max(source.height, source.width) / max_size)
     shape = (max(1, int(np.ceil(source.height / scale))), max(1, int(np.ceil(source.width / scale))))
     mask = np.ones(shape, bool)
-    with open_quietly(source.path) as dataset:
+    with opened(source.path) as dataset:
         if not all(flags == [MaskFlags.all_valid] for flags in dataset.mask_flag_enums):
             mask = dataset.dataset_mask(out_shape=shape, resampling=Resampling.average) > 0
         if np.dtype(source.dtype).kind == "f":

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import geopandas as gpd
 import pyogrio
-import pytest
 import shapely
 from distributed import LocalCluster
 

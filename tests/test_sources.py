@@ -126,6 +126,19 @@ def test_a_bilevel_tiff_reads_black_and_white_not_zero_and_one(tmp_path):
     assert valid.all() and np.array_equal(pixels[..., 0], bits * 255)
 
 
+def test_gdal_messages_about_a_harmless_bad_tag_do_not_reach_stderr(tmp_path, capfd):
+    """GDAL prints its own messages to stderr when a read happens outside a rasterio.Env (a kept handle):
+    a microscope's TIFF with a NUL in its DateTime tag put a "Warning 1: TIFFFetchNormalTag" line in every log."""
+    import tifffile
+
+    path = tmp_path / "camera.tif"
+    tifffile.imwrite(path, np.full((64, 80, 3), 90, np.uint8), photometric="rgb",
+                     extratags=[(306, "s", 0, "2020:01:01\x0000:00:00", True)])
+    pixels, _ = read_window(open_raster(path), *FULL)
+    assert (pixels == 90).all()
+    assert "TIFFFetchNormalTag" not in capfd.readouterr().err
+
+
 def test_float_nan_and_nodata_pixels_are_invalid(tmp_path):
     data = np.full((64, 80, 3), 0.5, np.float32)
     data[:10] = np.nan

@@ -4,7 +4,6 @@ output directory, a ledger entry per image, Prometheus metrics and a run report.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
