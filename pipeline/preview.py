@@ -72,7 +72,7 @@ def _scaled(source: RasterSource | SlideSource, scale: float) -> RasterSource | 
     if isinstance(source, RasterSource):
         width, height, transform = _full_resolution(source)
         w, h = max(1, round(width / scale)), max(1, round(height / scale))
-        return replace(source, width=w, height=h, transform=transform @ Affine.scale(width / w, height / h), factor=width / w)
+        return replace(source, width=w, height=h, transform=transform @ Affine.scale(width / w, height / h), factor=float(np.sqrt(width / w * height / h)))
     from pipeline.slides import open_slide
 
     with warnings.catch_warnings():  # "microns" = level-0 pixels: not the file's µm, and said so

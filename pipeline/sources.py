@@ -259,8 +259,8 @@ def _describe(dataset, path: Path, bands, value_range, channels: int, target_m: 
         target, unit = target_m, "m"
     across, down = (resample_factor(side, target) for side in sides)
     check_resampling(path, (across, down), sides, target, unit)
-    factor = float(np.sqrt(across * down))  # source pixels per processed pixel, by area
     height, width = max(1, round(dataset.height / down)), max(1, round(dataset.width / across))
+    factor = float(np.sqrt(dataset.width / width * dataset.height / height))  # of the rounded grid, by area
     return RasterSource(
         path=str(path.resolve()),
         height=height,

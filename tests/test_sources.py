@@ -184,6 +184,10 @@ def test_projected_raster_is_resampled_to_the_model_resolution(tmp_path):
         expected = dataset.read(out_shape=(3, 300, 350), resampling=Resampling.bilinear).transpose(1, 2, 0)
     assert valid.all() and (pixels == expected).all()
     assert open_raster(path, target_m=0.25).width == 1400  # coarser imagery is upsampled
+    # a grid that does not divide evenly (700 / 1.3 = 538.5 → 538 columns): areas in pixels follow the grid read
+    odd = open_raster(path, target_m=0.65)
+    assert (odd.width, odd.height) == (538, 462)
+    assert odd.pixel_scale**2 == pytest.approx(abs(odd.transform.determinant) / 0.25, rel=1e-12)
     unreferenced = write_geotiff(image, tmp_path / "pixels.tif", crs=None, transform=rasterio.Affine.identity())
     assert open_raster(unreferenced, target_m=1.0).factor == 1.0  # no metric pixel size: never guessed
 
