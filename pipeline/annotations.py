@@ -267,6 +267,20 @@ def read_imagescope_xml(image_path: Path, xml_path: Path, class_name: str = "nuc
 IMAGESCOPE_ELLIPSE = "2"  # Region Type: 0 polygon, 1 rectangle, 2 ellipse (two corners), 3 arrow, 4 ruler
 
 
+def imagescope_microns(path: Path) -> float | None:
+    """The ``MicronsPerPixel`` an ImageScope XML records for its image, None when unknown."""
+    try:
+        return _microns_per_pixel(ET.parse(path).getroot())
+    except (ET.ParseError, OSError, ValueError) as err:
+        raise AnnotationError(f"{path}: no readable MicronsPerPixel ({err})") from err
+
+
+def _microns_per_pixel(root: ET.Element) -> float | None:
+    """``MicronsPerPixel`` of an ImageScope root; None when absent, 0 (ImageScope's unknown) or negative."""
+    microns = float(root.get("MicronsPerPixel") or "nan")
+    return microns if math.isfinite(microns) and microns > 0 else None
+
+
 def _imagescope_polygons(path: Path, class_name: str) -> tuple[list, list[str], float | None, int]:
     """(the objects' polygons, each one's layer name, ``MicronsPerPixel`` or None: absent, 0 (how
     ImageScope records an unknown pixel size) or negative, the number of regions that are not
@@ -289,14 +303,11 @@ def _imagescope_polygons(path: Path, class_name: str) -> tuple[list, list[str], 
                     holes[name] += [shape] if shape is not None else []
                 else:
                     objects.append((shape, name))
-        microns = root.get("MicronsPerPixel")
-        microns = float(microns) if microns else None
+        microns = _microns_per_pixel(root)
     except ET.ParseError as err:
         raise AnnotationError(f"{path}: not well-formed ImageScope XML ({err})") from err
     except (TypeError, ValueError) as err:
         raise AnnotationError(f"{path}: a Vertex X/Y or MicronsPerPixel is not a number ({err})") from err
-    if microns is not None and not (math.isfinite(microns) and microns > 0):
-        microns = None
     kept = [(shape, name) for shape, name in objects if shape is not None]
     polygons = [shape if not holes[name] else shapely.difference(shapely.make_valid(shape), shapely.union_all(holes[name]))
                 for shape, name in kept]

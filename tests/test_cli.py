@@ -316,3 +316,22 @@ def test_the_command_line_loads_without_the_pipeline_libraries():
     assert loaded == ""
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and all(name in result.output for name in ("run", "train", "evaluate", "query", "preview", "status"))
+
+
+def test_demo_segments_the_real_tile_at_the_pixel_size_its_annotation_records(tmp_path, shared_data):
+    """``make demo``'s command: the MoNuSeg TIFF has no resolution tags, its ImageScope XML has
+    MicronsPerPixel; the demo passes it on, so nothing is read at a guessed scale and areas are in µm²."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    result = subprocess.run([Path(sys.executable).parent / "seamline", "demo", "--out", out, "--workers", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pixel size unknown" not in result.stdout + result.stderr
+    image = out / "TCGA-A6-6782-01A-01-BS1"
+    frame = gpd.read_file(image / "instances.gpkg", layer="instances")
+    assert len(frame) > 300 and (image / "preview.png").is_file()
+    assert np.allclose(frame["area_um2"], frame["area"] * 0.2457**2)
+    qupath = json.loads((image / "qupath.geojson").read_text())
+    assert len(qupath["features"]) == len(frame)

@@ -155,6 +155,7 @@ def run(
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_DEMO_IMAGE = SHARED_DATA / "nuclei-monuseg2018" / "images" / "TCGA-A6-6782-01A-01-BS1.tif"
+REAL_DEMO_ANNOTATION = SHARED_DATA / "nuclei-monuseg2018" / "annotations" / "TCGA-A6-6782-01A-01-BS1.xml"
 
 
 @app.command()
@@ -178,8 +179,11 @@ def demo(
         model_dir = resolve_model_dir("nuclei-he")
         card = load_card(model_dir)
         console.print(f"real image {REAL_DEMO_IMAGE} (MoNuSeg H&E, held out from training), model nuclei-he")
+        from pipeline.annotations import imagescope_microns
+
         tiling = _tiling(card, None, None, 4, None)
-        report = _run_and_report([REAL_DEMO_IMAGE], model_dir, card, out, tiling, None, workers, None, None, None, True)
+        mpp = imagescope_microns(REAL_DEMO_ANNOTATION)  # the TIFF records no pixel size; its annotation does
+        report = _run_and_report([REAL_DEMO_IMAGE], model_dir, card, out, tiling, None, workers, None, None, None, True, mpp)
         _demo_picture(report)
         raise typer.Exit(0 if report.ok else 1)
     model_dir = resolve_model_dir()
