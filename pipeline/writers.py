@@ -88,10 +88,12 @@ def write_part(detections: Detections, first_id: int, source: RasterSource, clas
 QUPATH_IDS = uuid.UUID("5e4a11ce-5ea1-4e00-9000-000000000000")  # namespace of detections' UUIDs (QuPath drops other ids)
 
 
-def _qupath_features(batch: pa.RecordBatch, mpp: float) -> str:
-    """GeoJSON features QuPath imports as detections (level-0 pixel coordinates), comma-joined."""
+def _qupath_features(batch: pa.RecordBatch, mpp_sides: tuple[float, float]) -> str:
+    """GeoJSON features QuPath imports as detections (level-0 pixel coordinates), comma-joined;
+    perimeters in µm from both sides of a pixel (across, down), which may differ."""
     columns = batch.to_pydict()
     geometry = shapely.from_wkb(batch.column("geometry").to_numpy(zero_copy_only=False))
+    perimeters = shapely.length(shapely.transform(geometry, lambda xy: xy * np.asarray(mpp_sides)))
     features = []
     for k, polygon in enumerate(geometry):
         features.append(json.dumps({
@@ -103,7 +105,7 @@ def _qupath_features(batch: pa.RecordBatch, mpp: float) -> str:
                 "classification": {"name": columns["class"][k]},
                 "measurements": {
                     "Area µm^2": float(columns["area_um2"][k]),
-                    "Perimeter µm": float(polygon.length * mpp),
+                    "Perimeter µm": float(perimeters[k]),
                     "Score": float(columns["score"][k]),
                     "Instance id": float(columns["instance_id"][k]),  # the GeoPackage row: QuPath keeps numbers
                 },
@@ -164,7 +166,7 @@ def write_outputs(
             for part in parts:
                 for batch in pq.ParquetFile(part).iter_batches(batch_size=BATCH_ROWS):
                     if qupath and batch.num_rows:
-                        qupath.write(("," if written else "") + _qupath_features(batch, source.mpp))
+                        qupath.write(("," if written else "") + _qupath_features(batch, source.mpp_sides))
                     written += batch.num_rows
                     yield batch
             if qupath:

@@ -538,6 +538,21 @@ def test_non_square_pixels_and_tiffs_by_content_are_said(tmp_path):
     assert source.transform.e == pytest.approx(0.5)  # polygons come back in level-0 pixels
 
 
+def test_qupath_perimeters_use_both_sides_of_non_square_pixels():
+    import pyarrow as pa
+    import shapely
+
+    from pipeline.writers import _qupath_features
+
+    box = shapely.box(10, 20, 14, 22)  # 4 pixels across at 0.25 µm, 2 down at 0.5 µm: 1 µm × 1 µm
+    batch = pa.RecordBatch.from_pydict({
+        "image_id": ["scan"], "instance_id": [1], "class": ["nucleus"], "score": [0.9], "area_um2": [1.0],
+        "geometry": [shapely.to_wkb(box)],
+    })
+    (feature,) = json.loads(f"[{_qupath_features(batch, (0.25, 0.5))}]")
+    assert feature["properties"]["measurements"]["Perimeter µm"] == pytest.approx(4.0)
+
+
 def test_a_tiff_georeferenced_by_its_sidecars_stays_a_raster(tmp_path):
     """A baseline TIFF (no GeoTIFF tags) with a world file and .aux.xml, given internal overviews
     (gdaladdo): GDAL places it on the ground, so it is read as a raster in its CRS, not as a slide
