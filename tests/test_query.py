@@ -228,6 +228,19 @@ def test_geojson_in_a_crs_without_an_epsg_code_is_written_in_lon_lat(run, tmp_pa
     assert gpd.read_file(tmp_path / "utm.geojson").crs.to_epsg() == 32631  # an EPSG code travels as is
 
 
+def test_written_results_keep_every_digit_areas_in_their_crs_and_say_what_geojson_cannot(run, tmp_path):
+    out, truth = run
+    both = query(out, images=["alpha", "beta"], to_crs="EPSG:4326")
+    assert np.allclose(both["area"], both.geometry.area)  # degrees², as the CRS measures, for both images
+    write_result(both, tmp_path / "both.csv")
+    back = gpd.GeoSeries.from_wkt(pd.read_csv(tmp_path / "both.csv")["geometry"])
+    assert (shapely.get_coordinates(back.values) == shapely.get_coordinates(both.geometry.values)).all()
+    with pytest.warns(UserWarning, match="pixels.geojson: pixel coordinates"):
+        write_result(query(out, images=["o'hare"]), tmp_path / "pixels.geojson")
+    write_result(query(out, images=["empty"]), tmp_path / "none.gpkg")
+    assert pyogrio.read_info(tmp_path / "none.gpkg")["geometry_type"] == "Polygon"
+
+
 def test_pixel_bbox_applies_to_pixel_space_images(run):
     out, truth = run
     result = query(out, bbox=(100, 100, 400, 300), bbox_crs="pixels")

@@ -254,11 +254,17 @@ def combine(frames: list[gpd.GeoDataFrame], to_crs: str | None = None) -> gpd.Ge
         unreferenced = sorted({i for f in found if f.crs is None for i in f["image_id"]})
         if unreferenced:
             raise QueryError(f"images without a CRS cannot be reprojected: {', '.join(unreferenced)}")
-        found = [f.to_crs(to_crs) for f in found]
+        found = [reprojected(f, to_crs) for f in found]
     elif any(f.crs != found[0].crs for f in found):
         names = sorted({crs_label(f.crs) for f in found})
         raise QueryError(f"matches lie in several CRSs ({', '.join(names)}): choose one with to_crs (--to-crs) or filter images")
     return gpd.GeoDataFrame(pd.concat(found, ignore_index=True), crs=found[0].crs)
+
+
+def reprojected(frame: gpd.GeoDataFrame, crs) -> gpd.GeoDataFrame:
+    """``frame`` in ``crs``, its ``area`` column (CRS units²) measured again in the new units."""
+    moved = frame.to_crs(crs)
+    return moved.assign(area=moved.geometry.area) if "area" in moved else moved
 
 
 def _horizontal(crs: CRS | None) -> CRS | None:
@@ -346,9 +352,13 @@ def write_result(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="'crs' was not provided")  # pixel space
         if suffix == ".csv":
-            frame.to_wkt().to_csv(tmp, index=False)
+            frame.to_wkt(rounding_precision=-1).to_csv(tmp, index=False)  # every digit: 6 decimals of a degree move vertices ~7 cm
         else:
             if suffix == ".geojson" and frame.crs is not None and frame.crs.to_json_dict().get("id", {}).get("authority") != "EPSG":
-                frame = frame.to_crs("EPSG:4326")  # GeoJSON names a CRS only by EPSG code: else RFC 7946's lon/lat
-            pyogrio.write_dataframe(frame, tmp, driver=DRIVERS[suffix], layer=path.stem)
+                frame = reprojected(frame, "EPSG:4326")  # GeoJSON names a CRS only by EPSG code: else RFC 7946's lon/lat
+            if suffix == ".geojson" and frame.crs is None and len(frame):
+                warnings.warn(f"{path}: pixel coordinates, which GeoJSON cannot say: GIS software reads GeoJSON as "
+                              "lon/lat (QuPath reads pixels); .gpkg keeps them apart", stacklevel=2)
+            instances = dict(geometry_type="Polygon") if "instance_id" in frame else {}  # declared even when empty
+            pyogrio.write_dataframe(frame, tmp, driver=DRIVERS[suffix], layer=path.stem, **instances)
     return path
