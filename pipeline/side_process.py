@@ -10,11 +10,10 @@ not start one: ``call`` then runs the function in the calling thread, with the s
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
-import signal
-import sys
+import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,12 +25,22 @@ _pool: ProcessPoolExecutor | None = None
 _lock = threading.Lock()
 
 
+PARENT_CHECK_SECONDS = 0.5
+
+
 def _end_with_parent() -> None:
-    """In the side process: be sent SIGTERM when the process that started it dies (Linux), so
-    a worker killed outright leaves no orphan behind."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    """In the side process: exit once the process that started it is gone (it is then adopted by
+    another), so a worker killed outright leaves no orphan behind. Not ``PR_SET_PDEATHSIG``: that
+    fires when the *thread* that started the child ends, and a Dask worker thread, or an
+    in-process cluster's, may end long before its process."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="seamline-parent-watch", daemon=True).start()
 
 
 def can_start() -> bool:

@@ -272,6 +272,32 @@ def test_images_sharing_a_name_keep_apart_ids_in_every_output(tmp_path):
         assert len(frame) and set(frame["image_id"]) == set(counts["image_id"]) == {image_id}
 
 
+def test_an_image_id_names_one_file_whatever_the_order_of_the_inputs_and_across_runs(tmp_path):
+    """Ids were given in input order: run again in another order, ``scene-2`` held another file,
+    and the catalogue served one image twice."""
+    from distributed import Client, LocalCluster
+
+    from workflows.catalogue import build_catalogue, image_outputs
+    from workflows.run import run_images
+
+    images = []
+    for k, relative in enumerate(("dupA/scene.tif", "dupB/scene.tif", "scene-2.tif")):
+        (tmp_path / relative).parent.mkdir(exist_ok=True)
+        write_scene(tmp_path / relative, seed=80 + k, height=200, width=200)
+        images.append(tmp_path / relative)
+    card = load_card(resolve_model_dir())
+    folders = []
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        for order in (images, images[::-1], images[1:]):
+            report = run_images(client, order, resolve_model_dir(), card, tmp_path / "out", Tiling(256, 32), show_progress=False)
+            assert not report.failed
+            folders.append({Path(image).relative_to(tmp_path).parts[0]: summary["image_id"] for image, summary in report.done.items()})
+    assert folders[0] == folders[1] == {"dupA": "scene", "dupB": "scene-3", "scene-2.tif": "scene-2"}
+    assert folders[2] == {"dupB": "scene-3", "scene-2.tif": "scene-2"}
+    build_catalogue(tmp_path / "out")
+    assert sorted(o.image_id for o in image_outputs(tmp_path / "out")) == ["scene", "scene-2", "scene-3"]
+
+
 def test_status_tells_apart_images_of_one_name(tmp_path):
     from typer.testing import CliRunner
 

@@ -3,7 +3,7 @@
 import multiprocessing
 import os
 import signal
-import sys
+import threading
 import time
 
 import psutil
@@ -68,7 +68,17 @@ def test_a_daemonic_process_runs_calls_itself():
         process.kill()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_side_process_outlives_the_thread_that_started_it():
+    """Started from a worker thread that then ends (an in-process cluster closed, a thread pool
+    shrinking), it must go on serving the process: it died with the thread, failing the next image."""
+    started = []
+    thread = threading.Thread(target=lambda: started.append(side_process.call(os.getpid)))
+    thread.start()
+    thread.join()
+    time.sleep(3 * side_process.PARENT_CHECK_SECONDS)
+    assert side_process.call(os.getpid) == started[0] == side_process.pid()
+
+
 def test_the_side_process_ends_when_its_parent_is_killed():
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()

@@ -544,7 +544,8 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
         for image, summary in report.done.items():
             counts, folder = summary["counts"], Path(summary["outputs"]["geopackage"]).parent
             name = Path(image).name if image_stem(image) == folder.name else f"{Path(image).name} → {folder.name}"  # the id
-            table.add_row(name, *(str(counts[c]) for c in card.classes), str(summary["instances"]), str(folder))
+            shown = folder.relative_to(Path.cwd()) if folder.is_relative_to(Path.cwd()) else folder
+            table.add_row(name, *(str(counts[c]) for c in card.classes), str(summary["instances"]), str(shown))
         console.print(table)
     for message in (m for messages in report.warnings.values() for m in messages):
         console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)

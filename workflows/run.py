@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from collections.abc import Callable
@@ -35,15 +36,40 @@ class RunReport:
 RESERVED = {"catalogue", "report", "run.json", "ledger.sqlite", "metrics.prom"}  # the run's own, never an image's
 
 
-def output_dir(out_root: Path, image: Path, taken: set[str]) -> Path:
-    """``out_root/<image stem>``, disambiguated when two inputs share a stem."""
-    name = stem = image_stem(image).lstrip(".") or "image"  # a hidden folder would hide the results
-    n = 1
-    while name in taken or name in RESERVED:
-        n += 1
-        name = f"{stem}-{n}"
-    taken.add(name)
-    return out_root / name
+def _folder_stem(image: Path | str) -> str:
+    return image_stem(image).lstrip(".") or "image"  # a hidden folder would hide the results
+
+
+def assign_output_dirs(out_root: Path, images: list[Path], taken: set[str]) -> dict[str, Path]:
+    """``out_root/<image stem>`` per image, whatever the order they come in: images sharing a stem,
+    taken in the order of their resolved paths, get ``<stem>-2``, ``<stem>-3`` …, never a name in
+    ``taken`` nor another input's own stem (``scene-2.tif`` keeps ``scene-2``)."""
+    stems = {_folder_stem(i) for i in images}
+    taken, dirs = set(taken), {}
+    for image in sorted(images, key=lambda i: str(Path(i).resolve())):
+        name = stem = _folder_stem(image)
+        n = 1
+        while name in taken or name in RESERVED or (n > 1 and name in stems):
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        dirs[str(image)] = out_root / name
+    return dirs
+
+
+def existing_output_dirs(out_root: Path) -> dict[Path, Path]:
+    """Output folders under ``out_root`` by the image file (resolved) their ``counts.json`` names,
+    for files that still exist: a rerun writes an image where it wrote it before, and another
+    file of the same stem never takes its folder. A folder whose file is gone may be taken."""
+    owners = {}
+    for counts in sorted(Path(out_root).glob("*/counts.json")):
+        try:
+            image = Path(json.loads(counts.read_text())["image"]).resolve()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if image.is_file():
+            owners.setdefault(image, counts.parent)
+    return owners
 
 
 @dataclass
@@ -78,20 +104,26 @@ def run_images(
 ) -> RunReport:
     """Segment every image on ``client``; one image failing never stops the others. With
     ``resume``, segmented batches are kept until an image is written, and an interrupted image
-    restarts from them. ``output_dirs`` fixes where each image goes (default: its stem)."""
+    restarts from them. ``output_dirs`` fixes where each image goes (default: where its outputs
+    already are, else ``assign_output_dirs``)."""
     events = events or RunEvents()
+    out_root = Path(out_root).absolute()  # summaries name their files by paths that hold from anywhere
     report = RunReport()
     graphs: dict[str, ImageGraph] = {}
     out_dirs: dict[str, Path] = {}
     priority = 0  # each image's bands below the previous image's: one image after another
-    taken: set[str] = {p.name for p in (output_dirs or {}).values()}
     first_of = {}
     for image in images:  # a file given twice (under any spelling) runs once
         first = first_of.setdefault(Path(image).resolve(), image)
         if first is not image:
             report.warnings.setdefault(str(first), []).append(f"{image}: the same file as {first}: segmented once")
+    if output_dirs is None:
+        owners = existing_output_dirs(out_root)
+        output_dirs = {str(image): owners[path] for path, image in first_of.items() if path in owners}
+        new = [image for image in first_of.values() if str(image) not in output_dirs]
+        output_dirs |= assign_output_dirs(out_root, new, {folder.name for folder in owners.values()})
     for image in first_of.values():
-        out_dir = (output_dirs or {}).get(str(image)) or output_dir(out_root, image, taken)
+        out_dir = output_dirs[str(image)]
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
