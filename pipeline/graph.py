@@ -26,7 +26,7 @@ from pipeline.batch_cache import load_batch
 from pipeline.label_store import create_label_store, discard_unfinished
 from pipeline.stages import read_batch, segment_and_keep, segment_batch
 from pipeline.streaming import LabelRaster, finalise_labels, finish_image, merge_step, start_image, touched_blocks
-from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask
+from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask_at_scale
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,14 @@ def foreground_tiles(source, tiles: list, tissue: bool = True) -> tuple[list, di
         keep = tiles_with_tissue(tiles, mask, scale)
         return [t for t, k in zip(tiles, keep) if k], {"data_fraction": float(mask.mean())}
     thumbnail, valid, scale = source.thumbnail()
-    mask = tissue_mask(thumbnail, valid) if tissue else valid
+    pixel_um = scale * source.pixel_scale * math.sqrt(source.mpp_sides[0] * source.mpp_sides[1]) if source.mpp else None
+    mask = tissue_mask_at_scale(thumbnail, valid, pixel_um) if tissue else valid
     if valid.any() and not mask.any():
         warnings.warn(f"{source.path}: no tissue found on the thumbnail: nothing to segment (--no-tissue reads every tile)", stacklevel=2)
     keep = tiles_with_tissue(tiles, mask, scale)
     info = {"tissue_fraction": float(mask.mean())}
-    if source.mpp:
-        info["tissue_mm2"] = tissue_area_mm2(mask, scale * source.pixel_scale * math.sqrt(source.mpp_sides[0] * source.mpp_sides[1]))
+    if pixel_um:
+        info["tissue_mm2"] = tissue_area_mm2(mask, pixel_um)
     return [t for t, k in zip(tiles, keep) if k], info
 
 

@@ -8,7 +8,8 @@ told by its mean colour, not pixel by pixel through the noise):
 2. Colour: stained brightfield tissue (H&E, IHC) is coloured and glass is grey-white. A thumbnail
    carries usable colour when at least ``COLOUR_FRACTION`` (0.1 %) of its valid pixels have a
    chroma (largest minus smallest channel) of at least ``FLOOR`` (0.05 of the full range); a grey
-   scan has none. Tissue is then HSV saturation above Otsu's threshold on saturation, and above a
+   scan has none. Tissue is then HSV saturation above Otsu's threshold on saturation (taken again
+   below itself while what lies below is stained and varied: ``glass_threshold``), and above a
    floor: ``FLOOR``, or less where the glass is cleaner, ``STEP`` (0.025) above the glass's
    saturation (the most common one), so that very pale staining on clean glass is kept.
 3. Intensity: a thumbnail without usable colour (a scanner in grey mode, a hematoxylin-only
@@ -35,6 +36,7 @@ FLOOR = 0.05  # the saturation that is always enough for tissue; the chroma that
 COLOUR_FRACTION = 0.001  # the share of valid pixels that must be coloured for the colour rule
 STEP = 0.025  # the least step from the background (saturation or grey level) that is tissue
 MID_GREY = 0.5  # a background (most common grey level) below it is a dark field: fluorescence
+TISSUE_MICRONS = 4.0  # tissue is told at about this pixel size (~2.5x) or coarser: finer, nuclei and pale stroma part ways
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -56,6 +58,20 @@ def most_common(values: np.ndarray, bins: int) -> float:
     return float(edges[np.argmax(histogram)] + 0.5 / bins)
 
 
+def glass_threshold(saturation: np.ndarray, rounds: int = 3) -> float:
+    """Otsu's threshold on saturation, taken again below itself while what lies below is stained
+    (median above ``FLOOR``) and varied (interquartile range above ``STEP``): where tissue fills
+    most of the image, the first split is between deeply and palely stained tissue, not between
+    tissue and glass. Glass, even glass a colour cast tints, is uniform."""
+    threshold = otsu_threshold(saturation)
+    for _ in range(rounds):
+        below = saturation[saturation <= threshold]
+        if below.size == 0 or np.median(below) <= FLOOR or np.subtract(*np.percentile(below, [75, 25])) <= STEP:
+            break
+        threshold = otsu_threshold(below)
+    return threshold
+
+
 def tissue_mask(thumbnail: np.ndarray, valid: np.ndarray | None = None, margin: int = 2) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 thumbnail: by saturation where it is coloured, by grey
     level (dark on bright, or bright on dark) where it is not; see the module's docstring."""
@@ -73,7 +89,7 @@ def tissue_mask(thumbnail: np.ndarray, valid: np.ndarray | None = None, margin: 
         saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
         values = saturation[usable]
         floor = min(FLOOR, most_common(values, 256) + STEP)
-        mask = saturation > max(otsu_threshold(values), floor)
+        mask = saturation > max(glass_threshold(values), floor)
     else:
         grey = (r + g + b) / 3
         values = grey[usable]
@@ -84,6 +100,23 @@ def tissue_mask(thumbnail: np.ndarray, valid: np.ndarray | None = None, margin: 
     mask &= usable
     mask = ndimage.binary_opening(ndimage.binary_closing(mask, iterations=2), iterations=1)
     return ndimage.binary_dilation(mask, iterations=margin) if margin else mask
+
+
+def tissue_mask_at_scale(thumbnail: np.ndarray, valid: np.ndarray, pixel_um: float | None) -> np.ndarray:
+    """``tissue_mask`` of a thumbnail of ``pixel_um`` µm per pixel, judged on its block means at about
+    ``TISSUE_MICRONS`` when it is finer (an image of 2,048 px or less is its own thumbnail: at 0.25 µm
+    the rule told nuclei from pale stroma, not tissue from glass), returned at the thumbnail's size."""
+    k = int(TISSUE_MICRONS // pixel_um) if pixel_um else 1
+    if k < 2:
+        return tissue_mask(thumbnail, valid)
+    height, width = valid.shape
+    pad = ((0, -height % k), (0, -width % k))
+    blocks = (-(-height // k), k, -(-width // k), k)
+    weight = np.pad(valid, pad).reshape(blocks).sum(axis=(1, 3))
+    sums = [np.pad(np.where(valid, thumbnail[..., c], 0), pad).reshape(blocks).sum(axis=(1, 3), dtype=np.int64) for c in range(3)]
+    means = np.stack([total / np.maximum(weight, 1) for total in sums], axis=-1).round().astype(np.uint8)
+    coarse = tissue_mask(means, weight * 2 > k * k)
+    return np.repeat(np.repeat(coarse, k, axis=0), k, axis=1)[:height, :width] & valid
 
 
 def tiles_with_tissue(tiles: list[Tile], mask: np.ndarray, scale: float) -> np.ndarray:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.tissue import tissue_mask
+from pipeline.tissue import tissue_mask, tissue_mask_at_scale
 
 SIZE = 200
 MARGIN = 2
@@ -73,6 +73,16 @@ def fading_he() -> tuple[np.ndarray, np.ndarray]:
     return np.clip(image, 0, 255).round().astype(np.uint8), tissue
 
 
+def stroma_and_nuclei() -> tuple[np.ndarray, np.ndarray]:
+    """Tissue filling the image but for a lumen: pale stroma between dense nuclei. Otsu's first
+    split on saturation falls between the two stains, and the stroma was taken for glass."""
+    tissue = ~blobs([(100, 100, 40, 50)])
+    image, _ = brightfield((240, 238, 240), (228, 200, 218), (110, 60, 150), noise=4, tissue=tissue)
+    dense = nuclei(tissue, seed=5, radius=4, count=900)
+    image[dense] = np.array([110, 60, 150], np.uint8)
+    return image, tissue
+
+
 def fluorescence(brightest: float = 220, background: float = 12) -> tuple[np.ndarray, np.ndarray]:
     """Bright nuclei of varying brightness on a dark, slightly noisy background, one channel as grey RGB."""
     rng = np.random.default_rng(1)
@@ -111,6 +121,8 @@ CASES = {
     "grey_he": greyed(he),
     "grey_pale_he": greyed(pale_he),
     "fading_he": fading_he,
+    "stroma_and_nuclei": stroma_and_nuclei,
+    "colour_cast": lambda: brightfield((195, 208, 250), (185, 115, 205), (90, 45, 160), noise=4),  # blue-tinted glass
     "fluorescence": fluorescence,
     "dim_fluorescence": lambda: fluorescence(brightest=50, background=6),
 }
@@ -139,6 +151,30 @@ def test_coloured_slides_keep_the_saturation_threshold():
     thumbnail, tissue = he()
     thumbnail[5:25, 170:195] = 150
     check(tissue_mask(thumbnail), tissue)
+
+
+def test_a_thumbnail_finer_than_tissue_scale_is_judged_on_block_means():
+    """A small image is its own thumbnail: at 0.25 µm a nucleus is 30 px across and loose stroma
+    is pale fibres around gaps of glass; judged pixel by pixel the gaps were not tissue (tissue
+    area, counts per mm²). The lumen is glass at any scale."""
+    rng = np.random.default_rng(7)
+    rows, cols = np.mgrid[:800, :800]
+    lumen = (rows - 400) ** 2 + (cols - 400) ** 2 <= 150**2
+    image = np.full((800, 800, 3), (230, 200, 222), np.float64)  # pale fibres: saturation ~0.13
+    image[ndimage.binary_dilation(rng.random((800, 800)) < 0.004, iterations=7)] = (242, 242, 242)  # a third gaps
+    for r, c in rng.integers(0, 800, (150, 2)):
+        image[(rows - r) ** 2 + (cols - c) ** 2 <= 15**2] = (110, 60, 150)
+    image[lumen] = (242, 242, 242)
+    image = np.clip(image + rng.normal(0, 3, image.shape), 0, 255).round().astype(np.uint8)
+    valid = np.ones(lumen.shape, bool)
+    valid[:, :40] = False
+    image[~valid] = 0
+    mask = tissue_mask_at_scale(image, valid, pixel_um=0.25)
+    assert mask.shape == lumen.shape and not mask[~valid].any()
+    tissue = ~lumen & valid
+    assert mask[tissue].mean() >= 0.95 and mask[ndimage.binary_erosion(lumen, iterations=40)].mean() <= 0.05
+    assert tissue_mask(image, valid)[tissue].mean() < 0.9  # pixel by pixel
+    assert (tissue_mask_at_scale(image, valid, pixel_um=8.0) == tissue_mask(image, valid)).all()  # coarse already
 
 
 def test_invalid_pixels_are_ignored():
