@@ -73,7 +73,7 @@ def test_catalogue_equals_the_per_image_outputs(run):
     for name, frame in truth.items():
         part = partition_path(out / "catalogue", name)
         assert part.parent.name == f"image_id={name.replace(chr(39), '%27')}"
-        stored = gpd.read_parquet(part)
+        stored = gpd.read_parquet(part).astype({"image_id": str})  # dictionary-encoded, as partition keys are read
         assert stored.crs == frame.crs
         assert len(stored) == len(frame)
         pd.testing.assert_frame_equal(stored[frame.columns.drop("geometry")], pd.DataFrame(frame.drop(columns="geometry")),
@@ -112,8 +112,12 @@ def test_a_partition_is_written_a_row_group_at_a_time_and_equals_the_one_shot_fr
     assert np.allclose(geo["columns"]["geometry"]["bbox"], frame.total_bounds)  # the whole image's, not one group's
 
 
-def test_duckdb_reads_the_catalogue(run):
+def test_duckdb_and_arrow_readers_read_the_catalogue(run):
+    """DuckDB by glob; pandas / pyarrow as one hive-partitioned dataset (a string ``image_id`` in the
+    files against the dictionary partition key, and a list of images in the folder, made them fail)."""
     out, truth = run
+    frame = pd.read_parquet(out / "catalogue", columns=["image_id", "instance_id", "class"])
+    assert ids(frame) == set().union(*map(ids, truth.values())) and len(frame) == sum(map(len, truth.values()))
     files = str(out / "catalogue" / "*" / "*.parquet")
     counts = duckdb.sql(
         f"SELECT image_id, class, count(*) FROM read_parquet('{files}', hive_partitioning = true) GROUP BY ALL"

@@ -4,10 +4,13 @@ An image's id is its output folder's name (``OUT/<id>/``, unique within a run). 
 holds that image's instances as GeoParquet 1.1 (WKB geometry, the image's CRS in the ``geo``
 metadata, a ``bbox`` covering column so readers skip row groups by extent) and carries its
 GeoPackage's modification time, so a rebuild rewrites only images whose outputs changed and
-drops partitions of images that are gone. ``images.parquet`` lists the images: id, image file,
-output folder, CRS (WKT, null for pixel space), instance count and counts per class.
+drops partitions of images that are gone. ``_images.parquet`` lists the images: id, image file,
+output folder, CRS (WKT, null for pixel space), instance count and counts per class (its ``_``
+keeps it out of the dataset, as Arrow readers skip such files).
 
-DuckDB reads it with ``read_parquet('OUT/catalogue/*/*.parquet', hive_partitioning = true)``.
+DuckDB reads it with ``read_parquet('OUT/catalogue/*/*.parquet', hive_partitioning = true)``;
+pandas, geopandas and pyarrow read the folder as one partitioned dataset (``image_id`` is stored
+dictionary-encoded, the type those readers give a partition key, so the two agree).
 Its GEOMETRY type carries one CRS, so to read geometries of images in different CRSs in one
 query, first ``SET enable_geoparquet_conversion = false`` (geometries then arrive as WKB).
 """
@@ -37,11 +40,13 @@ from pipeline.writers import INSTANCES_LAYER
 from workflows.ledger import LEDGER_NAME, Ledger
 
 CATALOGUE = "catalogue"
-IMAGES = "images.parquet"
+IMAGES = "_images.parquet"
+OLD_IMAGES = "images.parquet"  # before 2026-12-04: inside the dataset, where Arrow readers choke on it
 PARTITION_FILE = "part-0.parquet"
+IMAGE_ID_TYPE = pa.dictionary(pa.int32(), pa.string())
 ROW_GROUP_ROWS = 16_384  # instances come sorted by position: row groups are strips a bbox filter can skip
 COLUMNS = {
-    "image_id": "str", "instance_id": "int64", "class_id": "int32", "class": "str", "score": "float64",
+    "image_id": "category", "instance_id": "int64", "class_id": "int32", "class": "str", "score": "float64",
     "area": "float64", "area_px": "float64", "area_um2": "float64", "area_m2": "float64", "tile_id": "int32",
 }
 IMAGES_SCHEMA = pa.schema([
@@ -152,6 +157,8 @@ def _geoparquet_table(frame: gpd.GeoDataFrame, bounds: list[float] | None) -> pa
     from geopandas.io.arrow import _geopandas_to_arrow  # what GeoDataFrame.to_parquet writes, a table at a time
 
     table = _geopandas_to_arrow(frame, index=False, schema_version="1.1.0", write_covering_bbox=True)
+    column = table.schema.get_field_index("image_id")  # the type Arrow readers give the partition key
+    table = table.set_column(column, "image_id", table["image_id"].cast(IMAGE_ID_TYPE))
     geo = json.loads(table.schema.metadata[b"geo"])
     geo["columns"]["geometry"]["orientation"] = "counterclockwise"  # partition_frame orients every polygon
     if bounds is not None:
@@ -173,8 +180,10 @@ def _atomic(path: Path):
 
 def _is_current(output: ImageOutput, catalogue: Path) -> bool:
     part = partition_path(catalogue, output.image_id)
-    return (part.is_file() and part.stat().st_mtime_ns == output.geopackage.stat().st_mtime_ns
-            and set(COLUMNS) <= set(pq.read_schema(part).names))  # written with today's columns
+    if not part.is_file() or part.stat().st_mtime_ns != output.geopackage.stat().st_mtime_ns:
+        return False
+    schema = pq.read_schema(part)  # written with today's columns and types
+    return set(COLUMNS) <= set(schema.names) and schema.field("image_id").type == IMAGE_ID_TYPE
 
 
 def _write_partition(output: ImageOutput, catalogue: Path) -> None:
@@ -214,7 +223,7 @@ def _images_table(outputs: list[ImageOutput]) -> pa.Table:
 
 def build_catalogue(out_root: str | Path) -> Path:
     """Create or refresh ``out_root/catalogue``: rewrite partitions whose GeoPackage changed,
-    remove those of images no longer present, rewrite ``images.parquet`` when anything changed."""
+    remove those of images no longer present, rewrite ``_images.parquet`` when anything changed."""
     outputs = image_outputs(out_root)
     if not outputs and not any((Path(out_root) / name).is_file() for name in ("run.json", LEDGER_NAME)):
         raise CatalogueError(f"{out_root}: not the output directory of a run (no run.json, no image folder with "
@@ -230,10 +239,11 @@ def build_catalogue(out_root: str | Path) -> Path:
     if changed or stale or not (catalogue / IMAGES).is_file():
         with _atomic(catalogue / IMAGES) as tmp:
             pq.write_table(_images_table(outputs), tmp)
+    (catalogue / OLD_IMAGES).unlink(missing_ok=True)
     return catalogue
 
 
 def read_images(catalogue: Path) -> list[dict]:
-    """The rows of ``images.parquet``, counts as ordered dicts."""
+    """The rows of ``_images.parquet``, counts as ordered dicts."""
     rows = pq.read_table(catalogue / IMAGES).to_pylist()
     return [{**row, "counts": dict(row["counts"])} for row in rows]
