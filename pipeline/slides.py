@@ -42,7 +42,7 @@ READ_ERRORS = (
     openslide.OpenSlideError, tifffile.TiffFileError, OSError, ValueError, KeyError, RuntimeError, zlib.error, ImportError,
 )
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
-GEOTIFF_TAGS = {33550, 33922, 34264, 34735}
+GEOTIFF_TAGS = {33550, 33922, 34264, 34735, 50844}  # pixel scale, tie points, transformation, GeoKeys, RPCs
 UM_PER_UNIT = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
@@ -92,10 +92,12 @@ def is_tiff_slide(path: str | Path, mpp_given: bool = False) -> bool:
 
 def _georeferenced_by_sidecar(path: str | Path) -> bool:
     """Whether GDAL puts a TIFF without GeoTIFF tags on the ground all the same: a world file
-    (.tfw), an .aux.xml or a .prj beside it (GDAL's baseline-TIFF exports, ArcGIS deliveries)."""
+    (.tfw), an .aux.xml or a .prj beside it (GDAL's baseline-TIFF exports, ArcGIS deliveries), or
+    RPCs in an .RPB or _rpc.txt (satellite imagery before orthorectification)."""
     try:
         with opened(path) as dataset:
-            return dataset.crs is not None or not dataset.transform.is_identity or bool(dataset.gcps[0])
+            return (dataset.crs is not None or not dataset.transform.is_identity or bool(dataset.gcps[0])
+                    or bool(dataset.rpcs))
     except RasterioIOError:
         return False
 

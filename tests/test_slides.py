@@ -1,5 +1,6 @@
 import json
 import uuid
+import warnings
 
 import dask
 import geopandas as gpd
@@ -575,6 +576,31 @@ def test_a_tiff_georeferenced_by_its_sidecars_stays_a_raster(tmp_path):
     for sidecar in ("ortho.tfw", "ortho.tif.aux.xml"):  # without them the same pixels are a pyramid: a slide
         (tmp_path / sidecar).unlink(missing_ok=True)
     assert not isinstance(open_image(path, mpp=0.5), RasterSource)
+
+
+def test_a_satellite_tiff_with_rpcs_and_overviews_stays_a_raster(tmp_path):
+    """Before orthorectification a scene has RPCs and no geotransform; with internal overviews it
+    looked like a slide's pyramid: tissue-masked (grey roofs dropped) and no word about the RPCs."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.rpc import RPC
+
+    from pipeline.sources import RasterSource
+
+    rpcs = RPC(height_off=100, height_scale=500, lat_off=48.93, lat_scale=0.01, line_den_coeff=[1] + [0] * 19,
+               line_num_coeff=[0, 0, -1] + [0] * 17, line_off=300, line_scale=300, long_off=2.05, long_scale=0.01,
+               samp_den_coeff=[1] + [0] * 19, samp_num_coeff=[0, 1] + [0] * 18, samp_off=300, samp_scale=300)
+    path = tmp_path / "scene.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rasterio: no geotransform
+        with rasterio.open(path, "w", driver="GTiff", height=600, width=600, count=3, dtype="uint8", tiled=True,
+                           photometric="RGB") as dataset:
+            dataset.write(np.full((3, 600, 600), 120, np.uint8))
+            dataset.rpcs = rpcs
+            dataset.build_overviews([2, 4], Resampling.average)
+    with pytest.warns(UserWarning, match="RPCs only"):
+        source = open_image(path)
+    assert isinstance(source, RasterSource) and source.crs_wkt is None
 
 
 def test_planes_and_images_beyond_the_first_are_said(tmp_path):
