@@ -31,6 +31,7 @@ from rasterio.transform import from_gcps, xy
 from rasterio.windows import Window
 
 from pipeline.grid import Span
+from pipeline.ground_area import lon_lat_degrees
 from pipeline.handles import open_cached
 
 OVERVIEW_SIZE = 1024
@@ -157,24 +158,28 @@ def open_raster(
 
 
 def pixel_size_m(crs_wkt: str | None, transform: Affine, width: int, height: int) -> float | None:
-    """Metres per pixel (the side of a square of equal area) of a georeferenced raster: from the
-    transform in a projected CRS, geodesic at the image centre in a lon/lat one; None without a CRS."""
+    """Ground metres per pixel (the side of a square of equal area) of a georeferenced raster,
+    geodesic at the image centre; None without a CRS."""
     sides = pixel_sides_m(crs_wkt, transform, width, height)
     return None if sides is None else float(np.sqrt(sides[0] * sides[1]))
 
 
 def pixel_sides_m(crs_wkt: str | None, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
-    """(across, down) metres of a pixel at the image centre; None without a CRS."""
+    """(across, down) ground metres of a pixel at the image centre, on the ellipsoid: a projection's
+    own metres are not the ground's (Web Mercator's are 1/cos(latitude) of them: half at 60°);
+    None without a CRS. A CRS not tied to the Earth (a site grid) measures in its own units."""
     if crs_wkt is None:
         return None
-    crs = pyproj.CRS.from_wkt(crs_wkt)
-    if not crs.is_geographic:
-        unit = crs.axis_info[0].unit_conversion_factor
-        return float(np.hypot(transform.a, transform.d) * unit), float(np.hypot(transform.b, transform.e) * unit)
     col, row = width // 2, height // 2
     xs, ys = xy(transform, [row, row, row + 1], [col, col + 1, col], offset="ul")
+    degrees = lon_lat_degrees(crs_wkt, xs, ys)
+    crs = pyproj.CRS.from_wkt(crs_wkt)
+    if degrees is None:
+        unit = crs.axis_info[0].unit_conversion_factor
+        return float(np.hypot(transform.a, transform.d) * unit), float(np.hypot(transform.b, transform.e) * unit)
+    lon, lat = degrees
     geod = crs.get_geod()
-    return float(geod.line_length(xs[:2], ys[:2])), float(geod.line_length(xs[::2], ys[::2]))
+    return float(geod.line_length(lon[:2], lat[:2])), float(geod.line_length(lon[::2], lat[::2]))
 
 
 def resample_factor(pixel_size: float | None, target: float | None) -> float:

@@ -2,6 +2,7 @@ import re
 import warnings
 
 import numpy as np
+import pyproj
 import pytest
 import rasterio
 from distributed import protocol
@@ -184,12 +185,32 @@ def test_projected_raster_is_resampled_to_the_model_resolution(tmp_path):
         expected = dataset.read(out_shape=(3, 300, 350), resampling=Resampling.bilinear).transpose(1, 2, 0)
     assert valid.all() and (pixels == expected).all()
     assert open_raster(path, target_m=0.25).width == 1400  # coarser imagery is upsampled
-    # a grid that does not divide evenly (700 / 1.3 = 538.5 → 538 columns): areas in pixels follow the grid read
-    odd = open_raster(path, target_m=0.65)
-    assert (odd.width, odd.height) == (538, 462)
+    # a grid that does not divide evenly: areas in pixels follow the grid read (rounded)
+    odd = open_raster(path, target_m=0.67)
+    with rasterio.open(path) as dataset:
+        across, down = pixel_sides_m(dataset.crs.to_wkt(), dataset.transform, 700, 600)
+    assert (odd.width, odd.height) == (round(700 * across / 0.67), round(600 * down / 0.67)) != (700 * 0.5 / 0.67, 600 * 0.5 / 0.67)
     assert odd.pixel_scale**2 == pytest.approx(abs(odd.transform.determinant) / 0.25, rel=1e-12)
     unreferenced = write_geotiff(image, tmp_path / "pixels.tif", crs=None, transform=rasterio.Affine.identity())
     assert open_raster(unreferenced, target_m=1.0).factor == 1.0  # no metric pixel size: never guessed
+
+
+@pytest.mark.parametrize("crs, side", [("EPSG:3857", 1.0), ("EPSG:3395", 1.0), ("EPSG:4807", 1e-5), ("EPSG:32632", 0.5)])
+def test_pixel_sides_are_ground_metres_whatever_the_crs_measures_in(crs, side):
+    """Web Mercator's metres at 60° N are half the ground's: resampled by them, a model saw 0.24 m
+    pixels for 0.48 m; NTF's lon/lat is in grads."""
+    geographic = pyproj.CRS.from_user_input(crs).is_geographic
+    to_crs = pyproj.Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    x, y = to_crs.transform(9.0, 60.0)
+    transform = rasterio.Affine(side, 0, x, 0, -side, y)
+    across, down = pixel_sides_m(pyproj.CRS.from_user_input(crs).to_wkt(), transform, 100, 100)
+    back = pyproj.Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    (lon0, lon1, lon2), (lat0, lat1, lat2) = back.transform([x + 50 * side, x + 51 * side, x + 50 * side], [y - 50 * side, y - 50 * side, y - 51 * side])
+    geod = pyproj.Geod(ellps="WGS84")
+    truth = geod.line_length([lon0, lon1], [lat0, lat1]), geod.line_length([lon0, lon2], [lat0, lat2])
+    assert (across, down) == (pytest.approx(truth[0], rel=2e-3), pytest.approx(truth[1], rel=2e-3))
+    if not geographic:
+        assert across < 0.51 * side or crs == "EPSG:32632"  # at 60° N a Mercator metre is half a ground metre
 
 
 def test_lon_lat_raster_is_resampled_axis_by_axis_to_square_ground_pixels(tmp_path):
