@@ -235,7 +235,7 @@ def test_geojson_in_a_crs_without_an_epsg_code_is_written_in_lon_lat(run, tmp_pa
 def test_written_results_keep_every_digit_areas_in_their_crs_and_say_what_geojson_cannot(run, tmp_path):
     out, truth = run
     both = query(out, images=["alpha", "beta"], to_crs="EPSG:4326")
-    assert np.allclose(both["area"], both.geometry.area)  # degrees², as the CRS measures, for both images
+    assert np.allclose(both["area"], shapely.area(both.geometry.values))  # degrees², as the CRS measures, for both images
     write_result(both, tmp_path / "both.csv")
     back = gpd.GeoSeries.from_wkt(pd.read_csv(tmp_path / "both.csv")["geometry"])
     assert (shapely.get_coordinates(back.values) == shapely.get_coordinates(both.geometry.values)).all()
@@ -402,3 +402,27 @@ def test_lon_lat_boxes_find_images_on_the_antimeridian_and_near_the_pole(lon_lat
             if -540 < box[0] and box[2] < 540:
                 found = query(out, bbox=box, bbox_crs="EPSG:4326")
                 assert ids(found) == whole, (name, turn)
+
+
+def test_a_projected_image_across_the_antimeridian_answers_lon_lat_boxes_and_stays_whole_in_lon_lat(tmp_path):
+    """A UTM 60S scene (Fiji) across 180°: its footprint in lon/lat wrapped into an invalid polygon
+    (every lon/lat box crashed), and its objects reprojected to lon/lat spanned the globe."""
+    out = tmp_path / "out"
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:32760", always_xy=True).transform(180.0, -17.0)
+    segment(make_scene(6, 400, 600, density=1.5).image, tmp_path / "fiji.tif", out / "fiji", "EPSG:32760",
+            Affine(0.5, 0, x - 150, 0, -0.5, y + 100))
+    build_catalogue(out)
+    everything = query(out)
+    assert len(everything) > 20
+    around = query(out, bbox=(179.9, -17.1, 180.1, -16.9), bbox_crs="EPSG:4326")
+    west = query(out, bbox=(179.9, -17.1, 180.0, -16.9), bbox_crs="EPSG:4326")
+    east = query(out, bbox=(-180.0, -17.1, -179.9, -16.9), bbox_crs="EPSG:4326")
+    assert ids(around) == ids(everything) == ids(west) | ids(east) and ids(west) and ids(east)
+    lon_lat = query(out, to_crs="EPSG:4326")
+    widths = lon_lat.geometry.bounds["maxx"] - lon_lat.geometry.bounds["minx"]
+    crossing = shapely.intersects(everything.geometry.values, shapely.LineString([(x, y - 1000), (x, y + 1000)]))
+    assert crossing.any() and widths.max() < 1e-3  # objects on the meridian 180 stay whole
+    assert np.allclose(lon_lat["area"], shapely.area(lon_lat.geometry.values))
+    site = 'ENGCRS["site grid",EDATUM["site"],CS[Cartesian,2],AXIS["x",east,LENGTHUNIT["metre",1]],AXIS["y",north,LENGTHUNIT["metre",1]]]'
+    with pytest.raises(QueryError, match="cannot relate"):
+        query(out, bbox=(0, 0, 10, 10), bbox_crs=site)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pyogrio
 import shapely
 from pyproj import CRS
-from pyproj.exceptions import CRSError
+from pyproj.exceptions import CRSError, ProjError
 
 from pipeline.writers import atomic_path
 from workflows.catalogue import CATALOGUE, COLUMNS, build_catalogue, partition_path, read_images
@@ -93,11 +93,24 @@ def regions_in(regions: gpd.GeoDataFrame, crs: CRS | None, extent: Bbox | None =
 
 
 def _footprint(extent: Bbox, crs: CRS, into) -> shapely.Geometry:
-    """``extent`` (in ``crs``), grown by 1 %, as a polygon in ``into``."""
+    """``extent`` (in ``crs``), grown by 1 %, as a polygon in ``into`` (in lon/lat, unbroken across
+    the antimeridian: a UTM 60S image's footprint reaches past 180°)."""
     x0, y0, x1, y1 = extent
     pad = 0.01 * max(x1 - x0, y1 - y0) + 1e-9
     box = shapely.segmentize(shapely.box(x0 - pad, y0 - pad, x1 + pad, y1 + pad), 25 * pad)
-    return gpd.GeoSeries([box], crs=crs).to_crs(into).iloc[0]
+    moved = gpd.GeoSeries([box], crs=crs).to_crs(into)
+    return (continuous_longitudes(moved.values) if moved.crs.is_geographic else moved.values)[0]
+
+
+def continuous_longitudes(geometry: np.ndarray) -> np.ndarray:
+    """Lon/lat shapes with each vertex's longitude moved by whole turns next to its shape's first
+    vertex: reprojection wraps longitudes into ±180, which makes an object on the antimeridian span the globe."""
+    coords, index = shapely.get_coordinates(geometry, return_index=True)
+    if not len(coords):
+        return geometry
+    reference = coords[np.searchsorted(index, np.arange(len(geometry))), 0][index]
+    coords[:, 0] = reference + (coords[:, 0] - reference + 180) % 360 - 180
+    return shapely.set_coordinates(np.array(geometry, dtype=object, copy=True), coords)
 
 
 def _with_turns(geometry, crs) -> np.ndarray:
@@ -197,8 +210,12 @@ def select(
         extent = _extent(files)
         extents.append((crs, extent))
         extent = extent if crs is not None else None
-        area = bbox_in(bbox, bbox_crs, crs, extent) if bbox is not None else None
-        local = regions_in(regions, crs, extent) if regions is not None else None
+        try:
+            area = bbox_in(bbox, bbox_crs, crs, extent) if bbox is not None else None
+            local = regions_in(regions, crs, extent) if regions is not None else None
+        except ProjError as err:  # a site grid (engineering CRS) has no way to lon/lat
+            given = bbox_crs if bbox is not None else crs_label(regions.crs)
+            raise QueryError(f"cannot relate {given} to the images in {crs_label(crs)}: {err}") from None
         if (area is not None and area.is_empty) or (local is not None and local.geometry.is_empty.all()):
             continue  # away from every instance of these images
         shape = None if local is None else shapely.box(*local.total_bounds)
@@ -262,9 +279,17 @@ def combine(frames: list[gpd.GeoDataFrame], to_crs: str | None = None) -> gpd.Ge
 
 
 def reprojected(frame: gpd.GeoDataFrame, crs) -> gpd.GeoDataFrame:
-    """``frame`` in ``crs``, its ``area`` column (CRS units²) measured again in the new units."""
-    moved = frame.to_crs(crs)
-    return moved.assign(area=moved.geometry.area) if "area" in moved else moved
+    """``frame`` in ``crs``, its ``area`` column (CRS units²: degrees² in lon/lat, as documented)
+    measured again in the new units; in lon/lat, objects on the antimeridian stay whole."""
+    try:
+        moved = frame.to_crs(crs)
+    except ProjError as err:
+        raise QueryError(f"cannot reproject {crs_label(frame.crs)} to {crs_label(CRS.from_user_input(crs))}: {err}") from None
+    if moved.crs.is_geographic:
+        moved = moved.set_geometry(continuous_longitudes(moved.geometry.values), crs=moved.crs)
+    if "area" not in moved:
+        return moved
+    return moved.assign(area=shapely.area(moved.geometry.values))
 
 
 def _horizontal(crs: CRS | None) -> CRS | None:
