@@ -60,10 +60,7 @@ PROJ = {
 }
 
 
-def level_dims(k: int) -> tuple[str, str]:
-    """Dimension names of pyramid level ``k``: (y, x) at full resolution, (y_k, x_k) below, so
-    every level of a group opens side by side in xarray (``xr.open_zarr(store, group="labels")``)."""
-    return ("y", "x") if k == 0 else (f"y_{k}", f"x_{k}")
+DIMS = ("y", "x")  # every level's dimension names: OME-NGFF 0.5 requires its axes' names (xarray opens one level at a time)
 
 
 def _spatial(transform: Affine, shape: tuple[int, ...], dims: tuple[str, str] = ("y", "x")) -> dict:
@@ -78,8 +75,8 @@ def _create_level(
     return group.create_array(
         str(k), shape=shape, chunks=(chunk, chunk), shards=(shard, shard) if shard and shard > chunk else None,
         dtype=dtype, fill_value=0, compressors=COMPRESSORS,
-        dimension_names=level_dims(k), config=CONFIG, overwrite=True,
-        attributes=_spatial(level_transform(transform, k), shape, level_dims(k)),
+        dimension_names=DIMS, config=CONFIG, overwrite=True,
+        attributes=_spatial(level_transform(transform, k), shape, DIMS),
     )
 
 

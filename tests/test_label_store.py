@@ -328,7 +328,9 @@ def test_rerun_replaces_the_store_and_a_failed_swap_keeps_the_old_one(scene, tmp
     assert (group["labels/0"][:] == one_go(first)).all() and group.attrs["instances"] == len(first)
 
 
-def test_every_level_opens_in_xarray(tmp_path):
+def test_levels_follow_ome_ngff_and_open_in_xarray(tmp_path):
+    """OME-NGFF 0.5: each level's dimension_names are its axes' names (validators such as
+    ome-zarr-models refuse others); xarray then opens one level at a time."""
     import xarray as xr
 
     from models.synthetic import make_scene
@@ -347,9 +349,14 @@ def test_every_level_opens_in_xarray(tmp_path):
     for rows, cols in label_blocks(300, 420, 64, 2):
         write_label_block(store, detections, rows, cols)
     finalise_label_store(store, final, density_grid(detections, 3, 300, 420, 50), ["a", "b", "c"], cell_size=50)
-    labels = xr.open_zarr(final, group="labels", consolidated=False)
-    assert labels["0"].dims == ("y", "x") and labels["0"].shape == (300, 420)
-    assert labels["1"].dims == ("y_1", "x_1") and labels["1"].shape == (150, 210)
-    assert (labels["1"].values == labels["0"].values[::2, ::2]).all()
+    group = zarr.open_group(final, mode="r")
+    for name in ("labels", "classes"):
+        axes = [axis["name"] for axis in group[name].attrs["ome"]["multiscales"][0]["axes"]]
+        levels = [d["path"] for d in group[name].attrs["ome"]["multiscales"][0]["datasets"]]
+        assert len(levels) >= 3 and all(list(group[f"{name}/{k}"].metadata.dimension_names) == axes for k in levels)
+    names = [d["path"] for d in group["labels"].attrs["ome"]["multiscales"][0]["datasets"]]
+    level = {k: xr.open_zarr(final, group="labels", consolidated=False, drop_variables=[o for o in names if o != k])[k] for k in "01"}
+    assert level["0"].dims == level["1"].dims == ("y", "x") and level["1"].shape == (150, 210)
+    assert (level["1"].values == level["0"].values[::2, ::2]).all()
     root = xr.open_zarr(final, consolidated=False)
     assert int(root["density"].sum()) == len(ids) and root.attrs["counts"] == dict(zip("abc", np.bincount(detections.label, minlength=3).tolist()))
