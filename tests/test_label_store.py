@@ -242,8 +242,8 @@ def test_attributes_describe_counts_crs_and_scales(scene, built):
         # every labelled pixel of a level, its centre through the level's transform, is the level-0 pixel it came from
         level = group[f"labels/{dataset['path']}"]
         rows, cols = np.nonzero(level[:])
-        x, y = Affine(*level.attrs["spatial:transform"]) * (cols + 0.5, rows + 0.5)
-        c0, r0 = ~TRANSFORM * (x, y)
+        x, y = Affine(*level.attrs["spatial:transform"]) @ (cols + 0.5, rows + 0.5)
+        c0, r0 = ~TRANSFORM @ (x, y)
         assert (group["labels/0"][:][np.floor(r0).astype(int), np.floor(c0).astype(int)] == level[:][rows, cols]).all()
     assert len(ome["datasets"]) == summary["levels"]
     with pytest.raises(ValueError, match="read-only"):
