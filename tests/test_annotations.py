@@ -260,7 +260,7 @@ def test_vector_in_another_crs_lands_on_the_raster_grid(tmp_path):
     for vector in ("v.geojson", "v.gpkg"):
         sample = read_vector(raster, tmp_path / vector, class_field="kind")
         assert_well_formed(sample)
-        assert sample.class_names == ["barn", "hut"] and sample.resolution == 0.5
+        assert sample.class_names == ["barn", "hut"] and sample.resolution == pytest.approx(0.5, rel=1e-3)  # ground metres: UTM scale 0.99966 here
         for i, c in enumerate(sample.classes):
             rows, cols = np.nonzero(sample.labels == i + 1)
             expected = {"hut": (40, 59, 20, 39), "barn": (0, 9, 90, 99)}[sample.class_names[c]]
@@ -503,7 +503,7 @@ def test_resampled_samples_match_the_pipelines_resampled_reads(tmp_path):
     transform = Affine(0.5, 0, 430000, 0, -0.5, 5420000)
     path = write_geotiff(image, tmp_path / "img.tif", transform=transform)
     sample = read_binary_mask(path, write_geotiff(mask[..., None], tmp_path / "mask.tif", transform=transform), min_area=1)
-    assert (sample.resolution, sample.resolution_unit, sample.labels.max()) == (0.5, "m", 3)
+    assert (sample.resolution, sample.resolution_unit, sample.labels.max()) == (pytest.approx(0.5, rel=1e-3), "m", 3)  # ground m: UTM scale
 
     coarse = at_resolution(sample, 1.0)
     source = open_raster(path, target_m=1.0)  # what inference reads for a 1 m model
