@@ -47,7 +47,7 @@ from models.synthetic import make_scene
 from pipeline import side_process
 from pipeline.detections import Detections
 from pipeline.grid import TileGrid
-from pipeline.label_store import COMPRESSORS, _geojson_polygons, create_label_store, label_blocks, write_label_block
+from pipeline.label_store import COMPRESSORS, create_label_store, label_blocks, write_label_block
 from pipeline.sources import open_raster, read_window
 from pipeline.synthetic_raster import write_scene
 from pipeline.writers import write_outputs, write_part
@@ -88,7 +88,7 @@ def main() -> None:
         detections = scene_detections()
         bounds = detections.bounds
         inside = np.flatnonzero((bounds[:, 2] > BLOCK) & (bounds[:, 0] < 2 * BLOCK) & (bounds[:, 3] > BLOCK) & (bounds[:, 1] < 2 * BLOCK))
-        shapes = list(zip(_geojson_polygons(detections.geometry[inside]), (inside + 1).tolist()))
+        shapes = list(zip(detections.geometry[inside], (inside + 1).tolist()))
 
         def rasterise() -> np.ndarray:
             return features.rasterize(shapes, out_shape=(BLOCK, BLOCK), transform=Affine.translation(BLOCK, BLOCK), dtype="uint32")

@@ -1,8 +1,8 @@
 """A process beside the inference threads for the writes that hold the GIL.
 
-rasterio's ``rasterize`` holds the GIL for the whole GDAL call, zarr's writes are mostly Python
-and so is feeding a GeoPackage, so in a thread beside the model they slow it 2-4×; from a
-process of their own by a few percent (``benchmarks/gil_contention.py``). ``call`` runs a
+zarr's writes are mostly Python and so is feeding a GeoPackage (as was rasterio's ``rasterize``,
+which labels.zarr used before ``pipeline.rasterise``), so in a thread beside the model they slow
+it 2-4×; from a process of their own by a few percent (``benchmarks/gil_contention.py``). ``call`` runs a
 function in this process's side process: one, started on first use, reused until ``shutdown``.
 A daemonic process (a Dask worker with ``distributed.worker.daemon`` true, Dask's default) may
 not start one: ``call`` then runs the function in the calling thread, with the same result.
