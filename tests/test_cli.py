@@ -80,7 +80,7 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
     images, labels = dataset(tmp_path / "data", n=1)
     model_variant(tmp_path / "existing", "synthetic-shapes")
     data = ["-f", "label-images", "--images", str(images), "--annotations", str(labels)]
-    for command, message in [
+    for arguments, message in [
         (["evaluate", "--only", "scene0,nope", "--out", str(tmp_path / "r")], "--only: nope not among the dataset's images (scene0)"),
         (["evaluate", "--model", str(tmp_path), "--out", str(tmp_path / "r")], "not a model directory"),
         (["evaluate", "--tile-size", "0", "--out", str(tmp_path / "r")], "tile size 0 must be"),
@@ -99,8 +99,8 @@ def test_bad_arguments_and_inputs_are_reported_clearly(tmp_path):
         (["evaluate", "--calibrate", "--out", str(tmp_path / "r")], "--calibrate rewrites the model's card: give a model directory"),
         (["train", "--pack-only", "--out", str(tmp_path / "existing")], "existing: already holds a model"),
     ]:
-        result = runner.invoke(app, [command[0], *data, *command[1:]])
-        assert result.exit_code == 2 and message in output(result), (command, result.output)
+        result = runner.invoke(app, [arguments[0], *data, *arguments[1:]])
+        assert result.exit_code == 2 and message in output(result), (arguments, result.output)
     assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
     model_variant(tmp_path / "two-classes", "synthetic-shapes", classes=["a", "b"])  # weights of three
     result = runner.invoke(app, ["evaluate", *data, "--model", str(tmp_path / "two-classes"), "--out", str(tmp_path / "r2")])
@@ -275,7 +275,7 @@ def test_evaluate_reads_images_at_the_model_resolution(tmp_path):
         vertices = shapely.get_coordinates(gpd.read_file(out / "predictions" / "s0" / "instances.gpkg").geometry.values)
         return json.loads((out / "report.json").read_text())["summary"], vertices
 
-    (coarse, _), (fine, resampled), (fine_as_is, as_is) = scores("coarse", None), scores("fine", 0.5), scores("fine", None)
+    (coarse, _), (fine, resampled), (_, as_is) = scores("coarse", None), scores("fine", 0.5), scores("fine", None)
     assert coarse["tp"] > 8 and [fine[k] for k in ("tp", "fp", "fn")] == [coarse[k] for k in ("tp", "fp", "fn")]
     assert fine["pq"] == pytest.approx(coarse["pq"], abs=0.03)
     # outlines (in the image's pixels) follow the pixels the model saw: every other one when resampled
