@@ -62,6 +62,13 @@ def read_batch(source: RasterSource, grid: TileGrid, indices: Sequence[int]) -> 
     return TileBatch(tiles=tiles, pixels=pixels, has_data=has_data, valid=None if valid.all() else valid)
 
 
+def load_model(model_dir: str, flips: bool | None = None) -> str:
+    """Load the model as ``segment_batch`` does (kept for the process's tiles); its device."""
+    from models.inference import cached_segmenter
+
+    return str(cached_segmenter(model_dir, None, flips).device)
+
+
 def segment_batch(batch: TileBatch, model_dir: str, flips: bool | None = None, device: str | None = None) -> BatchResult:
     """Run the model (loaded once per process) on the tiles with data; polygonise; split.
     ``flips``: flip test-time augmentation on or off (None: as the model card says)."""

@@ -1,6 +1,7 @@
 """A corpus of bad inputs, generated here, through one workflow run: each fails alone with a
 one-line reason naming the file, or is processed (with a warning where meaning is lost)."""
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -166,3 +167,25 @@ def test_unreadable_file_is_named(tmp_path):
             open_raster(path)
     finally:
         path.chmod(0o644)
+
+
+def test_weights_that_do_not_fit_the_architecture_fail_the_run_once(tmp_path):
+    """Whole-file checks pass (safetensors, 3 classes), but the tensors are another architecture's:
+    every image would fail on the workers; the model is loaded on a worker first, and the run
+    says so once, segments nothing, and earlier outputs stay."""
+    model = tmp_path / "model"
+    model_variant(model, "synthetic-shapes", architecture="maskrcnn_resnet50_fpn")
+    images = [tmp_path / "a.tif", tmp_path / "b.tif"]
+    for seed, image in enumerate(images):
+        write_scene(image, seed=seed, height=300, width=300)
+    (tmp_path / "out" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "a" / "counts.json").write_text("{}")  # an earlier run's
+    result = subprocess.run([SEAMLINE, "run", *images, "--model", model, "--out", tmp_path / "out", "--no-progress",
+                             "--threads", "1"], capture_output=True, text=True, timeout=600, env=ENV)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2, output
+    assert output.count("weights do not fit maskrcnn_resnet50_fpn with 3 classes") == 1 and "2 image(s) not segmented" in output
+    assert "Compute Failed" not in output and "Traceback" not in output
+    assert (tmp_path / "out" / "a" / "counts.json").read_text() == "{}" and not (tmp_path / "out" / "b").exists()
+    failed = json.loads((tmp_path / "out" / "run.json").read_text())["failed"]
+    assert sorted(failed) == sorted(map(str, images)) and all("not segmented: model" in e for e in failed.values())

@@ -549,7 +549,9 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
         console.print(table)
     for message in (m for messages in report.warnings.values() for m in messages):
         console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
-    for image, error in report.failed.items():
+    if report.model_error:
+        console.print(f"[red]failed:[/red] {report.model_error}; {len(report.failed)} image(s) not segmented", soft_wrap=True)
+    for image, error in ({} if report.model_error else report.failed).items():
         console.print(f"[red]failed:[/red] {error}", soft_wrap=True)
     try:
         with atomic_path(out / "run.json") as tmp:
@@ -557,6 +559,8 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
     except OSError as err:  # a full disk, say: each image's own outputs stand or failed above
         console.print(f"[red]run.json not written:[/red] {err}", soft_wrap=True)
         raise typer.Exit(1) from None
+    if report.model_error:  # the model, not an image, is at fault: nothing was segmented
+        raise typer.Exit(2)
     if report.done:
         from workflows.catalogue import build_catalogue
 

@@ -65,7 +65,7 @@ class _InputErrorFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (
-            (message.startswith("Compute Failed") and "SourceError(" in message)
+            (message.startswith("Compute Failed") and ("SourceError(" in message or "Key:       load-model-" in message))
             or (message.startswith("Async instruction") and message.endswith("ended with CancelledError"))
         )
 
@@ -73,7 +73,8 @@ class _InputErrorFilter(logging.Filter):
 class InputErrorsOnce(WorkerPlugin):
     """Keeps workers from logging a traceback block per task for a bad input file (a corrupt or
     truncated image fails every tile read, and again on each retry), nor a line per task of that
-    image that the run then drops (``workflows.run``): the run names the file once, in one line."""
+    image that the run then drops (``workflows.run``): the run names the file once, in one line.
+    Likewise a model that does not load (``workflows.run.model_load_error``)."""
 
     name = "seamline-input-errors-once"
 

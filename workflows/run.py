@@ -17,6 +17,7 @@ from models.card import ModelCard
 from pipeline.graph import ImageGraph, Tiling, discard_staging, image_graph
 from pipeline.inputs import open_for_model
 from pipeline.sources import SourceError, image_stem
+from pipeline.stages import load_model
 from workflows.ledger import model_files
 
 
@@ -27,6 +28,7 @@ class RunReport:
     done: dict[str, dict] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     warnings: dict[str, list[str]] = field(default_factory=dict)
+    model_error: str | None = None  # the model did not load on a worker: no image was segmented
 
     @property
     def ok(self) -> bool:
@@ -147,6 +149,13 @@ def run_images(
         except Exception as err:  # whatever one file does, the others go on
             report.failed[str(image)] = " ".join(f"{image}: {type(err).__name__}: {err}".split())
             events.failed(str(image), report.failed[str(image)])
+    if graphs and (error := model_load_error(client, model_dir, tiling.test_time_flips, gpu)):
+        report.model_error = error
+        for name in graphs:
+            report.failed[name] = f"{name}: not segmented: {error}"
+            events.failed(name, report.failed[name])
+            discard_staging(out_dirs[name])
+        return report
     batch_futures = client.compute([b for g in graphs.values() for b in g.batches], optimize_graph=False, retries=retries)
     owners = [name for name, g in graphs.items() for _ in g.batches]
     image_of_batch = {f.key: name for f, name in zip(batch_futures, owners)}
@@ -188,6 +197,20 @@ def run_images(
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
     return report
+
+
+def model_load_error(client: Client, model_dir: Path, flips: bool | None, gpu: bool) -> str | None:
+    """Load the model on a worker before any tile (it keeps it for them); what went wrong, once,
+    if it cannot (weights that do not fit the architecture, a device it cannot use), else None."""
+    key = f"load-model-{tokenize(str(model_dir), flips, gpu)}"
+    future = client.submit(load_model, str(model_dir), flips, key=key, pure=False, resources={"GPU": 1} if gpu else None)
+    try:
+        future.result()
+    except Exception as err:
+        return " ".join(f"model {model_dir}: {type(err).__name__}: {err}".split())
+    finally:
+        future.release()
+    return None
 
 
 def _drop(completed: as_completed, futures: list) -> None:
