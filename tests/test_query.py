@@ -423,6 +423,10 @@ def test_a_projected_image_across_the_antimeridian_answers_lon_lat_boxes_and_sta
     crossing = shapely.intersects(everything.geometry.values, shapely.LineString([(x, y - 1000), (x, y + 1000)]))
     assert crossing.any() and widths.max() < 1e-3  # objects on the meridian 180 stay whole
     assert np.allclose(lon_lat["area"], shapely.area(lon_lat.geometry.values))
+    written = gpd.read_file(write_result(lon_lat, tmp_path / "fiji.geojson"))  # RFC 7946: cut at the antimeridian
+    cut = written.geometry.geom_type == "MultiPolygon"
+    assert cut.sum() == crossing.sum() and written.total_bounds[[0, 2]].tolist() == pytest.approx([-180, 180], abs=0.01)
+    assert np.allclose(shapely.area(written.geometry.values), shapely.area(lon_lat.geometry.values), rtol=1e-3)
     site = 'ENGCRS["site grid",EDATUM["site"],CS[Cartesian,2],AXIS["x",east,LENGTHUNIT["metre",1]],AXIS["y",north,LENGTHUNIT["metre",1]]]'
     with pytest.raises(QueryError, match="cannot relate"):
         query(out, bbox=(0, 0, 10, 10), bbox_crs=site)

@@ -384,6 +384,9 @@ def write_result(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
             if suffix == ".geojson" and frame.crs is None and len(frame):
                 warnings.warn(f"{path}: pixel coordinates, which GeoJSON cannot say: GIS software reads GeoJSON as "
                               "lon/lat (QuPath reads pixels); .gpkg keeps them apart", stacklevel=2)
-            instances = dict(geometry_type="Polygon") if "instance_id" in frame else {}  # declared even when empty
-            pyogrio.write_dataframe(frame, tmp, driver=DRIVERS[suffix], layer=path.stem, **instances)
+            options = dict(geometry_type="Polygon") if "instance_id" in frame else {}  # declared even when empty
+            if suffix == ".geojson" and frame.crs is not None and frame.crs.is_geographic:
+                # GDAL cuts shapes across the antimeridian in two, as RFC 7946 asks; every digit kept (RFC7946's default: 7)
+                options |= {"RFC7946": "YES", "COORDINATE_PRECISION": 15}
+            pyogrio.write_dataframe(frame, tmp, driver=DRIVERS[suffix], layer=path.stem, **options)
     return path
