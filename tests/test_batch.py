@@ -83,6 +83,9 @@ def test_workflow_errors_name_key_and_line(tmp_path):
     with pytest.raises(WorkflowError, match="mapping"):
         load_workflow(path)
     (tmp_path / "taken").write_text("")
+    path.write_text("inputs: {paths: [a]}\noutputs:\n  dir: out\nread:\n  mpp: .inf\n")
+    with pytest.raises(WorkflowError, match="bad.yaml:5: read.mpp: Input should be a finite number"):
+        load_workflow(path)
     path.write_text("inputs: {paths: [a]}\noutputs:\n  dir: taken\nread:\n  value_range: [5, 1]\n")
     with pytest.raises(WorkflowError) as err:
         load_workflow(path)

@@ -137,8 +137,8 @@ def run(
         range_pair = _value_range(value_range) if value_range else None
     except ValueError as err:
         _fail(str(err))
-    if mpp is not None and mpp <= 0:
-        _fail(f"--mpp {mpp} must be positive")
+    if mpp is not None and not 0 < mpp < math.inf:
+        _fail(f"--mpp {mpp} must be a positive number")
     if not 8 <= density_cell <= 65536:
         _fail(f"--density-cell {density_cell} must be between 8 and 65536")
     if remote := [str(i) for i in images if not i.exists() and REMOTE.match(str(i))]:

@@ -56,7 +56,7 @@ class TilingSpec(Strict):
 class ReadSpec(Strict):
     bands: list[int] | None = None
     value_range: tuple[float, float] | None = None
-    mpp: float | None = Field(None, gt=0, description="slides: level-0 µm per pixel when files lack it")
+    mpp: float | None = Field(None, gt=0, allow_inf_nan=False, description="slides: level-0 µm per pixel when files lack it")
 
     @field_validator("bands")
     @classmethod
