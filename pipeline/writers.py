@@ -184,3 +184,41 @@ def write_outputs(
         for final, tmp in (staged or {}).items():
             move_into_place(tmp, final)
     return summary
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _sqlite_whole(path: Path) -> bool:
+    """Whether ``path`` is an SQLite file (a GeoPackage) of the length its header declares (page
+    size × page count): a truncated copy or another file is not."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        return False
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    return size == page_size * int.from_bytes(header[28:32], "big")
+
+
+def outputs_damage(out_dir: Path) -> str | None:
+    """What is missing or damaged among the outputs ``write_outputs`` committed to ``out_dir``
+    (``counts.json`` unreadable, a file it lists gone, the GeoPackage truncated, ``labels.zarr``
+    without its metadata); None when they are whole. Cheap: headers and names only."""
+    try:
+        summary = json.loads((out_dir / "counts.json").read_text())
+        listed = [Path(p).name for p in summary["outputs"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{out_dir / 'counts.json'} unreadable ({type(err).__name__})"
+    if "labels_zarr" in summary:
+        listed.append("labels.zarr/zarr.json")
+    for name in listed:
+        if not (out_dir / name).is_file():
+            return f"{out_dir / name} missing"
+    if not _sqlite_whole(out_dir / "instances.gpkg"):
+        return f"{out_dir / 'instances.gpkg'} truncated or not a GeoPackage"
+    return None

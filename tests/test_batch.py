@@ -1,5 +1,6 @@
 """Workflow runs through real Dask worker processes: incremental, resumable, isolated failures."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -63,6 +64,16 @@ def same_instances(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> bool:
         len(a) == len(b) > 0 and list(a["instance_id"]) == list(b["instance_id"])
         and bool(shapely.equals_exact(a.geometry.values, b.geometry.values, tolerance=0).all())
     )
+
+
+def whole_outputs(folder: Path) -> Path:
+    """A folder with what ``write_outputs`` commits: a GeoPackage, counts.csv, counts.json listing them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gpd.GeoDataFrame({"instance_id": [1]}, geometry=[shapely.box(0, 0, 1, 1)]).to_file(folder / "instances.gpkg", layer="instances")
+    (folder / "counts.csv").write_text("class,count\na,1\n")
+    outputs = {"geopackage": str(folder / "instances.gpkg"), "counts_csv": str(folder / "counts.csv")}
+    (folder / "counts.json").write_text(json.dumps({"image": "x.tif", "outputs": outputs}))
+    return folder
 
 
 def test_workflow_errors_name_key_and_line(tmp_path):
@@ -295,10 +306,20 @@ def test_an_image_id_names_one_file_whatever_the_order_of_the_inputs_and_across_
             report = run_images(client, order, resolve_model_dir(), card, tmp_path / "out", Tiling(256, 32), show_progress=False)
             assert not report.failed
             folders.append({Path(image).relative_to(tmp_path).parts[0]: summary["image_id"] for image, summary in report.done.items()})
-    assert folders[0] == folders[1] == {"dupA": "scene", "dupB": "scene-3", "scene-2.tif": "scene-2"}
-    assert folders[2] == {"dupB": "scene-3", "scene-2.tif": "scene-2"}
-    build_catalogue(tmp_path / "out")
-    assert sorted(o.image_id for o in image_outputs(tmp_path / "out")) == ["scene", "scene-2", "scene-3"]
+        assert folders[0] == folders[1] == {"dupA": "scene", "dupB": "scene-3", "scene-2.tif": "scene-2"}
+        assert folders[2] == {"dupB": "scene-3", "scene-2.tif": "scene-2"}
+        build_catalogue(tmp_path / "out")
+        assert sorted(o.image_id for o in image_outputs(tmp_path / "out")) == ["scene", "scene-2", "scene-3"]
+        # dupA's counts.json damaged: whose `scene` holds is unknown, and another scene.tif must not overwrite it
+        (tmp_path / "out" / "scene" / "counts.json").write_text('{"ima')
+        before = (tmp_path / "out" / "scene" / "instances.gpkg").read_bytes()
+        (tmp_path / "dupC").mkdir()
+        write_scene(tmp_path / "dupC" / "scene.tif", seed=90, height=200, width=200)
+        report = run_images(client, [tmp_path / "dupC" / "scene.tif"], resolve_model_dir(), card, tmp_path / "out", Tiling(256, 32),
+                            show_progress=False)
+    assert [summary["image_id"] for summary in report.done.values()] == ["scene-4"]
+    assert (tmp_path / "out" / "scene" / "instances.gpkg").read_bytes() == before
+    assert "results without a readable counts.json (their image is unknown) kept" in report.warnings[str(tmp_path / "dupC" / "scene.tif")][0]
 
 
 def test_status_tells_apart_images_of_one_name(tmp_path):
@@ -397,13 +418,40 @@ def test_the_ledger_follows_its_output_directory_when_it_moves(tmp_path):
     with Ledger(tmp_path / "old") as ledger:
         ledger.started(image, fingerprint(image), "config", "model", tmp_path / "old" / "scene")
         ledger.done(image, {"instances": 3, "counts": {"a": 3}})
-    (tmp_path / "old" / "scene").mkdir()
-    (tmp_path / "old" / "scene" / "counts.json").write_text("{}")
+    whole_outputs(tmp_path / "old" / "scene")
     (tmp_path / "old").rename(tmp_path / "new")
     with Ledger(tmp_path / "new") as ledger:
         row = ledger.get(image)
         assert ledger.folder(row) == tmp_path / "new" / "scene"  # not the old place: results must not go there
         assert ledger.is_current(image, fingerprint(image), "config", "model")
+
+
+def test_an_image_whose_outputs_are_gone_or_damaged_is_no_longer_current(tmp_path):
+    """The ledger says done, but the GeoPackage was deleted, truncated or replaced, counts.json
+    is unreadable or labels.zarr lost its metadata: the image is processed again."""
+    from workflows.ledger import Ledger, fingerprint
+
+    image = tmp_path / "scene.tif"
+    image.write_bytes(b"pixels")
+    folder = tmp_path / "scene"
+    gpkg = folder / "instances.gpkg"
+    damages = {
+        "deleted": lambda: gpkg.unlink(),
+        "truncated": lambda: gpkg.write_bytes(gpkg.read_bytes()[: gpkg.stat().st_size // 2]),
+        "not a GeoPackage": lambda: gpkg.write_text("notes"),
+        "counts.json cut": lambda: (folder / "counts.json").write_text('{"image": "x'),
+        "counts.csv gone": lambda: (folder / "counts.csv").unlink(),
+        "labels.zarr lost": lambda: (folder / "counts.json").write_text(
+            json.dumps({**json.loads((folder / "counts.json").read_text()), "labels_zarr": {}})),
+    }
+    with Ledger(tmp_path) as ledger:
+        ledger.started(image, fingerprint(image), "config", "model", folder)
+        ledger.done(image, {"instances": 1, "counts": {"a": 1}})
+        for name, damage in damages.items():
+            whole_outputs(folder)
+            assert ledger.is_current(image, fingerprint(image), "config", "model"), name
+            damage()
+            assert not ledger.is_current(image, fingerprint(image), "config", "model"), name
 
 
 def test_the_catalogue_serves_only_what_the_ledger_has_as_done(tmp_path):
@@ -529,8 +577,7 @@ def test_the_ledger_serves_results_being_redone_and_retires_inputs_no_longer_lis
         retired = ledger.retire_missing({str(kept), str(new)})
         assert sorted(retired) == [(str(deleted), "missing"), (str(dropped), "withdrawn")]
         assert ledger.served_folders() == {"kept"} and ledger.retire_missing({str(kept), str(new)}) == []
-        (tmp_path / "dropped").mkdir()
-        (tmp_path / "dropped" / "counts.json").write_text("{}")  # its outputs, still in the folder
+        whole_outputs(tmp_path / "dropped")  # its outputs, still in the folder
         assert ledger.is_current(dropped, Fingerprint(1, 1), "c", "m")  # listed again unchanged: not redone ...
         ledger.reinstate(dropped)
         assert ledger.served_folders() == {"kept", "dropped"}  # ... and served again

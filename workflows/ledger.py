@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.card import CARD_FILENAME, load_card
+from pipeline.writers import outputs_damage
 
 LEDGER_NAME = "ledger.sqlite"
 LOCK_NAME = ".seamline.lock"
@@ -141,8 +142,9 @@ class Ledger:
         return self.db.execute("SELECT * FROM images ORDER BY path").fetchall()
 
     def is_current(self, path: Path, print_: Fingerprint, config: str, model: str) -> bool:
-        """Done before with the same file, configuration and model, and its outputs still there (also
-        when it was withdrawn since: listed again, it is served again without being redone)."""
+        """Done before with the same file, configuration and model, and its outputs still there and
+        whole (``writers.outputs_damage``; also when it was withdrawn since: listed again, it is
+        served again without being redone)."""
         row = self.get(path)
         if row is None or row["status"] not in ("done", "withdrawn") or (row["config_hash"], row["model_hash"]) != (config, model):
             return False
@@ -151,7 +153,7 @@ class Ledger:
         else:
             unchanged = (row["size"], row["mtime_ns"]) == (print_.size, print_.mtime_ns)
         folder = self.folder(row)
-        return unchanged and folder is not None and (folder / "counts.json").is_file()
+        return unchanged and folder is not None and outputs_damage(folder) is None
 
     def folder(self, row: sqlite3.Row) -> Path | None:
         """An image's output folder, in the output directory where this ledger is now (moved or not)."""

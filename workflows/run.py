@@ -74,6 +74,20 @@ def existing_output_dirs(out_root: Path) -> dict[Path, Path]:
     return owners
 
 
+def unowned_output_dirs(out_root: Path) -> set[str]:
+    """Names of the folders under ``out_root`` that hold results but no readable ``counts.json``
+    naming their image: whose they are is unknown, so no other image is written over them."""
+    unowned = set()
+    for folder in Path(out_root).glob("*/"):
+        if not any((folder / name).exists() for name in ("instances.gpkg", "labels.zarr")):
+            continue
+        try:
+            json.loads((folder / "counts.json").read_text())["image"]
+        except (OSError, ValueError, KeyError, TypeError):
+            unowned.add(folder.name)
+    return unowned
+
+
 @dataclass
 class RunEvents:
     """What a run announces as it goes (the ledger and the metrics listen)."""
@@ -123,7 +137,13 @@ def run_images(
         owners = existing_output_dirs(out_root)
         output_dirs = {str(image): owners[path] for path, image in first_of.items() if path in owners}
         new = [image for image in first_of.values() if str(image) not in output_dirs]
-        output_dirs |= assign_output_dirs(out_root, new, {folder.name for folder in owners.values()})
+        unowned = unowned_output_dirs(out_root)
+        output_dirs |= assign_output_dirs(out_root, new, {folder.name for folder in owners.values()} | unowned)
+        for image in new:
+            if (stem := _folder_stem(image)) in unowned:
+                report.warnings.setdefault(str(image), []).append(
+                    f"{out_root / stem}: results without a readable counts.json (their image is unknown) kept; "
+                    f"{image} written to {output_dirs[str(image)]}")
     for image in first_of.values():
         out_dir = output_dirs[str(image)]
         try:
