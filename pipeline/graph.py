@@ -22,9 +22,8 @@ from dask.delayed import Delayed, delayed
 
 from pipeline.grid import TileGrid
 from pipeline.sources import RasterSource, valid_overview
-from pipeline.batch_cache import load_batch
 from pipeline.label_store import create_label_store, discard_unfinished
-from pipeline.stages import read_batch, segment_and_keep, segment_batch
+from pipeline.stages import read_batch, resume_batch, segment_and_keep, segment_batch
 from pipeline.streaming import LabelRaster, finalise_labels, finish_image, merge_step, start_image, touched_blocks
 from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask_at_scale
 
@@ -147,7 +146,8 @@ def image_graph(
             b = len(batches) + len(band_batches)
             with dask.annotate(priority=priority - k):  # bands in order, so the merge can follow them
                 if kept is not None and kept.is_file():
-                    band_batches.append(delayed(load_batch, pure=True)(kept, dask_key_name=(f"resume-{token}", b)))
+                    band_batches.append(delayed(resume_batch, pure=True)(
+                        str(kept), source, grid, indices, model_dir, tiling.test_time_flips, dask_key_name=(f"resume-{token}", b)))
                     resumed += 1
                     continue
                 pixels = delayed(read_batch, pure=True)(source, grid, indices, dask_key_name=(f"read-{token}", b))

@@ -102,6 +102,18 @@ def segment_and_keep(batch: TileBatch, model_dir: str, flips: bool | None, keep:
     return result
 
 
+def resume_batch(kept: str, source: RasterSource, grid: TileGrid, indices: Sequence[int], model_dir: str, flips: bool | None) -> BatchResult:
+    """The batch an interrupted run kept at ``kept``; read, segmented and kept again when that
+    file cannot be loaded (damaged on disk): a bad cache entry never fails the image."""
+    from pipeline.batch_cache import load_batch
+
+    try:
+        return load_batch(Path(kept))
+    except Exception:  # truncated or corrupt archive, arrays or WKB: whatever it is, it is only a cache
+        Path(kept).unlink(missing_ok=True)
+        return segment_and_keep(read_batch(source, grid, indices), model_dir, flips, kept)
+
+
 @dataclass
 class SeamState:
     """What an image's merge carries from one band of tile rows to the next."""

@@ -212,6 +212,9 @@ def test_a_killed_run_resumes_from_its_batches_with_identical_output(big_scene):
     run.wait()
     assert ledger_rows(out)["big.tif"]["status"] == "running"  # never claimed done
     assert not (out / "big" / "instances.gpkg").exists()
+    kept = sorted(out.glob("big/.partial-*/batch-*.npz"))
+    kept[0].write_bytes(kept[0].read_bytes()[:100])  # damaged on disk: segmented again, never a failed image
+    kept[1].write_bytes(b"\0" * kept[1].stat().st_size)
     again = seamline("run", workflow)
     assert again.returncode == 0, again.stdout + again.stderr
     row = ledger_rows(out)["big.tif"]
