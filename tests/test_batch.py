@@ -637,3 +637,19 @@ def test_status_shows_counts_only_for_results_that_are_served(tmp_path):
         ledger.retire_missing({str(tmp_path / "kept.tif")})
     output = CliRunner().invoke(app, ["status", str(tmp_path)]).output
     assert "41" in output and "97" not in output and "missing: 1" in output
+
+
+def test_a_damaged_ledger_is_named_with_what_to_do(tmp_path):
+    from typer.testing import CliRunner
+
+    from workflows.cli import app
+
+    (tmp_path / "archive").mkdir()
+    write_scene(tmp_path / "archive" / "a.tif", seed=1, height=100, width=100)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ledger.sqlite").write_bytes(b"not a database, but a page of text " * 40)
+    for arguments in (["status", str(tmp_path / "out")], ["run", str(workflow_file(tmp_path)), "--no-progress"]):
+        result = CliRunner().invoke(app, arguments)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 2 and "ledger.sqlite: not a readable ledger" in message and "move it aside" in message, result.output
+    assert (tmp_path / "out" / "ledger.sqlite").read_bytes().startswith(b"not a database")  # left for the operator to see

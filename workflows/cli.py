@@ -462,7 +462,7 @@ def evaluate(
 
 def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None) -> None:
     from workflows.batch import run_workflow
-    from workflows.ledger import LedgerLocked
+    from workflows.ledger import LedgerError, LedgerLocked
     from workflows.spec import WorkflowError, load_workflow
 
     try:
@@ -470,7 +470,7 @@ def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None
         if scheduler:
             workflow.cluster.scheduler = scheduler
         outcome = run_workflow(workflow, force=force, show_progress=progress, log=console.print)
-    except (WorkflowError, ModelCardError, LedgerLocked) as err:  # their messages name the file
+    except (WorkflowError, ModelCardError, LedgerLocked, LedgerError) as err:  # their messages name the file
         _fail(str(err))
     except ValueError as err:  # a setting of the workflow's that does not fit (tiling against the card's tile size)
         _fail(f"{path}: {err}")
@@ -488,11 +488,15 @@ def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None
 def status(out: Annotated[Path, typer.Argument(help="Output directory of a workflow run.")]) -> None:
     """Print the run ledger: per image its status, time, instances and error."""
     from pipeline.sources import image_stem
-    from workflows.ledger import LEDGER_NAME, Ledger, run_alive
+    from workflows.ledger import LEDGER_NAME, Ledger, LedgerError, run_alive
 
     if not (out / LEDGER_NAME).is_file():
         _fail(f"{out}: no {LEDGER_NAME} here (not the output directory of a workflow run)")
-    with Ledger(out) as ledger:
+    try:
+        ledger = Ledger(out)
+    except LedgerError as err:
+        _fail(str(err))
+    with ledger:
         alive = run_alive(out)
         rows = [{**row, "status": "interrupted" if row["status"] == "running" and not alive else row["status"]}
                 for row in map(dict, ledger.rows())]

@@ -41,6 +41,10 @@ class LedgerLocked(RuntimeError):
     """Another run holds this output directory."""
 
 
+class LedgerError(ValueError):
+    """The ledger file cannot be read (not an SQLite database, or damaged)."""
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     size: int
@@ -122,9 +126,17 @@ class Ledger:
         self.path = out_dir / LEDGER_NAME
         self.db = sqlite3.connect(self.path, timeout=30)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(SCHEMA)
-        self.db.commit()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(SCHEMA)
+            self.db.execute("SELECT count(*) FROM images").fetchone()
+            self.db.commit()
+        except sqlite3.DatabaseError as err:
+            self.db.close()
+            raise LedgerError(
+                f"{self.path}: not a readable ledger ({err}); move it aside and run again to start a new one "
+                "(every image is then processed again; the results in its folders stay until rewritten)"
+            ) from None
 
     def close(self) -> None:
         self.db.close()
