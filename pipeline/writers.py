@@ -7,6 +7,7 @@ so a reader never sees half a file and a failed write leaves earlier results unt
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -148,6 +149,25 @@ def write_outputs(
         },
         **(extra or {}),
     }
+    try:
+        _commit_outputs(parts, counts_table, summary, source, class_names, out_dir, staged)
+    except Exception as err:
+        free = shutil.disk_usage(out_dir).free
+        if free < LOW_DISK_BYTES and not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
+            # GDAL and SQLite report a full disk as whatever failed next ("no such table: gpkg_contents")
+            raise OSError(errno.ENOSPC, f"{out_dir}: disk full ({free / 2**20:.1f} MiB free) while writing the outputs "
+                          f"({type(err).__name__}: {err}); the previous outputs are kept") from err
+        raise
+    return summary
+
+
+LOW_DISK_BYTES = 64 * 2**20  # a failed write with less free space than this is reported as a full disk
+
+
+def _commit_outputs(parts, counts_table, summary: dict, source: RasterSource, class_names: list[str], out_dir: Path,
+                    staged: dict[Path, Path] | None) -> None:
+    """``write_outputs``' files, under temporary names, renamed together (``counts.json`` last)."""
+    gpkg = out_dir / "instances.gpkg"
     commit = ExitStack()
     for tmp in (staged or {}).values():  # a failed commit removes the staged directories too
         commit.callback(shutil.rmtree, tmp, ignore_errors=True)
@@ -183,7 +203,6 @@ def write_outputs(
         summary_tmp.write_text(json.dumps(summary, indent=2))
         for final, tmp in (staged or {}).items():
             move_into_place(tmp, final)
-    return summary
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"

@@ -3,6 +3,7 @@ ever visible under a final name, and the ledger never claims a result that is no
 
 import errno
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -66,7 +67,19 @@ def test_disk_full_during_a_write_loses_nothing(tmp_path, monkeypatch):
         assert all(after[p] == before[p] for p in before if p.parts[0] != "labels.zarr")  # old results intact
         assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temporary file left anywhere
 
-        monkeypatch.setattr(pyogrio, "write_dataframe", real_write)
+        def gdal_full(frame, path, *args, **kwargs):  # as GDAL says it: whatever failed next
+            if "scene1" in str(path):
+                raise pyogrio.errors.DataLayerError("failed: no such table: gpkg_contents")
+            return real_write(frame, path, *args, **kwargs)
+
+        monkeypatch.setattr(pyogrio, "write_dataframe", gdal_full)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30 - 2**20, 2**20))
+        outcome = run_workflow(workflow, show_progress=False, log=lambda *_: None)
+        error = outcome.report.failed[str(archive / "scene1.tif")]
+        assert "out/scene1: disk full (1.0 MiB free) while writing the outputs (DataLayerError" in error
+        assert all(after[p] == before[p] for p in before if p.parts[0] != "labels.zarr")
+
+        monkeypatch.undo()
         assert run_workflow(workflow, show_progress=False, log=lambda *_: None).ok
         assert statuses(out)["scene1.tif"][0] == "done"
 
