@@ -71,7 +71,7 @@ class ModelCard(BaseModel):
     resolution: float | None = Field(None, gt=0, description="native pixel size")
     resolution_unit: Literal["m", "um"] | None = None
     tile_size: int = Field(512, ge=64, le=4096, multiple_of=32)
-    overlap: int = Field(64, ge=0)
+    overlap: int = Field(64, ge=1)  # tiles must share pixels for the seam merge
     score_threshold: float = Field(0.5, ge=0, le=1)
     mask_threshold: float = Field(0.5, gt=0, lt=1)
     mask_nms_threshold: float | None = Field(

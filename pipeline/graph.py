@@ -40,8 +40,8 @@ class Tiling:
     def __post_init__(self) -> None:
         if self.tile_size % 32 or not 64 <= self.tile_size <= 4096:
             raise ValueError(f"tile size {self.tile_size} must be a multiple of 32 between 64 and 4096")
-        if not 0 <= self.overlap < self.tile_size // 2:
-            raise ValueError(f"overlap {self.overlap} must be in [0, tile size / 2)")
+        if not 1 <= self.overlap < self.tile_size // 2:  # objects cut by a seam are matched in pixels both tiles see
+            raise ValueError(f"overlap {self.overlap} must be in [1, tile size / 2): a seam's halves are matched where tiles overlap")
         if self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size} must be at least 1")
         if not 0 < self.match_iou <= 1:

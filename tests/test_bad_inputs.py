@@ -97,8 +97,9 @@ def test_bad_input_corpus_fails_file_by_file(tmp_path):
 @pytest.mark.parametrize("arguments, message", [
     (["--tile-size", "100"], "tile size 100 must be a multiple of 32"),
     (["--tile-size", "8192"], "must be a multiple of 32 between 64 and 4096"),
-    (["--overlap", "400", "--tile-size", "512"], "overlap 400 must be in [0, tile size / 2)"),
+    (["--overlap", "400", "--tile-size", "512"], "overlap 400 must be in [1, tile size / 2)"),
     (["--overlap", "-3"], "overlap -3"),
+    (["--overlap", "0"], "overlap 0 must be in [1, tile size / 2): a seam's halves are matched where tiles overlap"),
     (["--batch-size", "0"], "batch size 0 must be at least 1"),
     (["--mpp", "-1"], "--mpp -1.0 must be a positive number"),
     (["--mpp", "inf"], "--mpp inf must be a positive number"),
