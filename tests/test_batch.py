@@ -379,6 +379,9 @@ def test_kept_batches_are_named_by_the_file_and_model_they_came_from(tmp_path):
     batches of the one before."""
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
+    from workflows.ledger import fingerprint, model_hash
     from workflows.run import resume_folder
 
     scene = tmp_path / "scene.tif"
@@ -388,17 +391,23 @@ def test_kept_batches_are_named_by_the_file_and_model_they_came_from(tmp_path):
     card = load_card(model)
     tiling = Tiling(card.tile_size, card.overlap, 2)
 
-    def folder():
-        return resume_folder(tmp_path / "out", scene, open_raster(scene), model, tiling)
+    def folder(content: bool = False):
+        return resume_folder(tmp_path / "out", open_raster(scene), model_hash(model), tiling, fingerprint(scene, content))
 
-    first = folder()
-    assert folder() == first
+    first, hashed = folder(), folder(content=True)
+    assert folder() == first and hashed != first
+    stat = scene.stat()
     write_scene(scene, seed=2, height=300, width=300)  # new content, same name and size
-    second = folder()
-    assert second != first
-    with open(model / "model.yaml", "a") as handle:
-        handle.write("# retrained\n")
-    assert folder() not in (first, second)
+    assert folder() != first
+    os.utime(scene, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old time too: the content hash tells them apart
+    assert folder(content=True) != hashed
+    weights = model / card.weights
+    stat = weights.stat()
+    swapped = load_file(weights)
+    swapped["roi_heads.box_predictor.cls_score.bias"] = swapped["roi_heads.box_predictor.cls_score.bias"].flip(0)
+    save_file(swapped, weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # new weights, same size and time
+    assert folder() != first
 
 
 def test_a_rerun_leaves_no_stale_labels_or_kept_batches(tmp_path):

@@ -145,7 +145,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
                     bands=tuple(workflow.read.bands) if workflow.read.bands else None,
                     value_range=workflow.read.value_range, gpu=has_gpu_workers(client), show_progress=show_progress,
                     mpp=workflow.read.mpp, output_dirs=output_dirs, resume=True, retries=cluster.retries, events=events,
-                    labels=workflow.outputs.zarr, density_cell=workflow.outputs.density_cell,
+                    labels=workflow.outputs.zarr, density_cell=workflow.outputs.density_cell, fingerprints=prints,
                 )
         metrics.failed.inc(len(problems))
         finish_outputs(workflow, out, log)

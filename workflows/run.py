@@ -6,7 +6,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 
 from dask.base import tokenize
@@ -18,7 +18,7 @@ from pipeline.graph import ImageGraph, Tiling, discard_staging, image_graph
 from pipeline.inputs import open_for_model
 from pipeline.sources import SourceError, image_stem
 from pipeline.stages import load_model
-from workflows.ledger import model_files
+from workflows.ledger import Fingerprint, fingerprint, model_hash
 
 
 @dataclass
@@ -117,17 +117,20 @@ def run_images(
     events: RunEvents | None = None,
     labels: bool = True,
     density_cell: int = 256,
+    fingerprints: dict[str, Fingerprint] | None = None,
 ) -> RunReport:
     """Segment every image on ``client``; one image failing never stops the others. With
     ``resume``, segmented batches are kept until an image is written, and an interrupted image
-    restarts from them. ``output_dirs`` fixes where each image goes (default: where its outputs
-    already are, else ``assign_output_dirs``)."""
+    restarts from them (``fingerprints``: the images' states as the caller took them, by path;
+    default: size and mtime). ``output_dirs`` fixes where each image goes (default: where its
+    outputs already are, else ``assign_output_dirs``)."""
     events = events or RunEvents()
     out_root = Path(out_root).absolute()  # summaries name their files by paths that hold from anywhere
     report = RunReport()
     graphs: dict[str, ImageGraph] = {}
     out_dirs: dict[str, Path] = {}
     priority = 0  # each image's bands below the previous image's: one image after another
+    model_key = None  # the model's content hash, taken once when a resume needs it
     first_of = {}
     for image in images:  # a file given twice (under any spelling) runs once
         first = first_of.setdefault(Path(image).resolve(), image)
@@ -152,7 +155,11 @@ def run_images(
                 source = open_for_model(image, card, bands, value_range, mpp)
                 if source.image_id != out_dir.name:  # two inputs with one stem: ids follow their folders
                     source = replace(source, name=out_dir.name)
-                resume_dir = resume_folder(out_dir, Path(image), source, Path(model_dir), tiling) if resume else None
+                resume_dir = None
+                if resume:
+                    model_key = model_key or model_hash(Path(model_dir))
+                    state = (fingerprints or {}).get(str(image)) or fingerprint(Path(image))
+                    resume_dir = resume_folder(out_dir, source, model_key, tiling, state)
                 graphs[str(image)] = image_graph(
                     source, str(model_dir), card.classes, out_dir, tiling, gpu=gpu, resume_dir=resume_dir,
                     labels=labels, density_cell=density_cell, priority=priority,
@@ -244,10 +251,9 @@ def _drop(completed: as_completed, futures: list) -> None:
         future.release()
 
 
-def resume_folder(out_dir: Path, image: Path, source, model_dir: Path, tiling: Tiling) -> Path:
-    """Where an image's segmented batches are kept for a resume. Named by the settings and by the
-    state (size, mtime) of the image file and of the model's files: batches of a file or model
-    replaced in place since are never reused."""
-    files = [image, *model_files(model_dir)]
-    states = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
-    return out_dir / f".partial-{tokenize(source, str(model_dir), tiling, states)}"
+def resume_folder(out_dir: Path, source, model_key: str, tiling: Tiling, image_state: Fingerprint) -> Path:
+    """Where an image's segmented batches are kept for a resume. Named by the settings, the model's
+    content (``ledger.model_hash``) and the image file's state (its ``ledger.fingerprint``: size
+    and mtime, and the SHA-256 of its content when the workflow hashes content): batches of a file
+    or model replaced in place since, even with the same size and time, are never reused."""
+    return out_dir / f".partial-{tokenize(source, model_key, tiling, astuple(image_state))}"
