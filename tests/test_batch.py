@@ -662,3 +662,24 @@ def test_a_damaged_ledger_is_named_with_what_to_do(tmp_path):
         message = " ".join(result.output.split())
         assert result.exit_code == 2 and "ledger.sqlite: not a readable ledger" in message and "move it aside" in message, result.output
     assert (tmp_path / "out" / "ledger.sqlite").read_bytes().startswith(b"not a database")  # left for the operator to see
+
+
+def test_results_rewritten_outside_the_ledger_are_not_current_and_old_ledgers_migrate(tmp_path):
+    """A plain ``seamline run`` into a workflow's folder (another model, say) rewrote an image's
+    outputs: the ledger must not serve them as what it recorded."""
+    from workflows.ledger import Ledger, fingerprint
+
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:  # as an earlier version created it
+        db.execute("CREATE TABLE images (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT, config_hash TEXT, "
+                   "model_hash TEXT, status TEXT NOT NULL, output_dir TEXT, started REAL, finished REAL, seconds REAL, "
+                   "instances INTEGER, counts TEXT, tiles INTEGER, tiles_skipped INTEGER, batches_resumed INTEGER, error TEXT, warnings TEXT)")
+    image = tmp_path / "scene.tif"
+    image.write_bytes(b"pixels")
+    folder = whole_outputs(tmp_path / "scene")
+    with Ledger(tmp_path) as ledger:
+        ledger.started(image, fingerprint(image), "config", "model", folder)
+        ledger.done(image, {"instances": 1, "counts": {"a": 1}})
+        assert ledger.is_current(image, fingerprint(image), "config", "model")
+        summary = json.loads((folder / "counts.json").read_text())
+        (folder / "counts.json").write_text(json.dumps({**summary, "instances": 2}))  # another run's
+        assert not ledger.is_current(image, fingerprint(image), "config", "model")

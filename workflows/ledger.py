@@ -32,9 +32,10 @@ CREATE TABLE IF NOT EXISTS images (
     output_dir TEXT,
     started REAL, finished REAL, seconds REAL,
     instances INTEGER, counts TEXT, tiles INTEGER, tiles_skipped INTEGER, batches_resumed INTEGER,
-    error TEXT, warnings TEXT
+    error TEXT, warnings TEXT, summary_sha256 TEXT
 )
 """
+ADDED_COLUMNS = {"summary_sha256": "TEXT"}  # columns a ledger written by an earlier version lacks
 
 
 class LedgerLocked(RuntimeError):
@@ -83,6 +84,14 @@ def model_hash(model_dir: Path) -> str:
     return sha.hexdigest()
 
 
+def _summary_digest(folder: Path) -> str | None:
+    """SHA-256 of an image's ``counts.json`` (unique to the run that wrote it); None without one."""
+    try:
+        return hashlib.sha256((folder / "counts.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def config_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -129,6 +138,10 @@ class Ledger:
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(SCHEMA)
+            present = {row["name"] for row in self.db.execute("PRAGMA table_info(images)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in present:
+                    self.db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
             self.db.execute("SELECT count(*) FROM images").fetchone()
             self.db.commit()
         except sqlite3.DatabaseError as err:
@@ -154,9 +167,10 @@ class Ledger:
         return self.db.execute("SELECT * FROM images ORDER BY path").fetchall()
 
     def is_current(self, path: Path, print_: Fingerprint, config: str, model: str) -> bool:
-        """Done before with the same file, configuration and model, and its outputs still there and
-        whole (``writers.outputs_damage``; also when it was withdrawn since: listed again, it is
-        served again without being redone)."""
+        """Done before with the same file, configuration and model, and its outputs still there,
+        whole (``writers.outputs_damage``) and those this ledger recorded (not rewritten since by
+        a plain ``seamline run`` into the folder, say); also when it was withdrawn since: listed
+        again, it is served again without being redone."""
         row = self.get(path)
         if row is None or row["status"] not in ("done", "withdrawn") or (row["config_hash"], row["model_hash"]) != (config, model):
             return False
@@ -165,7 +179,9 @@ class Ledger:
         else:
             unchanged = (row["size"], row["mtime_ns"]) == (print_.size, print_.mtime_ns)
         folder = self.folder(row)
-        return unchanged and folder is not None and outputs_damage(folder) is None
+        if not unchanged or folder is None or outputs_damage(folder) is not None:
+            return False
+        return row["summary_sha256"] in (None, _summary_digest(folder))  # None: recorded before digests were kept
 
     def folder(self, row: sqlite3.Row) -> Path | None:
         """An image's output folder, in the output directory where this ledger is now (moved or not)."""
@@ -196,8 +212,11 @@ class Ledger:
     def done(self, path: Path, summary: dict) -> None:
         """``seconds``: the time its tiles took to segment (model and polygons), summed over the
         threads that ran them (images of a run interleave: their wall times overlap)."""
+        row = self.get(path)
+        folder = self.folder(row) if row is not None else None
         self._upsert(
             path, status="done", finished=time.time(), seconds=summary.get("segment_seconds"),
+            summary_sha256=_summary_digest(folder) if folder is not None else None,
             instances=summary["instances"], counts=json.dumps(summary["counts"]), tiles=summary.get("tiles"),
             tiles_skipped=summary.get("tiles_skipped"), batches_resumed=summary.get("batches_resumed", 0), error=None,
         )
