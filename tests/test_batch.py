@@ -417,6 +417,8 @@ def test_a_rerun_leaves_no_stale_labels_or_kept_batches(tmp_path):
     assert seamline("run", tmp_path / "s.tif", *options).returncode == 0
     assert (out / "s" / "labels.zarr").is_dir()
     (out / "s" / ".partial-0123").mkdir()  # kept by a run that died, under other settings
+    (out / "s" / ".instances.0123abcd.tmp.gpkg").write_bytes(b"half")  # a run killed while writing its outputs
+    (out / "s" / ".labels.zarr.0123abcd.tmp").mkdir()
     result = seamline("run", tmp_path / "s.tif", *options, "--no-zarr")
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in (out / "s").iterdir()) == ["counts.csv", "counts.json", "instances.gpkg"]

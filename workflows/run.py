@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -220,10 +221,18 @@ def run_images(
     for name in report.failed.keys() & out_dirs.keys():  # now that none of their tasks still runs
         discard_staging(out_dirs[name])
     for name in report.done:  # what an older run kept or wrote and this one does not replace
-        stale = [*out_dirs[name].glob(".partial-*"), *([] if labels else [out_dirs[name] / "labels.zarr"])]
+        folder = out_dirs[name]
+        leftovers = [p for p in folder.glob(".*") if LEFTOVER.match(p.name)]  # a killed run's temporary files
+        stale = [*folder.glob(".partial-*"), *leftovers, *([] if labels else [folder / "labels.zarr"])]
         for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
     return report
+
+
+LEFTOVER = re.compile(r"^\..+\.[0-9a-f]{8}\.(tmp|old)(\.\w+)?$")  # writers.atomic_path's and label_store's temporary names
 
 
 def model_load_error(client: Client, model_dir: Path, flips: bool | None, gpu: bool) -> str | None:
