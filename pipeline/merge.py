@@ -224,8 +224,9 @@ def seen_whole_elsewhere(bounds: np.ndarray, member_tiles: np.ndarray, tiles: di
 
 def overruled_by_core_owner(candidates: Detections, index: np.ndarray, tiles: dict[int, Tile]) -> np.ndarray:
     """Per candidate ``index[i]``: does a detection of the tile whose core holds its box centre
-    cover at least half of it? That tile saw the place further from its window's edges (a model
-    that stops a few pixels short of a window edge leaves an uncut sliver of an object there)."""
+    cover at least half of it, or lie at least half inside it? That tile saw the place further from
+    its window's edges (a model that stops a few pixels short of a window edge leaves an uncut
+    sliver of an object there, or a blob across two nuclei that the core's tile tells apart)."""
     if len(index) == 0:
         return np.zeros(0, bool)
     ids = np.array(sorted(tiles))
@@ -240,8 +241,8 @@ def overruled_by_core_owner(candidates: Detections, index: np.ndarray, tiles: di
     k, other = shapely.STRtree(candidates.geometry).query(candidates.geometry[index], predicate="intersects")
     keep = (candidates.tile[other] == owner[k]) & (candidates.tile[other] != candidates.tile[index[k]])
     k, other = k[keep], other[keep]
-    covered = shapely.area(shapely.intersection(candidates.geometry[index[k]], candidates.geometry[other]))
-    covered = covered >= 0.5 * shapely.area(candidates.geometry[index[k]])
+    shared = shapely.area(shapely.intersection(candidates.geometry[index[k]], candidates.geometry[other]))
+    covered = (shared >= 0.5 * shapely.area(candidates.geometry[index[k]])) | (shared >= 0.5 * shapely.area(candidates.geometry[other]))
     overruled = np.zeros(len(index), bool)
     overruled[k[covered]] = True
     return overruled
@@ -259,7 +260,8 @@ def merge_seams(
 
     Matching candidates form groups. A group keeps its best copy that no tile edge cut (one in its
     tile's core before a higher score); a lone one outside its tile's core goes when the tile whose
-    core holds it has it covered. When every member is cut, the union of its fragments is kept,
+    core holds it has it half covered, or holds half of one of that tile's detections. When every
+    member is cut, the union of its fragments is kept,
     unless another tile saw that place whole (then the piece is an arm cut off an object, or a
     pixel joined to one at a corner, that the whole view already decided on); a fragment matching
     nothing must also lie in its tile's core.

@@ -177,6 +177,17 @@ def test_a_sliver_stopping_short_of_the_window_edge_yields_to_the_tile_that_owns
     assert len(both) == 2
 
 
+def test_a_blob_over_two_objects_near_a_window_edge_yields_to_the_tile_that_tells_them_apart():
+    """Seen on MoNuSeg at 256² tiles: near its window's edge a tile drew one blob over two nuclei
+    (uncut, outside its core); the tile whose core holds it drew both. The blob holds each whole,
+    each holds under half of it, no pair matches (IoU 0.45): it stood as a duplicate over both."""
+    left, right = TileGrid(100, 184, 100, 16).tiles  # windows x 0-100 and 84-184, cores split at x 92
+    blob = (30, 93, np.ones((40, 4), bool))  # x 93-97, rows 30-70 in the left window: 3 px short of its edge
+    pair = [(30, 9, np.ones((18, 4), bool)), (52, 9, np.ones((18, 4), bool))]  # the same columns, rows 30-48 and 52-70
+    merged = merge_image([_tile_result(left, [blob]), _tile_result(right, pair)], [left, right]).detections
+    assert sorted(g.bounds for g in merged.geometry) == [(93, 30, 97, 48), (93, 52, 97, 70)]
+
+
 def test_a_fragment_whose_box_reaches_the_window_edge_is_cut_though_its_mask_stops_short():
     """Found at 20,000² and on MoNuSeg: the model drew an object its window's edge cut up to 0.4–1 px
     short of the edge (box and mask). Taken as uncut, such a piece outlived the merge beside the
