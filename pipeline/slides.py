@@ -76,7 +76,7 @@ def is_tiff_slide(path: str | Path, mpp_given: bool = False) -> bool:
     Georeferencing is GeoTIFF tags or sidecar files that GDAL reads (a world file, .aux.xml, .prj)."""
     if not _is_tiff(path):
         return False
-    logging.getLogger("tifffile").setLevel(logging.ERROR)  # a broken file is reported by its reader
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a broken file is reported by its reader, naming it
     try:
         with tifffile.TiffFile(path) as tif:
             if tif.is_ome:
