@@ -141,8 +141,12 @@ def _state(catalogue: Path) -> dict:
 
 def test_incremental_rebuild_rewrites_only_changed_images(run, tmp_path):
     out = tmp_path / "out"
-    shutil.copytree(run[0], out)  # copies keep modification times: the copied catalogue is current
+    shutil.copytree(run[0], out)  # copies keep modification times: the copied partitions are current
     catalogue = out / "catalogue"
+    before = _state(catalogue)
+    build_catalogue(out)
+    moved = {str(p) for p in _state(catalogue) if _state(catalogue)[p] != before[p]}
+    assert moved == {IMAGES}  # its image folders are the copy's
     before = _state(catalogue)
     build_catalogue(out)
     assert _state(catalogue) == before

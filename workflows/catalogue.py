@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,16 @@ class CatalogueError(ValueError):
     """Outputs that cannot be catalogued; the message names the path and the problem."""
 
 
+class CatalogueWarning(UserWarning):
+    """An image left out of the catalogue: its outputs cannot be read (the message names the file)."""
+
+
+def unwritable(path: Path, err: OSError) -> str:
+    """Why ``path`` could not be written, in one line naming it."""
+    blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+    return f"{path}: cannot write it ({f'{blocker} is a file, not a folder' if blocker else err.strerror or err})"
+
+
 @dataclass(frozen=True)
 class ImageOutput:
     """One image's output folder: ``instances.gpkg`` and its ``counts.json`` summary."""
@@ -73,8 +84,19 @@ class ImageOutput:
     def geopackage(self) -> Path:
         return self.folder / "instances.gpkg"
 
+    @property
+    def counts_json(self) -> Path:
+        return self.folder / "counts.json"
+
     def summary(self) -> dict:
-        return json.loads((self.folder / "counts.json").read_text())
+        """``counts.json``; a damaged one is named."""
+        try:
+            summary = json.loads(self.counts_json.read_text())
+        except (OSError, ValueError) as err:  # UnicodeDecodeError, JSONDecodeError
+            raise CatalogueError(f"{self.counts_json}: not readable JSON ({err}); run the image again to rewrite it") from None
+        if not isinstance(summary, dict):
+            raise CatalogueError(f"{self.counts_json}: not an image summary (a JSON object); run the image again to rewrite it")
+        return summary
 
     def instances(self, start: int = 0, rows: int | None = None) -> gpd.GeoDataFrame:
         """``rows`` instances (all by default) from row ``start``; a damaged GeoPackage is named."""
@@ -182,7 +204,10 @@ def _is_current(output: ImageOutput, catalogue: Path) -> bool:
     part = partition_path(catalogue, output.image_id)
     if not part.is_file() or part.stat().st_mtime_ns != output.geopackage.stat().st_mtime_ns:
         return False
-    schema = pq.read_schema(part)  # written with today's columns and types
+    try:
+        schema = pq.read_schema(part)  # written with today's columns and types
+    except (OSError, pa.ArrowException):  # damaged: written again
+        return False
     return set(COLUMNS) <= set(schema.names) and schema.field("image_id").type == IMAGE_ID_TYPE
 
 
@@ -207,39 +232,67 @@ def _write_partition(output: ImageOutput, catalogue: Path) -> None:
         os.utime(tmp, ns=(stamp, stamp))
 
 
-def _images_table(outputs: list[ImageOutput]) -> pa.Table:
-    summaries = [o.summary() for o in outputs]
-    return pa.Table.from_pylist(
-        [
-            {
-                "image_id": o.image_id, "image": s.get("image"), "folder": str(o.folder.resolve()), "crs": s.get("crs"),
-                "instances": s.get("instances"), "counts": list(s.get("counts", {}).items()),
-            }
-            for o, s in zip(outputs, summaries)
-        ],
-        schema=IMAGES_SCHEMA,
-    )
+def _image_row(output: ImageOutput) -> dict:
+    """The image's row of ``_images.parquet``, from its ``counts.json``."""
+    summary = output.summary()
+    counts = summary.get("counts", {})
+    row = {
+        "image_id": output.image_id, "image": summary.get("image"), "folder": str(output.folder.resolve()), "crs": summary.get("crs"),
+        "instances": summary.get("instances"), "counts": list(counts.items()) if isinstance(counts, dict) else counts,
+    }
+    try:
+        pa.Table.from_pylist([row], schema=IMAGES_SCHEMA)
+    except (TypeError, pa.ArrowException) as err:
+        raise CatalogueError(f"{output.counts_json}: not an image summary ({err}); run the image again to rewrite it") from None
+    return row
+
+
+def _holds(path: Path, table: pa.Table) -> bool:
+    """Whether ``path`` is a readable Parquet file holding ``table``."""
+    try:
+        return pq.read_table(path).equals(table)
+    except (OSError, pa.ArrowException):
+        return False
 
 
 def build_catalogue(out_root: str | Path) -> Path:
-    """Create or refresh ``out_root/catalogue``: rewrite partitions whose GeoPackage changed,
-    remove those of images no longer present, rewrite ``_images.parquet`` when anything changed."""
+    """Create or refresh ``out_root/catalogue``: rewrite partitions whose GeoPackage changed or that
+    cannot be read, remove those of images no longer present, rewrite ``_images.parquet`` when
+    anything changed or it does not list the images as their summaries do. An image whose outputs
+    cannot be read is left out (a warning names the file); when every image is, that is an error."""
     outputs = image_outputs(out_root)
     if not outputs and not any((Path(out_root) / name).is_file() for name in ("run.json", LEDGER_NAME)):
         raise CatalogueError(f"{out_root}: not the output directory of a run (no run.json, no image folder with "
                              "instances.gpkg and counts.json); give the --out of `seamline run`")
     catalogue = Path(out_root) / CATALOGUE
-    changed = [o for o in outputs if not _is_current(o, catalogue)]
-    for output in changed:
-        _write_partition(output, catalogue)
-    keep = {partition_path(catalogue, o.image_id).parent for o in outputs}
-    stale = [d for d in catalogue.glob("image_id=*") if d not in keep]
-    for folder in stale:
-        shutil.rmtree(folder)
-    if changed or stale or not (catalogue / IMAGES).is_file():
-        with _atomic(catalogue / IMAGES) as tmp:
-            pq.write_table(_images_table(outputs), tmp)
-    (catalogue / OLD_IMAGES).unlink(missing_ok=True)
+    rows, changed, problems = [], False, []
+    try:
+        for output in outputs:
+            try:
+                row = _image_row(output)
+                if not _is_current(output, catalogue):
+                    _write_partition(output, catalogue)
+                    changed = True
+            except CatalogueError as err:
+                problems.append(str(err))
+            else:
+                rows.append(row)
+        keep = {partition_path(catalogue, row["image_id"]).parent for row in rows}
+        stale = [d for d in catalogue.glob("image_id=*") if d not in keep]
+        for folder in stale:
+            shutil.rmtree(folder)
+        images = pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+        if changed or stale or not _holds(catalogue / IMAGES, images):
+            with _atomic(catalogue / IMAGES) as tmp:
+                pq.write_table(images, tmp)
+        (catalogue / OLD_IMAGES).unlink(missing_ok=True)
+    except OSError as err:
+        raise CatalogueError(f"{unwritable(Path(err.filename or catalogue), err)}; the catalogue of {out_root} cannot "
+                             "be built or refreshed there: query a writable copy of the folder") from None
+    if problems and not rows:
+        raise CatalogueError(problems[0] + (f" (and {len(problems) - 1} more images)" if len(problems) > 1 else ""))
+    for problem in problems:
+        warnings.warn(f"{problem}; left out of the catalogue", CatalogueWarning, stacklevel=2)
     return catalogue
 
 

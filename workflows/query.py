@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pyogrio
 import shapely
@@ -38,6 +40,24 @@ Bbox = tuple[float, float, float, float]
 
 class QueryError(ValueError):
     """A query that cannot run as asked; the message names the offending value."""
+
+
+class _Damaged(Exception):
+    """Catalogue partitions that cannot be read past their footer (which ``build_catalogue`` checks)."""
+
+    def __init__(self, files: list[str], err: Exception):
+        super().__init__(f"{files[0] if len(files) == 1 else Path(files[0]).parent.parent}: not readable "
+                         f"({' '.join(str(err).split())})")
+        self.files = files
+
+
+@contextmanager
+def _reading(files: list[str]):
+    """Failures to read these partitions raised as ``_Damaged``."""
+    try:
+        yield
+    except (duckdb.Error, pa.ArrowException, OSError) as err:
+        raise _Damaged(files, err) from None
 
 
 def _check_crs(crs: str | None) -> None:
@@ -133,7 +153,8 @@ def _unwrapped(geometry: np.ndarray, crs: CRS, extent: Bbox) -> np.ndarray:
 def _extent(files: list[str]) -> Bbox | None:
     """Bounds of the instances of these catalogue partitions (their GeoParquet ``bbox``); None when
     none has any."""
-    boxes = [json.loads(pq.read_metadata(f).metadata[b"geo"])["columns"]["geometry"].get("bbox") for f in files]
+    with _reading(files):
+        boxes = [json.loads(pq.read_metadata(f).metadata[b"geo"])["columns"]["geometry"].get("bbox") for f in files]
     boxes = np.array([b for b in boxes if b], dtype=float).reshape(-1, 4)
     return (*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0)) if len(boxes) else None
 
@@ -159,7 +180,7 @@ def _fetch(files: list[str], classes, min_score, area_range, extent: tuple | Non
         f"SELECT {SELECTED} FROM read_parquet(?, hive_partitioning = false) "
         f"WHERE {' AND '.join(clauses) or 'true'} ORDER BY image_id, instance_id"
     )
-    with duckdb.connect() as con:
+    with duckdb.connect() as con, _reading(files):
         con.execute("SET enable_geoparquet_conversion = false")  # WKB, whatever each file's CRS
         table = con.sql(sql, params=params).to_arrow_table()
     geometry = shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False))
@@ -188,7 +209,20 @@ def select(
     _check_crs(bbox_crs)
     if area_range and None not in area_range and area_range[0] > area_range[1]:
         raise QueryError(f"area range {tuple(area_range)} is empty")
-    catalogue = build_catalogue(out_root)
+    filters = (bbox, bbox_crs, classes, min_score, area_range, images, regions)
+    try:
+        return _search(build_catalogue(out_root), *filters)
+    except _Damaged as damaged:  # derived data: the partitions are written again from the outputs, once
+        try:
+            for file in damaged.files:
+                Path(file).unlink(missing_ok=True)
+            return _search(build_catalogue(out_root), *filters)
+        except (_Damaged, OSError) as err:
+            raise QueryError(f"{damaged}; not rebuilt ({err}): delete {Path(out_root) / CATALOGUE} to rebuild it") from None
+
+
+def _search(catalogue: Path, bbox, bbox_crs, classes, min_score, area_range, images, regions) -> list[gpd.GeoDataFrame]:
+    """``select`` in a refreshed catalogue."""
     rows = read_images(catalogue)
     _check_known("image", images, [r["image_id"] for r in rows])
     _check_known("class", classes, known_classes(rows))
