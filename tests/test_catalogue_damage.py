@@ -136,6 +136,27 @@ def test_an_image_with_unreadable_outputs_is_left_out_and_the_others_stay_querya
     assert result.exit_code == 0 and "1 images" in said(result)
 
 
+def test_preview_names_a_damaged_summary_or_label_store(out):
+    summary = (out / "b" / "counts.json").read_text()
+    (out / "b" / "counts.json").write_text(json.dumps({k: v for k, v in json.loads(summary).items() if k != "image"}))
+    assert failed(cli("preview", out, "b"), "b/counts.json: names no image file")
+    (out / "b" / "counts.json").write_text(summary[:30])
+    assert failed(cli("preview", out, "b"), "b/counts.json: not readable JSON (Unterminated string")
+    (out / "b" / "counts.json").write_text(summary)
+    (out / "b" / "labels.zarr" / "zarr.json").write_text('{"attributes": "\x01')
+    assert failed(cli("preview", out, "b", "--density"), "b/labels.zarr: unreadable metadata (JSONDecodeError")
+    assert cli("preview", out, "a", "--density").exit_code == 0
+
+
+def test_query_and_preview_outputs_that_cannot_be_written_are_named(out, tmp_path):
+    (tmp_path / "somefile").write_text("")
+    result = cli("query", out, "--image", "a", "--output", tmp_path / "somefile" / "x.csv")
+    assert failed(result, "somefile/x.csv: cannot write it (") and "somefile is a file, not a folder)" in said(result)
+    assert failed(cli("preview", out, "a", "--output", tmp_path / "somefile" / "p.png"), "somefile is a file, not a folder")
+    (out / "a" / "preview.png").mkdir()
+    assert failed(cli("preview", out, "a"), "a/preview.png: cannot write it (Is a directory)")
+
+
 def test_a_catalogue_that_cannot_be_written_is_named(out):
     shutil.rmtree(out / "catalogue")
     (out / "catalogue").write_text("")  # the catalogue cannot be made

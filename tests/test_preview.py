@@ -171,6 +171,6 @@ def test_preview_reads_the_image_as_the_run_did(tmp_path):
     graph = image_graph(open_raster(path, bands=(2, 3, 4), value_range=(0, 1020)), str(resolve_model_dir()),
                         load_card(resolve_model_dir()).classes, tmp_path / "out" / "rgbn", Tiling(512, 64, 4))
     dask.compute(graph.result, scheduler="sync")
-    source = _as_read(find_output(tmp_path / "out", "rgbn").summary())
+    source = _as_read(find_output(tmp_path / "out", "rgbn"))
     assert source.bands == (2, 3, 4) and source.value_range == ((0, 1020),) * 3
     assert np.abs(read_view(source).rgb.astype(int) - scene).max() <= 1

@@ -139,7 +139,7 @@ def preview_command(
 ) -> None:
     """A picture of one image's instances: polygons coloured by class over the image, or their density."""
     from pipeline import preview
-    from workflows.catalogue import find_output
+    from workflows.catalogue import find_output, unwritable
 
     box = _box(region, "--region")
     if (cell_size is not None and cell_size < 1) or max_size < 1:
@@ -148,9 +148,9 @@ def preview_command(
         _fail(f"--output {output}: previews are PNG files (.png)")
     try:
         found = find_output(out, image_id)
-        source = _as_read(found.summary())
-        frame = found.instances()
         png = output or found.folder / ("density.png" if density else "preview.png")
+        source = _as_read(found)
+        frame = found.instances()
         if density:
             side = found.density_cell_side()
             run_cell = round(side / abs(source.transform.a)) if side else None  # in this file's pixels
@@ -159,17 +159,24 @@ def preview_command(
             preview.render_overlay(source, frame, png, box, max_size)
     except ValueError as err:  # CatalogueError, SourceError, a region outside the image
         _fail(str(err))
+    except OSError as err:  # a read-only folder, a file in the way, a full disk
+        _fail(f"{unwritable(png, err)}; give --output in a writable folder")
     console.print(f"preview: {png}")
 
 
-def _as_read(summary: dict):
-    """The image of a run's ``counts.json`` opened as the run read it: its bands (slides: channels),
-    their mapping to 8 bits and the µm per pixel it was given (older runs did not record these)."""
+def _as_read(output):
+    """The image named in an output's ``counts.json`` opened as the run read it: its bands (slides:
+    channels), their mapping to 8 bits and the µm per pixel it was given (older runs did not record these)."""
     from dataclasses import replace
 
     from pipeline.sources import open_image
+    from workflows.catalogue import CatalogueError
 
+    summary = output.summary()
     read = summary.get("read") or {}
+    if not isinstance(summary.get("image"), str) or not isinstance(read, dict):
+        raise CatalogueError(f"{output.counts_json}: names no image file (its 'image' or 'read' entry is missing or "
+                             "malformed); run the image again to rewrite it")
     source = open_image(summary["image"], bands=tuple(read["bands"]) if read.get("bands") else None, mpp=read.get("mpp"))
     if read.get("value_range"):
         source = replace(source, value_range=tuple(tuple(pair) for pair in read["value_range"]))

@@ -108,8 +108,12 @@ class ImageOutput:
         store = self.folder / "labels.zarr"
         if not store.is_dir():
             return None
-        attrs = zarr.open_group(store, mode="r").attrs
-        return attrs["density_cell_size"] * abs(attrs["geotransform"][1]) if "density_cell_size" in attrs else None
+        try:
+            attrs = zarr.open_group(store, mode="r").attrs
+            return attrs["density_cell_size"] * abs(attrs["geotransform"][1]) if "density_cell_size" in attrs else None
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:  # damaged zarr.json or attributes
+            raise CatalogueError(f"{store}: unreadable metadata ({type(err).__name__}: {err}); "
+                                 "run the image again to rewrite it") from None
 
     def info(self) -> dict:
         """pyogrio's description of the instances layer (feature count, bounds)."""

@@ -25,11 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pyogrio
 import shapely
+from pyogrio.errors import DataSourceError
 from pyproj import CRS
 from pyproj.exceptions import CRSError, ProjError
 
 from pipeline.writers import atomic_path
-from workflows.catalogue import CATALOGUE, COLUMNS, build_catalogue, partition_path, read_images
+from workflows.catalogue import CATALOGUE, COLUMNS, build_catalogue, partition_path, read_images, unwritable
 
 PIXELS = "pixels"
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON"}
@@ -408,6 +409,14 @@ def write_result(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
     suffix = path.suffix.lower()
     if suffix not in {".csv", *DRIVERS}:
         raise QueryError(f"{path}: output must end in .csv, .gpkg or .geojson")
+    try:
+        _write(frame, path, suffix)
+    except (OSError, DataSourceError) as err:  # a read-only folder, a file in the way, a full disk
+        raise QueryError(unwritable(path, err) if isinstance(err, OSError) else f"{path}: cannot write it ({err})") from None
+    return path
+
+
+def _write(frame: gpd.GeoDataFrame, path: Path, suffix: str) -> None:
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="'crs' was not provided")  # pixel space
         if suffix == ".csv":
@@ -423,4 +432,3 @@ def write_result(frame: gpd.GeoDataFrame, path: str | Path) -> Path:
                 # GDAL cuts shapes across the antimeridian in two, as RFC 7946 asks; every digit kept (RFC7946's default: 7)
                 options |= {"RFC7946": "YES", "COORDINATE_PRECISION": 15}
             pyogrio.write_dataframe(frame, tmp, driver=DRIVERS[suffix], layer=path.stem, **options)
-    return path
