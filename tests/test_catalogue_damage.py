@@ -20,7 +20,7 @@ from pipeline.sources import open_raster
 from pipeline.synthetic_raster import write_scene
 from workflows.analyst_cli import register
 from workflows.catalogue import IMAGES, CatalogueWarning, build_catalogue, partition_path, read_images
-from workflows.query import select
+from workflows.query import QueryError, select
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,11 @@ def test_a_catalogue_that_cannot_be_written_is_named(out):
     (out / "catalogue").write_text("")  # the catalogue cannot be made
     for command in ("query", "catalogue"):
         assert failed(cli(command, out), "catalogue is a file, not a folder); the catalogue of")
+
+
+def test_non_finite_filters_are_refused(out):
+    for option, value in (("--min-area", "nan"), ("--max-area", "inf"), ("--bbox", "0,0,inf,1")):
+        assert failed(cli("query", out, option, value), f"{option} ")
+    for filters in ({"area_range": (float("nan"), None)}, {"min_score": float("nan")}, {"bbox": (0, 0, float("inf"), 1)}):
+        with pytest.raises(QueryError, match="finite"):
+            select(out, **filters)

@@ -34,9 +34,15 @@ def _box(text: str | None, option: str) -> tuple[float, float, float, float] | N
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3]):
-        _fail(f"{option} {text!r} must be x0,y0,x1,y1 with x0 < x1 and y0 < y1")
+    if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3] and all(map(math.isfinite, values))):
+        _fail(f"{option} {text!r} must be x0,y0,x1,y1 (finite numbers) with x0 < x1 and y0 < y1")
     return values
+
+
+def _finite(value: float | None, option: str) -> float | None:
+    if value is not None and not math.isfinite(value):
+        _fail(f"{option} {value} must be a finite number")
+    return value
 
 
 def _number(value: float) -> str:
@@ -113,6 +119,7 @@ def query_command(
     from workflows.query import QueryError, query, select, write_result
 
     box = _box(bbox, "--bbox")
+    min_area, max_area = _finite(min_area, "--min-area"), _finite(max_area, "--max-area")  # typer refuses a NaN --min-score
     area_range = (min_area, max_area) if min_area is not None or max_area is not None else None
     try:
         if output is not None or within is not None:

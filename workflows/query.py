@@ -13,6 +13,7 @@ its representative point lies within it.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,8 +71,13 @@ def _check_crs(crs: str | None) -> None:
 
 
 def _check_bbox(bbox: Bbox | None) -> None:
-    if bbox is not None and not (len(bbox) == 4 and bbox[0] < bbox[2] and bbox[1] < bbox[3]):
-        raise QueryError(f"bbox {tuple(bbox)} must be x0,y0,x1,y1 with x0 < x1 and y0 < y1")
+    if bbox is not None and not (len(bbox) == 4 and bbox[0] < bbox[2] and bbox[1] < bbox[3] and all(map(math.isfinite, bbox))):
+        raise QueryError(f"bbox {tuple(bbox)} must be x0,y0,x1,y1 (finite) with x0 < x1 and y0 < y1")
+
+
+def _check_finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise QueryError(f"{name} {value} must be a finite number")
 
 
 def _check_known(kind: str, wanted: list[str] | None, known: list[str]) -> None:
@@ -208,6 +214,8 @@ def select(
     outputs). ``regions`` only restricts the search to the images they apply to and to their extent."""
     _check_bbox(bbox)
     _check_crs(bbox_crs)
+    for name, value in zip(("min_score", "minimum area", "maximum area"), (min_score, *(area_range or (None, None)))):
+        _check_finite(name, value)
     if area_range and None not in area_range and area_range[0] > area_range[1]:
         raise QueryError(f"area range {tuple(area_range)} is empty")
     filters = (bbox, bbox_crs, classes, min_score, area_range, images, regions)
