@@ -659,7 +659,8 @@ def test_a_damaged_ledger_is_named_with_what_to_do(tmp_path):
     write_scene(tmp_path / "archive" / "a.tif", seed=1, height=100, width=100)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "ledger.sqlite").write_bytes(b"not a database, but a page of text " * 40)
-    for arguments in (["status", str(tmp_path / "out")], ["run", str(workflow_file(tmp_path)), "--no-progress"]):
+    for arguments in (["status", str(tmp_path / "out")], ["run", str(workflow_file(tmp_path)), "--no-progress"],
+                      ["query", str(tmp_path / "out")], ["catalogue", str(tmp_path / "out")]):
         result = CliRunner().invoke(app, arguments)
         message = " ".join(result.output.split())
         assert result.exit_code == 2 and "ledger.sqlite: not a readable ledger" in message and "move it aside" in message, result.output

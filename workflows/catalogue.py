@@ -38,7 +38,7 @@ from pyogrio.errors import DataLayerError, DataSourceError
 
 from pipeline.ground_area import ground_area_m2
 from pipeline.writers import INSTANCES_LAYER
-from workflows.ledger import LEDGER_NAME, Ledger
+from workflows.ledger import LEDGER_NAME, Ledger, LedgerError
 
 CATALOGUE = "catalogue"
 IMAGES = "_images.parquet"
@@ -144,7 +144,11 @@ def _ledger_done(out_root: Path) -> set[str] | None:
     input stay on disk but are not served."""
     if not (out_root / LEDGER_NAME).is_file():
         return None
-    with Ledger(out_root) as ledger:
+    try:
+        ledger = Ledger(out_root)
+    except LedgerError as err:  # which results it serves is unknown: none is served
+        raise CatalogueError(str(err)) from None
+    with ledger:
         return ledger.served_folders()
 
 
