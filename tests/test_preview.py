@@ -1,5 +1,7 @@
 """Previews of real pipeline outputs: overlay sizes, class colours under polygons, density counts."""
 
+import warnings
+
 import dask
 import geopandas as gpd
 import numpy as np
@@ -174,3 +176,16 @@ def test_preview_reads_the_image_as_the_run_did(tmp_path):
     source = _as_read(find_output(tmp_path / "out", "rgbn"))
     assert source.bands == (2, 3, 4) and source.value_range == ((0, 1020),) * 3
     assert np.abs(read_view(source).rgb.astype(int) - scene).max() <= 1
+
+
+def test_preview_warns_when_the_image_changed_since_its_results(tmp_path):
+    path, _ = segment(make_scene(9, 200, 300).image, tmp_path / "s.tif", tmp_path / "out" / "s", None, Affine.identity())
+    app = typer.Typer()
+    register(app)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert CliRunner().invoke(app, ["preview", str(tmp_path / "out"), "s"]).exit_code == 0
+    assert not [w for w in caught if "changed since" in str(w.message)]
+    write_geotiff(make_scene(10, 200, 300).image, path, crs=None, transform=Affine.identity())  # replaced in place
+    with pytest.warns(UserWarning, match="s.tif: changed since its results were written"):
+        assert CliRunner().invoke(app, ["preview", str(tmp_path / "out"), "s"]).exit_code == 0

@@ -7,6 +7,7 @@ class, bad bbox, …) exit with code 2 and one line on stderr naming the problem
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -185,6 +186,9 @@ def _as_read(output):
         raise CatalogueError(f"{output.counts_json}: names no image file (its 'image' or 'read' entry is missing or "
                              "malformed); run the image again to rewrite it")
     source = open_image(summary["image"], bands=tuple(read["bands"]) if read.get("bands") else None, mpp=read.get("mpp"))
+    if Path(summary["image"]).stat().st_mtime_ns > output.counts_json.stat().st_mtime_ns:
+        warnings.warn(f"{summary['image']}: changed since its results were written ({output.counts_json}): the "
+                      "polygons may not fit the picture; run the image again", stacklevel=2)
     if read.get("value_range"):
         source = replace(source, value_range=tuple(tuple(pair) for pair in read["value_range"]))
     return source
