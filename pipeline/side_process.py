@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ def _end_with_parent() -> None:
     fires when the *thread* that started the child ends, and a Dask worker thread, or an
     in-process cluster's, may end long before its process."""
     parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the run's client, which ends the run and this process
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -223,6 +223,21 @@ def test_a_killed_run_resumes_from_its_batches_with_identical_output(big_scene):
     assert not list((out / "big").glob(".partial-*"))  # kept batches are removed once written
 
 
+def test_ctrl_c_ends_the_run_in_one_line_and_leaves_no_process(big_scene):
+    """Ctrl-C reaches the terminal's whole process group: the client and the local cluster's
+    worker and side processes. Each worker printed a KeyboardInterrupt traceback."""
+    root, image, expected = big_scene
+    workflow = workflow_file(root, out="interrupted", batch_size=1)
+    run = start_run(workflow)
+    assert wait_for(lambda: len(list((root / "interrupted").glob("big/.partial-*/batch-*.npz"))) >= 2), run.stdout.read().decode()
+    children = run.children(recursive=True)
+    os.killpg(run.pid, signal.SIGINT)
+    output = run.communicate(timeout=120)[0].decode()
+    assert run.returncode == 130 and "interrupted: run the workflow again to resume" in " ".join(output.split()), output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert wait_for(lambda: not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children), 30)
+
+
 def test_a_killed_worker_does_not_change_the_output(big_scene):
     root, image, expected = big_scene
     workflow = workflow_file(root, out="worker-killed", batch_size=1, workers=2, zarr=True)

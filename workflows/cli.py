@@ -470,6 +470,10 @@ def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None
         if scheduler:
             workflow.cluster.scheduler = scheduler
         outcome = run_workflow(workflow, force=force, show_progress=progress, log=console.print)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/yellow] run the workflow again to resume: images written are kept, and so are the "
+                      "segmented batches of the others")
+        raise typer.Exit(130) from None
     except (WorkflowError, ModelCardError, LedgerLocked, LedgerError) as err:  # their messages name the file
         _fail(str(err))
     except ValueError as err:  # a setting of the workflow's that does not fit (tiling against the card's tile size)
@@ -533,11 +537,15 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
         except ClusterError as err:
             _fail(str(err))
         console.print(f"dashboard: {client.dashboard_link}")
-        report = run_images(
-            client, list(images), model_dir, card, out, tiling,
-            bands=bands, value_range=value_range, gpu=has_gpu_workers(client), show_progress=progress, mpp=mpp,
-            labels=labels, density_cell=density_cell,
-        )
+        try:
+            report = run_images(
+                client, list(images), model_dir, card, out, tiling,
+                bands=bands, value_range=value_range, gpu=has_gpu_workers(client), show_progress=progress, mpp=mpp,
+                labels=labels, density_cell=density_cell,
+            )
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted:[/yellow] images already written are kept; run the command again for the others")
+            raise typer.Exit(130) from None
     if report.done:
         table = Table(title=f"Seamline — model {card.name}")
         table.add_column("image")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import warnings
 from contextlib import contextmanager
 
@@ -85,6 +87,18 @@ class InputErrorsOnce(WorkerPlugin):
                 logger.addFilter(_InputErrorFilter())
 
 
+class InterruptsToTheClient(WorkerPlugin):
+    """A local cluster's worker processes share the terminal's process group, so Ctrl-C reaches
+    them too and each printed a KeyboardInterrupt traceback: they ignore it, and the client, which
+    gets it as well, stops the run and closes them."""
+
+    name = "seamline-interrupts-to-the-client"
+
+    def setup(self, worker) -> None:
+        with contextlib.suppress(ValueError):  # not the process's main thread: nothing to change
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def connect(
     scheduler: str | None = None, workers: int = 1, threads_per_worker: int | None = None, dashboard: str = "127.0.0.1:8787"
@@ -119,6 +133,7 @@ def connect(
         with cluster, Client(cluster) as client:
             client.register_plugin(SideProcessShutdown())
             client.register_plugin(InputErrorsOnce())
+            client.register_plugin(InterruptsToTheClient())
             yield client
 
 
