@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -43,6 +44,15 @@ def atomic_path(path: Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.(tmp|old)(\.\w+)?$")  # atomic_path's and label_store's names
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """The temporary files and stores a write into ``folder`` makes (``atomic_path``, a staged or
+    set-aside ``labels.zarr``): once the folder's outputs are committed, those left are a killed run's."""
+    return [p for p in folder.glob(".*") if TEMPORARY.match(p.name)]
 
 
 def to_source_crs(geometry: np.ndarray, source: RasterSource) -> np.ndarray:

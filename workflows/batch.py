@@ -18,7 +18,7 @@ from workflows.catalogue import build_catalogue
 from workflows.cluster import connect, has_gpu_workers
 from workflows.ledger import Ledger, config_hash, fingerprint, model_hash, run_lock
 from workflows.report import write_report
-from workflows.run import RunEvents, RunReport, assign_output_dirs, run_images, unowned_output_dirs
+from workflows.run import RunEvents, RunReport, assign_output_dirs, existing_output_dirs, run_images
 from workflows.spec import Workflow, list_inputs
 
 
@@ -117,7 +117,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
         log(f"{len(images)} images: {len(todo)} to process, {len(outcome.up_to_date)} up to date, {len(problems)} unusable")
         taken = {Path(r["output_dir"]).name for r in ledger.rows() if r["output_dir"]}
         output_dirs = {str(i): ledger.folder(row) for i in todo if (row := ledger.get(i)) and ledger.folder(row)}
-        output_dirs |= assign_output_dirs(out, [i for i in todo if str(i) not in output_dirs], taken | unowned_output_dirs(out))
+        output_dirs |= assign_output_dirs(out, [i for i in todo if str(i) not in output_dirs], taken | existing_output_dirs(out)[1])
         metrics.pending.set(len(todo))
 
         def done(image: str, summary: dict) -> None:
@@ -146,6 +146,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
                     value_range=workflow.read.value_range, gpu=has_gpu_workers(client), show_progress=show_progress,
                     mpp=workflow.read.mpp, output_dirs=output_dirs, resume=True, retries=cluster.retries, events=events,
                     labels=workflow.outputs.zarr, density_cell=workflow.outputs.density_cell, fingerprints=prints,
+                    model_key=model,
                 )
         metrics.failed.inc(len(problems))
         finish_outputs(workflow, out, log)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pipeline.graph import ImageGraph, Tiling, discard_staging, image_graph
 from pipeline.inputs import open_for_model
 from pipeline.sources import SourceError, image_stem
 from pipeline.stages import load_model
+from pipeline.writers import temporaries
 from workflows.ledger import Fingerprint, fingerprint, model_hash
 
 
@@ -60,33 +60,23 @@ def assign_output_dirs(out_root: Path, images: list[Path], taken: set[str]) -> d
     return dirs
 
 
-def existing_output_dirs(out_root: Path) -> dict[Path, Path]:
-    """Output folders under ``out_root`` by the image file (resolved) their ``counts.json`` names,
-    for files that still exist: a rerun writes an image where it wrote it before, and another
-    file of the same stem never takes its folder. A folder whose file is gone may be taken."""
-    owners = {}
-    for counts in sorted(Path(out_root).glob("*/counts.json")):
+def existing_output_dirs(out_root: Path) -> tuple[dict[Path, Path], set[str]]:
+    """Output folders under ``out_root``: by the image file (resolved) their ``counts.json`` names,
+    for files that still exist (a rerun writes an image where it wrote it before, and another file
+    of the same stem never takes its folder; a folder whose file is gone may be taken), and the
+    names of those holding results with no readable ``counts.json``: whose they are is unknown, so
+    no image is written over them."""
+    owners, unowned = {}, set()
+    for folder in sorted(Path(out_root).glob("*/")):
         try:
-            image = Path(json.loads(counts.read_text())["image"]).resolve()
+            image = Path(json.loads((folder / "counts.json").read_text())["image"]).resolve()
         except (OSError, ValueError, KeyError, TypeError):
+            if any((folder / name).exists() for name in ("instances.gpkg", "labels.zarr")):
+                unowned.add(folder.name)
             continue
         if image.is_file():
-            owners.setdefault(image, counts.parent)
-    return owners
-
-
-def unowned_output_dirs(out_root: Path) -> set[str]:
-    """Names of the folders under ``out_root`` that hold results but no readable ``counts.json``
-    naming their image: whose they are is unknown, so no other image is written over them."""
-    unowned = set()
-    for folder in Path(out_root).glob("*/"):
-        if not any((folder / name).exists() for name in ("instances.gpkg", "labels.zarr")):
-            continue
-        try:
-            json.loads((folder / "counts.json").read_text())["image"]
-        except (OSError, ValueError, KeyError, TypeError):
-            unowned.add(folder.name)
-    return unowned
+            owners.setdefault(image, folder)
+    return owners, unowned
 
 
 @dataclass
@@ -119,29 +109,29 @@ def run_images(
     labels: bool = True,
     density_cell: int = 256,
     fingerprints: dict[str, Fingerprint] | None = None,
+    model_key: str | None = None,
 ) -> RunReport:
     """Segment every image on ``client``; one image failing never stops the others. With
     ``resume``, segmented batches are kept until an image is written, and an interrupted image
-    restarts from them (``fingerprints``: the images' states as the caller took them, by path;
-    default: size and mtime). ``output_dirs`` fixes where each image goes (default: where its
-    outputs already are, else ``assign_output_dirs``)."""
+    restarts from them (``fingerprints``: the images' states as the caller took them, by path,
+    default: size and mtime; ``model_key``: the model's ``ledger.model_hash``, taken here if not
+    given). ``output_dirs`` fixes where each image goes (default: where its outputs already are,
+    else ``assign_output_dirs``)."""
     events = events or RunEvents()
     out_root = Path(out_root).absolute()  # summaries name their files by paths that hold from anywhere
     report = RunReport()
     graphs: dict[str, ImageGraph] = {}
     out_dirs: dict[str, Path] = {}
     priority = 0  # each image's bands below the previous image's: one image after another
-    model_key = None  # the model's content hash, taken once when a resume needs it
     first_of = {}
     for image in images:  # a file given twice (under any spelling) runs once
         first = first_of.setdefault(Path(image).resolve(), image)
         if first is not image:
             report.warnings.setdefault(str(first), []).append(f"{image}: the same file as {first}: segmented once")
     if output_dirs is None:
-        owners = existing_output_dirs(out_root)
+        owners, unowned = existing_output_dirs(out_root)
         output_dirs = {str(image): owners[path] for path, image in first_of.items() if path in owners}
         new = [image for image in first_of.values() if str(image) not in output_dirs]
-        unowned = unowned_output_dirs(out_root)
         output_dirs |= assign_output_dirs(out_root, new, {folder.name for folder in owners.values()} | unowned)
         for image in new:
             if (stem := _folder_stem(image)) in unowned:
@@ -222,17 +212,13 @@ def run_images(
         discard_staging(out_dirs[name])
     for name in report.done:  # what an older run kept or wrote and this one does not replace
         folder = out_dirs[name]
-        leftovers = [p for p in folder.glob(".*") if LEFTOVER.match(p.name)]  # a killed run's temporary files
-        stale = [*folder.glob(".partial-*"), *leftovers, *([] if labels else [folder / "labels.zarr"])]
+        stale = [*folder.glob(".partial-*"), *temporaries(folder), *([] if labels else [folder / "labels.zarr"])]
         for path in stale:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
     return report
-
-
-LEFTOVER = re.compile(r"^\..+\.[0-9a-f]{8}\.(tmp|old)(\.\w+)?$")  # writers.atomic_path's and label_store's temporary names
 
 
 def model_load_error(client: Client, model_dir: Path, flips: bool | None, gpu: bool) -> str | None:
