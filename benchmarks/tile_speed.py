@@ -19,7 +19,8 @@ hit all alike), medians reported:
   (``--no-zarr``), with labels.zarr written in the merge's thread (a daemonic worker, Dask's default,
   may not start the side process that writes it) and with Dask's sampling profiler on (Dask's
   default, off in ``seamline run``: it walks every busy thread's stack every 10 ms, holding the
-  GIL). ``--headline`` runs the model-only ceiling, the three labels.zarr settings and the profiler on.
+  GIL). ``--headline`` runs the model-only ceiling (one call per core on the CPU; one call at a time on
+a GPU, which the segmenter's lock serialises), the three labels.zarr settings and the profiler on.
 
 Efficiency = model-only time / end-to-end time with the same layout (calls side by side × torch
 threads each), on the same tiles of a generated GeoTIFF scene. With ``--images N``, N scenes (seeds
@@ -150,8 +151,10 @@ def main() -> None:
             f"end to end, sync scheduler, {cores} torch threads": ((1, cores), synchronous),
             "end to end, sync scheduler, 1 torch thread": ((1, 1), synchronous),
         }
-        if args.headline:
-            runs = {name: run for name, run in runs.items() if name.endswith("side by side × 1 torch thread")}
+        gpu = segmenter.device.type == "cuda"
+        if args.headline:  # the ceiling of seamline run's layout: one call per core on the CPU, one at a time on a GPU (its lock)
+            ceiling = "model only, 1 call × 1 torch thread" if gpu else f"model only, {cores} calls side by side × 1 torch thread"
+            runs = {ceiling: runs[ceiling]}
         if not args.no_cluster:
             one = f"end to end, LocalCluster 1 worker × {cores} threads"
             clusters = {  # name: (workers, threads each, worker env, Dask config, labels.zarr)
@@ -167,7 +170,7 @@ def main() -> None:
             if args.variants:
                 clusters[f"{one}, Dask's MALLOC_TRIM_THRESHOLD_=65536"] = (1, cores, {}, None, True)
             for name, (workers, threads, *setup) in clusters.items():
-                side_by_side = workers * threads if segmenter.device.type == "cpu" else workers
+                side_by_side = workers if gpu else workers * threads
                 runs[name] = ((side_by_side, cluster_threads), partial(on_cluster, workers=workers, threads=threads,
                                                                        env=setup[0], config=setup[1], labels=setup[2]))
         times: dict[str, list[float]] = {name: [] for name in runs}
