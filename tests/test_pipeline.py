@@ -1,6 +1,8 @@
 """End to end on generated GeoTIFFs with known objects, with the shipped model."""
 
 import sqlite3
+from contextlib import closing
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dask
@@ -145,13 +147,20 @@ def test_counts_equal_polygons_per_class(seam_scene):
 
 
 def test_same_instances_whatever_the_batch_size_or_task_order(seam_scene, tmp_path):
-    scene, path, _, reference = seam_scene
+    """The same GeoPackage, byte for byte: its layers are dated by the image, not by the write."""
+    scene, path, summary, reference = seam_scene
     _, batched_1 = run_pipeline(path, tmp_path / "b1", batch_size=1, scheduler="threads")
     _, batched_3 = run_pipeline(path, tmp_path / "b3", batch_size=3, scheduler="threads")
     for other in (batched_1, batched_3):
         assert list(other["instance_id"]) == list(reference["instance_id"])
         assert list(other["class"]) == list(reference["class"])
         assert shapely.equals_exact(other.geometry.values, reference.geometry.values, tolerance=0).all()
+    written = Path(summary["outputs"]["geopackage"]).read_bytes()
+    assert (tmp_path / "b1" / "instances.gpkg").read_bytes() == (tmp_path / "b3" / "instances.gpkg").read_bytes() == written
+    with closing(sqlite3.connect(tmp_path / "b1" / "instances.gpkg")) as db:
+        dated = {stamp for (stamp,) in db.execute("SELECT last_change FROM gpkg_contents")}
+    modified = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    assert dated == {modified.strftime("%Y-%m-%dT%H:%M:%S.") + f"{modified.microsecond // 1000:03d}Z"}
 
 
 def test_band_by_band_outputs_equal_one_band_labels_included(seam_scene, tmp_path, monkeypatch):
