@@ -80,7 +80,7 @@ class Segmenter:
     @torch.inference_mode()
     def _forward(self, tiles: np.ndarray) -> list[TileInstances]:
         height, width = tiles.shape[1:3]
-        with self._lock:
+        with self._lock:  # the device's share: the model, masks pasted and thresholded, results copied to the host
             batch = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
             images = list(batch.permute(0, 3, 1, 2).float().div_(255))
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
@@ -91,23 +91,25 @@ class Segmenter:
                     features = self.model.backbone(image_list.tensors)
                     proposals, _ = self.model.rpn(image_list, features)
                     detections, _ = self.model.roi_heads(features, proposals, image_list.image_sizes)
-            return [self._to_instances(d, height, width) for d in detections]
+            fetched = [self._fetch(d, height, width) for d in detections]
+        return [self._select(f) for f in fetched]  # host work: the device is free for another thread's batch
 
-    def _to_instances(self, det: dict[str, torch.Tensor], height: int, width: int) -> TileInstances:
+    def _fetch(self, det: dict[str, torch.Tensor], height: int, width: int) -> TileInstances:
+        """One tile's detections on the host, masks pasted into their boxes (on the model's device)."""
         boxes = det["boxes"].float()
         crops = paste_masks_in_boxes(det["masks"].float(), boxes, height, width, self.card.mask_threshold)
-        keep = np.array([i for i, c in enumerate(crops) if c.mask.any()], np.int64)
         labels = (det["labels"] - 1).cpu().numpy().astype(np.int16)
-        scores = det["scores"].float().cpu().numpy()
+        return TileInstances(boxes=boxes.cpu().numpy(), labels=labels, scores=det["scores"].float().cpu().numpy(), masks=crops)
+
+    def _select(self, found: TileInstances) -> TileInstances:
+        """``found`` without its empty masks and, with the card's mask NMS, without masks another covers."""
+        keep = np.array([i for i, c in enumerate(found.masks) if c.mask.any()], np.int64)
         if self.card.mask_nms_threshold is not None and len(keep):
-            kept = [crops[i] for i in keep]
-            classes = np.zeros_like(labels[keep]) if self.card.mask_nms_across_classes else labels[keep]
-            keep = keep[mask_nms(kept, classes, scores[keep], self.card.mask_nms_threshold, self.card.mask_nms_metric)]
+            kept = [found.masks[i] for i in keep]
+            classes = np.zeros_like(found.labels[keep]) if self.card.mask_nms_across_classes else found.labels[keep]
+            keep = keep[mask_nms(kept, classes, found.scores[keep], self.card.mask_nms_threshold, self.card.mask_nms_metric)]
         return TileInstances(
-            boxes=boxes.cpu().numpy()[keep],
-            labels=labels[keep],
-            scores=scores[keep],
-            masks=[crops[i] for i in keep],
+            boxes=found.boxes[keep], labels=found.labels[keep], scores=found.scores[keep], masks=[found.masks[i] for i in keep]
         )
 
 

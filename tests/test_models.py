@@ -1,4 +1,5 @@
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -303,9 +304,30 @@ def test_mask_nms_across_classes_keeps_one_of_an_object_given_two_classes(tmp_pa
         "scores": torch.tensor([0.9, 0.8, 0.7]),
         "masks": masks,
     }
-    found = segmenter._to_instances(detections, 256, 256)
+    found = segmenter._select(segmenter._fetch(detections, 256, 256))
     expected = [0.9, 0.7] if across else [0.9, 0.8, 0.7]
     assert np.allclose(found.scores, expected)
+
+
+def test_host_work_runs_outside_the_device_lock(tmp_path, monkeypatch):
+    """On a GPU one batch holds the device at a time; mask NMS and the other host-side work of a
+    finished batch must not keep the next batch (another worker thread's) waiting."""
+    from models import inference
+    from models.synthetic import make_scene
+
+    model_variant(tmp_path, "synthetic-shapes", mask_nms_threshold=0.5)
+    segmenter = Segmenter(tmp_path, device="cpu")
+    segmenter._lock = threading.Lock()  # what a CUDA segmenter holds
+    held = []
+
+    def recording_nms(*args, **kwargs):
+        held.append(segmenter._lock.locked())
+        return mask_nms(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "mask_nms", recording_nms)
+    tiles = np.stack([make_scene(seed, 256, 256).image for seed in (3, 4)])
+    found = segmenter(tiles)
+    assert held == [False, False] and all(len(f) for f in found)
 
 
 def test_channels_last_inference_finds_what_the_plain_model_finds():
