@@ -330,6 +330,27 @@ def test_host_work_runs_outside_the_device_lock(tmp_path, monkeypatch):
     assert held == [False, False] and all(len(f) for f in found)
 
 
+@pytest.mark.parametrize("flips", [False, True])
+def test_the_autocast_path_of_a_gpu_finds_what_full_precision_finds(monkeypatch, flips):
+    """On CUDA the model runs under autocast (reduced-precision convolutions and heads, float32
+    where torch keeps it). The same path, on the CPU in bfloat16, must run through the heads, the
+    flip fusion and the mask paste without a dtype clash, and find the same objects."""
+    from torchvision.ops import box_iou
+
+    from models.synthetic import make_scene
+
+    segmenter = Segmenter(resolve_model_dir(), device="cpu", flips=flips)
+    tiles = np.stack([make_scene(seed, 256, 256).image for seed in (3, 4)])
+    full = segmenter(tiles)
+    autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda device_type, enabled=True: autocast("cpu", dtype=torch.bfloat16))
+    reduced = segmenter(tiles)
+    for a, b in zip(full, reduced):
+        assert len(a) > 0 and b.boxes.dtype == np.float32 and all(m.mask.dtype == bool for m in b.masks)
+        overlap = box_iou(torch.from_numpy(a.boxes), torch.from_numpy(b.boxes))
+        assert (overlap.amax(1) > 0.7).float().mean() >= 0.9 and abs(len(a) - len(b)) <= max(1, len(a) // 10)
+
+
 def test_channels_last_inference_finds_what_the_plain_model_finds():
     from models.synthetic import make_scene
 
