@@ -68,14 +68,28 @@ class Segmenter:
         # CUDA: one batch at a time (batches are the parallelism there); CPU: threads infer side by
         # side, each on its own core (2 threads × 1 torch thread ran 2.1× one thread, BENCHMARKS.md)
         self._lock = threading.Lock() if self.device.type == "cuda" else contextlib.nullcontext()
+        self.max_batch: int | None = None  # set by a CUDA out-of-memory error: the largest batch since tried
 
     def __call__(self, tiles: np.ndarray) -> list[TileInstances]:
-        """Instances of each tile. CUDA runs the batch in one forward pass (autocast); the CPU
-        runs tiles one by one: batching gained nothing measurable there (BENCHMARKS.md)."""
+        """Instances of each tile. CUDA runs the batch in one forward pass (autocast), in halves
+        (and from then on no larger) when it runs out of GPU memory; the CPU runs tiles one by one:
+        batching gained nothing measurable there (BENCHMARKS.md)."""
         if tiles.ndim != 4 or tiles.dtype != np.uint8:
             raise ValueError(f"expected uint8 tiles shaped (batch, h, w, c), got {tiles.dtype} {tiles.shape}")
-        step = len(tiles) if self.device.type == "cuda" else 1
-        return [found for start in range(0, len(tiles), step) for found in self._forward(tiles[start : start + step])]
+        if self.device.type != "cuda":
+            return [found for start in range(len(tiles)) for found in self._forward(tiles[start : start + 1])]
+        found: list[TileInstances] = []
+        while len(found) < len(tiles):
+            part = tiles[len(found) : len(found) + (self.max_batch or len(tiles))]
+            try:
+                found += self._forward(part)
+            except torch.cuda.OutOfMemoryError as err:
+                torch.cuda.empty_cache()
+                if len(part) == 1:
+                    raise MemoryError(f"{self.card.name}: one {part.shape[1]}x{part.shape[2]} tile does not fit in the "
+                                      f"memory of {self.device} ({err}); use a smaller --tile-size") from err
+                self.max_batch = len(part) // 2
+        return found
 
     @torch.inference_mode()
     def _forward(self, tiles: np.ndarray) -> list[TileInstances]:

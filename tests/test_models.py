@@ -351,6 +351,34 @@ def test_the_autocast_path_of_a_gpu_finds_what_full_precision_finds(monkeypatch,
         assert (overlap.amax(1) > 0.7).float().mean() >= 0.9 and abs(len(a) - len(b)) <= max(1, len(a) // 10)
 
 
+def test_a_gpu_out_of_memory_halves_the_batch_and_keeps_it_halved(monkeypatch):
+    """CUDA runs a batch in one pass; a batch that does not fit is run in halves, and later batches
+    no larger, so every tile is segmented once, in order. One tile that does not fit is named."""
+    from models.inference import TileInstances
+
+    segmenter = Segmenter(resolve_model_dir(), device="cpu")
+    segmenter.device = torch.device("cuda")  # the batching of a CUDA segmenter; the passes are simulated
+    passes = []
+
+    def forward(tiles):
+        passes.append(len(tiles))
+        if len(tiles) > fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [TileInstances(np.full((1, 4), t[0, 0, 0], np.float32), np.zeros(1, np.int16), np.ones(1, np.float32), [])
+                for t in tiles]
+
+    monkeypatch.setattr(segmenter, "_forward", forward)
+    tiles = np.arange(8, dtype=np.uint8)[:, None, None, None] * np.ones((8, 16, 16, 3), np.uint8)
+    fits = 2
+    found = segmenter(tiles)
+    assert passes == [8, 4, 2, 2, 2, 2] and [int(f.boxes[0, 0]) for f in found] == list(range(8))
+    passes.clear()
+    assert len(segmenter(tiles[:4])) == 4 and passes == [2, 2]
+    fits = 0
+    with pytest.raises(MemoryError, match="one 16x16 tile does not fit in the memory of cuda"):
+        segmenter(tiles[:1])
+
+
 def test_channels_last_inference_finds_what_the_plain_model_finds():
     from models.synthetic import make_scene
 
