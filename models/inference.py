@@ -7,6 +7,8 @@ tile-sized arrays for dense nuclei); here each mask is resized only inside its o
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from torchvision.models.detection import MaskRCNN
 
 from models.builders import build_model
 from models.card import ModelCard, load_card
@@ -97,16 +100,32 @@ class Segmenter:
         with self._lock:  # the device's share: the model, masks pasted and thresholded, results copied to the host
             batch = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
             images = list(batch.permute(0, 3, 1, 2).float().div_(255))
+            model = self.model_for(height, width)
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
                 if self.flips:
-                    detections = flip_tta(self.model, images, self.card.score_threshold)
+                    detections = flip_tta(model, images, self.card.score_threshold)
                 else:
-                    image_list, _ = self.model.transform(images)
-                    features = self.model.backbone(image_list.tensors)
-                    proposals, _ = self.model.rpn(image_list, features)
-                    detections, _ = self.model.roi_heads(features, proposals, image_list.image_sizes)
+                    image_list, _ = model.transform(images)
+                    features = model.backbone(image_list.tensors)
+                    proposals, _ = model.rpn(image_list, features)
+                    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
             fetched = [self._fetch(d, height, width) for d in detections]
         return [self._select(f) for f in fetched]  # host work: the device is free for another thread's batch
+
+    def model_for(self, height: int, width: int) -> MaskRCNN:
+        """The model with its caps on proposals and detections, set for the card's tile, scaled to a
+        larger tile's area (a tile of four times the area holds about four times the objects; unscaled,
+        `--tile-size 1024` lost nuclei to them). A view sharing the weights: the model is not changed."""
+        scale = height * width / self.card.tile_size**2
+        if scale <= 1:
+            return self.model
+        rpn, heads = copy.copy(self.model.rpn), copy.copy(self.model.roi_heads)
+        rpn._pre_nms_top_n = {k: math.ceil(v * scale) for k, v in rpn._pre_nms_top_n.items()}
+        rpn._post_nms_top_n = {k: math.ceil(v * scale) for k, v in rpn._post_nms_top_n.items()}
+        heads.detections_per_img = math.ceil(heads.detections_per_img * scale)
+        view = copy.copy(self.model)
+        view._modules = {**self.model._modules, "rpn": rpn, "roi_heads": heads}
+        return view
 
     def _fetch(self, det: dict[str, torch.Tensor], height: int, width: int) -> TileInstances:
         """One tile's detections on the host, masks pasted into their boxes (on the model's device)."""

@@ -379,6 +379,25 @@ def test_a_gpu_out_of_memory_halves_the_batch_and_keeps_it_halved(monkeypatch):
         segmenter(tiles[:1])
 
 
+def test_caps_on_proposals_and_detections_grow_with_the_tile_area(tmp_path):
+    """The card sets its caps for its own tile; a tile of four times the area gets four times the
+    proposals and detections, the card's tile and smaller ones the card's, and the model itself is
+    never changed (threads share it)."""
+    from models.synthetic import make_scene
+
+    model_variant(tmp_path, "synthetic-shapes", max_detections=20)
+    segmenter = Segmenter(tmp_path, device="cpu")
+    rpn, heads = segmenter.model.rpn, segmenter.model.roi_heads
+    large = segmenter.model_for(1024, 1024)
+    assert large.roi_heads.detections_per_img == 80 and heads.detections_per_img == 20
+    assert large.rpn.post_nms_top_n() == 4 * rpn.post_nms_top_n() and large.rpn.pre_nms_top_n() == 4 * rpn.pre_nms_top_n()
+    assert segmenter.model_for(512, 512) is segmenter.model_for(300, 400) is segmenter.model
+    assert large.backbone is segmenter.model.backbone and segmenter.model.rpn is rpn and segmenter.model.roi_heads is heads
+    scene = make_scene(7, 1024, 1024, density=1.5, size_range=(16, 60))
+    found = segmenter(scene.image[None])[0]
+    assert 20 < len(found) <= 80 and len(segmenter(scene.image[None, :512, :512])[0]) <= 20
+
+
 def test_channels_last_inference_finds_what_the_plain_model_finds():
     from models.synthetic import make_scene
 
