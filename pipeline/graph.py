@@ -26,6 +26,7 @@ from pipeline.label_store import create_label_store, discard_unfinished
 from pipeline.stages import read_batch, resume_batch, segment_and_keep, segment_batch
 from pipeline.streaming import LabelRaster, finalise_labels, finish_image, merge_step, start_image, touched_blocks
 from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask_at_scale
+from pipeline.writers import TEMPORARY, temporaries
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,19 @@ def image_graph(
 
 
 def discard_staging(out_dir: Path) -> None:
-    """Remove what a failed image's graph staged in ``out_dir`` (merge parts, an unfinished
-    labels.zarr); the batches a resumable run keeps stay, and so do earlier outputs. The folder
-    goes too when nothing is left in it."""
+    """Remove what a failed or interrupted image's graph staged in ``out_dir`` (merge parts, an
+    unfinished labels.zarr, files half written under a temporary name); the batches a resumable run
+    keeps stay, and so do earlier outputs, a set-aside labels.zarr (``.old``) included. The folder
+    goes too when nothing is left in it. Only once no task of the image runs."""
     for parts in out_dir.glob(f"{PARTS_PREFIX}*"):
         shutil.rmtree(parts, ignore_errors=True)
     discard_unfinished(out_dir / "labels.zarr")
+    for path in temporaries(out_dir):
+        if TEMPORARY.match(path.name).group(1) != "tmp":
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         out_dir.rmdir()

@@ -225,17 +225,23 @@ def test_a_killed_run_resumes_from_its_batches_with_identical_output(big_scene):
 
 def test_ctrl_c_ends_the_run_in_one_line_and_leaves_no_process(big_scene):
     """Ctrl-C reaches the terminal's whole process group: the client and the local cluster's
-    worker and side processes. Each worker printed a KeyboardInterrupt traceback."""
+    worker and side processes. Each worker printed a KeyboardInterrupt traceback. What the
+    unfinished image staged goes (merge parts, files half written); its kept batches stay."""
     root, image, expected = big_scene
-    workflow = workflow_file(root, out="interrupted", batch_size=1)
+    workflow = workflow_file(root, out="interrupted", batch_size=1, zarr=True)
+    folder = root / "interrupted" / "big"
     run = start_run(workflow)
-    assert wait_for(lambda: len(list((root / "interrupted").glob("big/.partial-*/batch-*.npz"))) >= 2), run.stdout.read().decode()
+    assert wait_for(lambda: len(list(folder.glob(".partial-*/batch-*.npz"))) >= 2 and list(folder.glob(".instances-parts.*"))), \
+        run.stdout.read().decode()
+    (folder / ".instances.gpkg.0123abcd.tmp").write_bytes(b"half a file")  # as a write cut short leaves it
     children = run.children(recursive=True)
     os.killpg(run.pid, signal.SIGINT)
     output = run.communicate(timeout=120)[0].decode()
     assert run.returncode == 130 and "interrupted: run the workflow again to resume" in " ".join(output.split()), output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
     assert wait_for(lambda: not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children), 30)
+    assert list(folder.glob(".partial-*/batch-*.npz")) and not list(folder.glob(".instances-parts.*"))
+    assert not list(folder.glob(".*.tmp")) and not (folder / "labels.zarr").exists()
 
 
 def test_a_killed_worker_does_not_change_the_output(big_scene):

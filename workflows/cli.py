@@ -7,7 +7,7 @@ import math
 import os
 import re
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -470,7 +470,8 @@ def _run_workflow(path: Path, force: bool, progress: bool, scheduler: str | None
         if scheduler:
             workflow.cluster.scheduler = scheduler
         outcome = run_workflow(workflow, force=force, show_progress=progress, log=console.print)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # the workflow's cluster is closed by now
+        _discard_interrupted(interrupt)
         console.print("[yellow]interrupted:[/yellow] run the workflow again to resume: images written are kept, and so are the "
                       "segmented batches of the others")
         raise typer.Exit(130) from None
@@ -523,6 +524,16 @@ def status(out: Annotated[Path, typer.Argument(help="Output directory of a workf
     console.print(" · ".join(f"{s}: {statuses.count(s)}" for s in sorted(set(statuses))) or "empty ledger")
 
 
+def _discard_interrupted(interrupt: KeyboardInterrupt) -> None:
+    """What the images a Ctrl-C left unfinished had staged (merge parts, half-written files), once
+    nothing writes them; a second Ctrl-C leaves them to the next run, which removes them too."""
+    from workflows.run import RunInterrupted
+
+    if isinstance(interrupt, RunInterrupted):
+        with suppress(KeyboardInterrupt):
+            interrupt.discard_staging()
+
+
 def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, threads, bands, value_range, progress, mpp=None,
                     labels=True, density_cell=256):
     """Run on a cluster, print counts per image and failures, and write ``OUT/run.json``."""
@@ -531,21 +542,22 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
     from workflows.cluster import ClusterError, connect, has_gpu_workers
     from workflows.run import run_images
 
-    with ExitStack() as stack:
-        try:
-            client = stack.enter_context(connect(scheduler, workers=workers, threads_per_worker=threads))
-        except ClusterError as err:
-            _fail(str(err))
-        console.print(f"dashboard: {client.dashboard_link}")
-        try:
+    try:
+        with ExitStack() as stack:
+            try:
+                client = stack.enter_context(connect(scheduler, workers=workers, threads_per_worker=threads))
+            except ClusterError as err:
+                _fail(str(err))
+            console.print(f"dashboard: {client.dashboard_link}")
             report = run_images(
                 client, list(images), model_dir, card, out, tiling,
                 bands=bands, value_range=value_range, gpu=has_gpu_workers(client), show_progress=progress, mpp=mpp,
                 labels=labels, density_cell=density_cell,
             )
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted:[/yellow] images already written are kept; run the command again for the others")
-            raise typer.Exit(130) from None
+    except KeyboardInterrupt as interrupt:  # the cluster is closed by now
+        _discard_interrupted(interrupt)
+        console.print("[yellow]interrupted:[/yellow] images already written are kept; run the command again for the others")
+        raise typer.Exit(130) from None
     if report.done:
         table = Table(title=f"Seamline — model {card.name}")
         table.add_column("image")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 
+import psutil
 from dask.base import tokenize
 from distributed import Client, as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -88,6 +91,39 @@ class RunEvents:
     batch_done: Callable[[str], None] = lambda image: None
     done: Callable[[str, dict], None] = lambda image, summary: None
     failed: Callable[[str, str], None] = lambda image, error: None
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``run_images``: the output folders of the images it left unfinished, and the
+    processes of the local cluster it ran on (none for a remote scheduler's)."""
+
+    def __init__(self, unfinished: list[Path], client: Client) -> None:
+        super().__init__()
+        self.unfinished = unfinished
+        self.processes = _grandchildren() if client.cluster is not None else None
+
+    def discard_staging(self, timeout: float = 30) -> None:
+        """Once the local cluster is closed: wait for its processes (a worker's side process ends
+        soon after its worker) and remove what the unfinished images staged (``discard_staging``:
+        a resumable run's kept batches stay). A remote cluster's workers may still be writing: left."""
+        if self.processes is None:
+            return
+        psutil.wait_procs(self.processes, timeout=timeout)
+        for folder in self.unfinished:
+            discard_staging(folder)
+
+
+def _grandchildren() -> list[psutil.Process]:
+    """This process's descendants below its children: the side processes of a local cluster's
+    workers, which outlive their worker by a moment (the workers themselves end as the cluster
+    closes; other children, such as multiprocessing's resource tracker, live on with this process)."""
+    me = os.getpid()
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.ppid() != me:
+                found.append(process)
+    return found
 
 
 def run_images(
@@ -183,31 +219,35 @@ def run_images(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         disable=not show_progress,
     )
-    with progress:
-        tiles_task = progress.add_task("tile batches", total=len(batch_futures))
-        images_task = progress.add_task("images", total=len(result_futures))
-        completed = as_completed(batch_futures + result_futures)
-        for future in completed:
-            if future.key in image_of:
-                name = image_of[future.key]
-                if future.status == "finished":
-                    report.done[name] = future.result()
-                    events.done(name, report.done[name])
+    try:
+        with progress:
+            tiles_task = progress.add_task("tile batches", total=len(batch_futures))
+            images_task = progress.add_task("images", total=len(result_futures))
+            completed = as_completed(batch_futures + result_futures)
+            for future in completed:
+                if future.key in image_of:
+                    name = image_of[future.key]
+                    if future.status == "finished":
+                        report.done[name] = future.result()
+                        events.done(name, report.done[name])
+                    else:
+                        error = future.exception()
+                        named = isinstance(error, SourceError) or str(error).startswith(name)  # SourceErrors name their file
+                        cause = str(error) if named else f"{name}: {type(error).__name__}: {error}"
+                        report.failed[name] = " ".join(cause.split())
+                        events.failed(name, report.failed[name])
+                        unfinished = [f for f, owner in zip(batch_futures, owners) if owner == name and not f.done()]
+                        _drop(completed, unfinished)
+                        progress.advance(tiles_task, len(unfinished))
+                    progress.advance(images_task)
                 else:
-                    error = future.exception()
-                    named = isinstance(error, SourceError) or str(error).startswith(name)  # SourceErrors name their file
-                    cause = str(error) if named else f"{name}: {type(error).__name__}: {error}"
-                    report.failed[name] = " ".join(cause.split())
-                    events.failed(name, report.failed[name])
-                    unfinished = [f for f, owner in zip(batch_futures, owners) if owner == name and not f.done()]
-                    _drop(completed, unfinished)
-                    progress.advance(tiles_task, len(unfinished))
-                progress.advance(images_task)
-            else:
-                if future.status == "finished":
-                    events.batch_done(image_of_batch[future.key])
-                progress.advance(tiles_task)
-            future.release()
+                    if future.status == "finished":
+                        events.batch_done(image_of_batch[future.key])
+                    progress.advance(tiles_task)
+                future.release()
+    except KeyboardInterrupt:  # the images not yet done or failed: their staging goes once the cluster is closed
+        unfinished = [out_dirs[name] for name in graphs if name not in report.done and name not in report.failed]
+        raise RunInterrupted(unfinished, client) from None
     for name in report.failed.keys() & out_dirs.keys():  # now that none of their tasks still runs
         discard_staging(out_dirs[name])
     for name in report.done:  # what an older run kept or wrote and this one does not replace
