@@ -12,12 +12,11 @@ pointer jumping. Only corners become vertices, so polygons carry no collinear po
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import cache
+from functools import partial
 
 import numpy as np
 import shapely
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy import ndimage
 
 # edge id = 4 · pixel + side; sides clockwise on screen: top, right, bottom, left
 _TURN_OWN = np.array([1, 2, 3, 0])  # the same pixel's next side: turning right around it
@@ -80,10 +79,11 @@ def trace_labels(labels: np.ndarray, row: int = 0, col: int = 0) -> tuple[np.nda
     straight = 4 * (pixel + forward) + side
     notch = 4 * (pixel + forward + outward) + _TURN_LEFT[side]
     successor = np.where(exists[own], own, np.where(exists[straight], straight, notch))
-    regions = cache(lambda: _components(flat, width))  # needed only where a label meets itself diagonally
+    regions = partial(_regions, padded)  # needed only where a label meets itself diagonally, or has islands
     pinch = exists[own] & (flat[pixel + forward + outward] == flat[pixel])
     if pinch.any():
-        joined = pinch & (regions()[pixel] == regions()[pixel + forward + outward])
+        region = regions(flat[pixel[pinch]])
+        joined = pinch & (region[pixel] == region[pixel + forward + outward])
         successor[joined] = notch[joined]
     nxt = np.searchsorted(edge, successor)
 
@@ -123,23 +123,31 @@ def trace_labels(labels: np.ndarray, row: int = 0, col: int = 0) -> tuple[np.nda
     return _largest_regions(rings, ring_label, pixel[ring_head], area, regions)
 
 
-def _components(flat: np.ndarray, width: int) -> np.ndarray:
-    """4-connected regions of equal nonzero labels in a padded, flattened label image."""
-    index = np.flatnonzero(flat > 0)
-    pairs = [(index, index + step) for step in (1, width)]
-    a = np.concatenate([i for i, j in pairs])
-    b = np.concatenate([j for i, j in pairs])
-    same = flat[a] == flat[b]
-    graph = coo_matrix((np.ones(same.sum()), (a[same], b[same])), shape=(len(flat), len(flat)))
-    return connected_components(graph, directed=False)[1]
+def _regions(padded: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The 4-connected regions of each label in ``values`` (distinct ids; 0 for every other pixel),
+    flattened like ``padded``: each labelled inside its own bounding box."""
+    regions = np.zeros(padded.size, np.int64)
+    values = np.unique(values)
+    boxes = ndimage.find_objects(padded, max_label=int(values[-1]))
+    first = 1
+    for value in values:
+        box = boxes[value - 1]
+        found, count = ndimage.label(padded[box] == value)  # the default structure: 4-connectivity
+        rows, cols = np.nonzero(found)
+        pixels = np.ravel_multi_index((rows + box[0].start, cols + box[1].start), padded.shape)
+        regions[pixels] = found[rows, cols] + first - 1
+        first += count
+    return regions
 
 
 def _largest_regions(
-    rings: np.ndarray, ring_label: np.ndarray, ring_pixel: np.ndarray, area: np.ndarray, regions: Callable[[], np.ndarray]
+    rings: np.ndarray, ring_label: np.ndarray, ring_pixel: np.ndarray, area: np.ndarray,
+    regions: Callable[[np.ndarray], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per label: its largest shell (by pixels, holes subtracted) with that shell's holes.
 
-    ``ring_pixel`` is a pixel of the region each ring bounds; ``regions()`` labels the regions."""
+    ``ring_pixel`` is a pixel of the region each ring bounds; ``regions(values)`` labels the regions
+    of those labels."""
     shell = area > 0
     values = np.unique(ring_label)
     shells_per_label = np.bincount(np.searchsorted(values, ring_label[shell]), minlength=len(values))
@@ -149,7 +157,7 @@ def _largest_regions(
     owner[~shell] = first_shell[np.searchsorted(values, ring_label[~shell])]
     several = np.isin(ring_label, values[shells_per_label > 1])
     if (several & ~shell).any():  # islands and holes: a hole belongs to the shell of its region
-        region = regions()[ring_pixel]
+        region = regions(ring_label[several])[ring_pixel]
         by_region = dict(zip(region[shell & several], shell_index[several[shell_index]]))
         for hole in np.flatnonzero(several & ~shell):
             owner[hole] = by_region[region[hole]]
