@@ -63,6 +63,7 @@ def _resnet50(card: ModelCard, builder: Callable) -> MaskRCNN:
         **_detection_kwargs(card),
     )
     model.rpn.anchor_generator = _anchors(card, 5)
+    model.roi_heads.box_roi_pool.sampling_ratio = model.roi_heads.mask_roi_pool.sampling_ratio = card.roi_sampling_ratio
     model.transform = _native_transform(card)
     return model
 
@@ -74,8 +75,8 @@ def _mobilenet_v3_large(card: ModelCard) -> MaskRCNN:
         backbone,
         num_classes=card.num_classes,
         rpn_anchor_generator=_anchors(card, 3),
-        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
-        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=card.roi_sampling_ratio),
+        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=card.roi_sampling_ratio),
         **_detection_kwargs(card),
     )
     model.transform = _native_transform(card)
@@ -119,10 +120,10 @@ def _compact(card: ModelCard) -> MaskRCNN:
         backbone,
         num_classes=None,
         rpn_anchor_generator=_anchors(card, 5),
-        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=card.roi_sampling_ratio),
         box_head=TwoMLPHead(fpn_channels * 7 * 7, 256),
         box_predictor=FastRCNNPredictor(256, card.num_classes),
-        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=card.roi_sampling_ratio),
         mask_head=MaskRCNNHeads(fpn_channels, [64, 64, 64], dilation=1),
         mask_predictor=MaskRCNNPredictor(64, 64, card.num_classes),
         **_detection_kwargs(card),

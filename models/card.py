@@ -89,6 +89,11 @@ class ModelCard(BaseModel):
         False, description="segment each tile as is and under three flips, fused (models/tta.py); ~4x the model time"
     )
     max_detections: int = Field(300, ge=1, le=10000)
+    roi_sampling_ratio: int = Field(
+        2, ge=1, le=8,
+        description="RoIAlign samples per bin side in the box and mask heads (torchvision's 2); 1 costs a quarter "
+        "of the sampling, enough where objects span few feature cells (nuclei: same scores, ~15 % faster on CPU)",
+    )
     anchor_sizes: list[int] = [16, 32, 64, 128, 256]
     description: str = ""
 
