@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common import ROOT, machine, table
-from models.card import load_card, save_card
+from models.card import load_card, save_variant
 from models.inference import Segmenter
 from models.registry import resolve_model_dir
 from pipeline.grid import TileGrid
@@ -26,14 +26,6 @@ from pipeline.inputs import open_for_model
 from pipeline.sources import read_window
 
 DATA = {"nuclei-he": "nuclei-monuseg2018", "nuclei-fluo": "nuclei-bbbc039"}
-
-
-def with_sampling(model_dir: Path, ratio: int, folder: Path) -> Path:
-    """A copy of the model's card with ``roi_sampling_ratio`` set, its weights linked."""
-    card = load_card(model_dir).model_copy(update={"roi_sampling_ratio": ratio})
-    save_card(card, folder)
-    (folder / card.weights).symlink_to(model_dir / card.weights)
-    return folder
 
 
 def main() -> None:
@@ -48,7 +40,10 @@ def main() -> None:
         for name in args.models:
             model_dir = resolve_model_dir(name)
             card = load_card(model_dir)
-            settings = {ratio: Segmenter(with_sampling(model_dir, ratio, Path(tmp) / f"{name}-{ratio}"), "cpu") for ratio in (2, 1)}
+            variants = {ratio: Path(tmp) / f"{name}-{ratio}" for ratio in (2, 1)}
+            for ratio, folder in variants.items():
+                save_variant(model_dir, folder, roi_sampling_ratio=ratio)
+            settings = {ratio: Segmenter(folder, "cpu") for ratio, folder in variants.items()}
             tiles = []
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # images without a pixel size, read at the model's

@@ -20,7 +20,7 @@ hit all alike), medians reported:
   may not start the side process that writes it) and with Dask's sampling profiler on (Dask's
   default, off in ``seamline run``: it walks every busy thread's stack every 10 ms, holding the
   GIL). ``--headline`` runs the model-only ceiling (one call per core on the CPU; one call at a time on
-a GPU, which the segmenter's lock serialises), the three labels.zarr settings and the profiler on.
+  a GPU, which the segmenter's lock serialises), the three labels.zarr settings and the profiler on.
 
 Efficiency = model-only time / end-to-end time with the same layout (calls side by side × torch
 threads each), on the same tiles of a generated GeoTIFF scene. With ``--images N``, N scenes (seeds

@@ -132,3 +132,11 @@ def save_card(card: ModelCard, model_dir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
     return path
+
+
+def save_variant(model_dir: str | Path, variant_dir: str | Path, **changes) -> ModelCard:
+    """A model directory at ``variant_dir``: ``model_dir``'s card with ``changes``, its weights linked."""
+    card = load_card(model_dir).model_copy(update=changes)
+    save_card(card, variant_dir)
+    (Path(variant_dir) / card.weights).symlink_to(Path(model_dir).resolve() / card.weights)
+    return card

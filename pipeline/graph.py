@@ -26,7 +26,7 @@ from pipeline.label_store import create_label_store, discard_unfinished
 from pipeline.stages import read_batch, resume_batch, segment_and_keep, segment_batch
 from pipeline.streaming import LabelRaster, finalise_labels, finish_image, merge_step, start_image, touched_blocks
 from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask_at_scale
-from pipeline.writers import TEMPORARY, temporaries
+from pipeline.writers import remove, temporaries
 
 
 @dataclass(frozen=True)
@@ -187,12 +187,7 @@ def discard_staging(out_dir: Path) -> None:
     for parts in out_dir.glob(f"{PARTS_PREFIX}*"):
         shutil.rmtree(parts, ignore_errors=True)
     discard_unfinished(out_dir / "labels.zarr")
-    for path in temporaries(out_dir):
-        if TEMPORARY.match(path.name).group(1) != "tmp":
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    for path in temporaries(out_dir, kinds=("tmp",)):
+        remove(path)
     with contextlib.suppress(OSError):
         out_dir.rmdir()

@@ -51,10 +51,19 @@ def atomic_path(path: Path):
 TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.(tmp|old)(\.\w+)?$")  # atomic_path's and label_store's names
 
 
-def temporaries(folder: Path) -> list[Path]:
-    """The temporary files and stores a write into ``folder`` makes (``atomic_path``, a staged or
-    set-aside ``labels.zarr``): once the folder's outputs are committed, those left are a killed run's."""
-    return [p for p in folder.glob(".*") if TEMPORARY.match(p.name)]
+def temporaries(folder: Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
+    """The temporary files and stores a write into ``folder`` makes (``atomic_path``, a staged
+    ``tmp`` or set-aside ``old`` labels.zarr): once the folder's outputs are committed, those left
+    are a killed run's. ``kinds=("tmp",)``: only what was being written, never a set-aside copy."""
+    return [p for p in folder.glob(".*") if (m := TEMPORARY.match(p.name)) and m.group(1) in kinds]
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree; gone already is fine."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def to_source_crs(geometry: np.ndarray, source: RasterSource) -> np.ndarray:

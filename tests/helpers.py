@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 
-from models.card import ModelCard, load_card, save_card
+from models.card import ModelCard, save_variant
 from models.inference import MaskCrop, TileInstances
 from models.registry import resolve_model_dir
 from pipeline.grid import Tile
@@ -100,8 +100,4 @@ def seam_errors(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
 
 def model_variant(directory: Path, model: str, **changes) -> ModelCard:
     """A model directory at ``directory``: the shipped ``model``'s card with ``changes``, its weights linked."""
-    shipped = resolve_model_dir(model)
-    card = load_card(shipped).model_copy(update=changes)
-    save_card(card, directory)
-    (directory / card.weights).symlink_to(shipped / card.weights)
-    return card
+    return save_variant(resolve_model_dir(model), directory, **changes)

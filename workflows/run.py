@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field, replace
@@ -21,7 +20,7 @@ from pipeline.graph import ImageGraph, Tiling, discard_staging, image_graph
 from pipeline.inputs import open_for_model
 from pipeline.sources import SourceError, image_stem
 from pipeline.stages import load_model
-from pipeline.writers import temporaries
+from pipeline.writers import remove, temporaries
 from workflows.ledger import Fingerprint, fingerprint, model_hash
 
 
@@ -254,10 +253,7 @@ def run_images(
         folder = out_dirs[name]
         stale = [*folder.glob(".partial-*"), *temporaries(folder), *([] if labels else [folder / "labels.zarr"])]
         for path in stale:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            remove(path)
     return report
 
 
