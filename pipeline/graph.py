@@ -13,7 +13,7 @@ import contextlib
 import math
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dask
@@ -29,11 +29,15 @@ from pipeline.tissue import tiles_with_tissue, tissue_area_mm2, tissue_mask_at_s
 from pipeline.writers import remove, temporaries
 
 
+CPU_BATCH_SIZE = 4  # a CPU thread runs a batch's tiles one by one: the batch only sets the task size
+GPU_BATCH_SIZE = 16  # an H100 ran 18 ms a 512² tile at batch 1, 7.1 at 8, 6.1 at 16 (README; benchmarks/batch_sweep.py)
+
+
 @dataclass(frozen=True)
 class Tiling:
     tile_size: int
     overlap: int
-    batch_size: int = 4
+    batch_size: int | None = None  # None: CPU_BATCH_SIZE, or GPU_BATCH_SIZE where segment tasks run on GPU workers
     match_iou: float = 0.5
     tissue_mask: bool = True  # slides: only tiles over tissue (False: every tile with data)
     test_time_flips: bool | None = None  # None: as the model card says
@@ -43,10 +47,16 @@ class Tiling:
             raise ValueError(f"tile size {self.tile_size} must be a multiple of 32 between 64 and 4096")
         if not 1 <= self.overlap < self.tile_size // 2:  # objects cut by a seam are matched in pixels both tiles see
             raise ValueError(f"overlap {self.overlap} must be in [1, tile size / 2): a seam's halves are matched where tiles overlap")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size {self.batch_size} must be at least 1")
         if not 0 < self.match_iou <= 1:
             raise ValueError(f"match IoU {self.match_iou} must be in (0, 1]")
+
+    def for_workers(self, gpu: bool) -> Tiling:
+        """This tiling with its batch size set: the default for CPU or GPU workers if none was given."""
+        if self.batch_size is not None:
+            return self
+        return replace(self, batch_size=GPU_BATCH_SIZE if gpu else CPU_BATCH_SIZE)
 
 
 @dataclass
@@ -114,6 +124,7 @@ def image_graph(
     bounded by a band). Images of one run take consecutive ranges (``ImageGraph.bands``), so an
     archive goes image by image rather than all at once."""
     out_dir = Path(out_dir)
+    tiling = tiling.for_workers(gpu)
     grid = TileGrid(source.height, source.width, tiling.tile_size, tiling.overlap)
     tiles = grid.tiles
     token = tokenize(source, model_dir, tiling, str(out_dir), labels, density_cell)

@@ -100,3 +100,16 @@ def test_local_workers_run_without_dask_s_profiler_unless_the_dask_config_asks(m
         daemonic = client.run(lambda: dask.config.get("distributed.worker.daemon"))
     assert list(sampling.values()) == [profiling]
     assert list(daemonic.values()) == [False]  # Seamline's own settings still apply
+
+
+def test_runs_on_gpu_asks_the_workers(cluster, monkeypatch):
+    """CPU workers run batches of 4; workers whose model loads on CUDA (a local cluster on a GPU
+    machine advertises no GPU resource) are told apart by asking them."""
+    from distributed import LocalCluster
+
+    from workflows.cluster import runs_on_gpu
+
+    assert not runs_on_gpu(cluster[1])
+    monkeypatch.setenv("SEAMLINE_DEVICE", "cuda")  # in-process workers read this process's environment
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as local, Client(local) as client:
+        assert runs_on_gpu(client)

@@ -163,6 +163,17 @@ def test_same_instances_whatever_the_batch_size_or_task_order(seam_scene, tmp_pa
     assert dated == {modified.strftime("%Y-%m-%dT%H:%M:%S.") + f"{modified.microsecond // 1000:03d}Z"}
 
 
+def test_batch_size_defaults_to_the_workers_device(seam_scene):
+    """Unset, a batch is 4 tiles for CPU workers and 16 for GPU workers; a given size stays."""
+    path = seam_scene[1]
+    source = open_raster(path)
+    tiles = len(TileGrid(source.height, source.width, 256, 32).tiles)
+    for tiling, gpu, batch in [(Tiling(256, 32), False, 4), (Tiling(256, 32), True, 16), (Tiling(256, 32, 3), True, 3)]:
+        assert tiling.for_workers(gpu).batch_size == batch
+        graph = image_graph(source, str(MODEL), CARD.classes, "unused", tiling, gpu=gpu)
+        assert len(graph.batches) == -(-tiles // batch)
+
+
 def test_band_by_band_outputs_equal_one_band_labels_included(seam_scene, tmp_path, monkeypatch):
     """A band per tile row (objects pending across bands, label rows written as they settle,
     batches of 4 of 6 tiles a row running on into the next band) gives the GeoPackage and

@@ -48,7 +48,7 @@ def _model(model: str | None):
     return model_dir, card
 
 
-def _tiling(card, tile_size: int | None, overlap: int | None, batch_size: int, flips: bool | None, tissue: bool = True):
+def _tiling(card, tile_size: int | None, overlap: int | None, batch_size: int | None, flips: bool | None, tissue: bool = True):
     """The tiling asked for, the card's where not given (``Tiling`` refuses one no grid can use)."""
     from pipeline.graph import Tiling
 
@@ -103,7 +103,7 @@ def run(
     model: Annotated[Optional[str], typer.Option(help=f"Model directory or shipped model name ({', '.join(shipped_models())}); default: the demo model synthetic-shapes.")] = None,
     tile_size: Annotated[Optional[int], typer.Option(help="Tile (window) size in pixels; default from the model card.")] = None,
     overlap: Annotated[Optional[int], typer.Option(help="Minimum overlap between tiles; default from the model card.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Tiles per model call (one Dask task per batch).")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, max=1024, help="Tiles per model call (one Dask task per batch); default: 16 when the cluster has GPU workers, else 4.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address, e.g. tcp://host:8786; default: a local cluster.")] = None,
     workers: Annotated[int, typer.Option(min=1, max=256, help="Worker processes of the local cluster.")] = 1,
     threads: Annotated[Optional[int], typer.Option(min=1, max=256, help="Threads per local worker; default: cores ÷ workers.")] = None,
@@ -181,7 +181,7 @@ def demo(
         console.print(f"real image {REAL_DEMO_IMAGE} (MoNuSeg H&E, held out from training), model nuclei-he")
         from pipeline.annotations import imagescope_microns
 
-        tiling = _tiling(card, None, None, 4, None)
+        tiling = _tiling(card, None, None, None, None)
         mpp = imagescope_microns(REAL_DEMO_ANNOTATION)  # the TIFF records no pixel size; its annotation does
         report = _run_and_report([REAL_DEMO_IMAGE], model_dir, card, out, tiling, None, workers, None, None, None, True, mpp)
         _demo_picture(report)
@@ -191,7 +191,7 @@ def demo(
     scene_path = out / "synthetic-scene.tif"
     scene = write_scene(scene_path, seed=42, height=size, width=size)
     console.print(f"generated {scene_path} ({size}×{size} px, {scene.count} objects)")
-    tiling = _tiling(card, None, None, 4, None)
+    tiling = _tiling(card, None, None, None, None)
     report = _run_and_report([scene_path], model_dir, card, out, tiling, None, workers, None, None, None, True)
     _demo_picture(report)
     raise typer.Exit(0 if report.ok else 1)
@@ -435,7 +435,7 @@ def evaluate(
 
     try:
         model_dir, card = _model(model)
-        tiling = _tiling(card, tile_size, overlap, 4, flips)
+        tiling = _tiling(card, tile_size, overlap, None, flips)
     except ValueError as err:
         _fail(str(err))
     if calibrate and (model is None or not (Path(model) / "model.yaml").is_file() or model_dir.is_relative_to(ZOO.resolve())):
@@ -539,7 +539,7 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
     """Run on a cluster, print counts per image and failures, and write ``OUT/run.json``."""
     from pipeline.sources import image_stem
     from pipeline.writers import atomic_path
-    from workflows.cluster import ClusterError, connect, has_gpu_workers
+    from workflows.cluster import ClusterError, connect, has_gpu_workers, runs_on_gpu
     from workflows.run import run_images
 
     try:
@@ -550,7 +550,7 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
                 _fail(str(err))
             console.print(f"dashboard: {client.dashboard_link}")
             report = run_images(
-                client, list(images), model_dir, card, out, tiling,
+                client, list(images), model_dir, card, out, tiling.for_workers(runs_on_gpu(client)),
                 bands=bands, value_range=value_range, gpu=has_gpu_workers(client), show_progress=progress, mpp=mpp,
                 labels=labels, density_cell=density_cell,
             )

@@ -153,3 +153,18 @@ def warn_if_daemonic(client: Client) -> None:
 def has_gpu_workers(client: Client) -> bool:
     """Whether any worker advertises a ``GPU`` resource (then segment tasks require one)."""
     return any(w.get("resources", {}).get("GPU") for w in client.scheduler_info()["workers"].values())
+
+
+def _device_type() -> str:
+    from models.inference import default_device
+
+    return default_device().type
+
+
+def runs_on_gpu(client: Client) -> bool:
+    """Whether segment tasks run on a GPU: some worker advertises one (they then require it), or
+    every worker's model would load on CUDA (a local cluster on a GPU machine)."""
+    if has_gpu_workers(client):
+        return True
+    devices = client.run(_device_type, on_error="ignore").values()
+    return bool(devices) and all(device == "cuda" for device in devices)

@@ -153,6 +153,7 @@ def run_images(
     given). ``output_dirs`` fixes where each image goes (default: where its outputs already are,
     else ``assign_output_dirs``)."""
     events = events or RunEvents()
+    tiling = tiling.for_workers(gpu)
     out_root = Path(out_root).absolute()  # summaries name their files by paths that hold from anywhere
     report = RunReport()
     graphs: dict[str, ImageGraph] = {}

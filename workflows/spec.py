@@ -48,7 +48,7 @@ class Inputs(Strict):
 class TilingSpec(Strict):
     tile_size: int | None = Field(None, ge=64, le=4096, multiple_of=32)
     overlap: int | None = Field(None, ge=1)
-    batch_size: int = Field(4, ge=1, le=256)
+    batch_size: int | None = Field(None, ge=1, le=256, description="tiles per model call; None: 16 when the cluster has GPU workers, else 4")
     test_time_flips: bool | None = Field(None, description="flip test-time augmentation; None: as the model card says")
     tissue: bool = Field(True, description="slides: only tiles over tissue found on a thumbnail; false: every tile with pixels")
 
