@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU figures of BENCHMARKS.md in one call of a lent GPU machine (~7 min; run from the
-# repository root): GPU efficiency (tile_speed --headline, batch 16 and seamline run's default 4),
+# repository root): GPU efficiency (tile_speed --headline, batch 16 (seamline run's default on a GPU now) and 4 (the CPU's)),
 # model-only time against batch size, `seamline demo` on the GPU, and the same scene on the
 # machine's CPU cores for a GPU-worker-against-CPU-workers figure. Logs go to $OUT (or /tmp/gpu-out).
 #
