@@ -52,6 +52,9 @@ def without_ignored(pred: np.ndarray, scores: dict, classes: dict, ignore: np.nd
 def segment_samples(samples: list[AnnotatedImage], model_dir: Path, card: ModelCard, work: Path, tiling: Tiling) -> list[Path]:
     """Run the pipeline on each sample's pixels (written as 8-bit images, so scaling is identical),
     resampled to the model's resolution when both are known; polygons come back in the sample's pixels."""
+    from models.inference import default_device  # the model runs in this process
+
+    tiling = tiling.for_workers(default_device().type == "cuda")
     work.mkdir(parents=True, exist_ok=True)
     graphs = []
     for sample in samples:
