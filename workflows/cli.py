@@ -103,7 +103,7 @@ def run(
     model: Annotated[Optional[str], typer.Option(help=f"Model directory or shipped model name ({', '.join(shipped_models())}); default: the demo model synthetic-shapes.")] = None,
     tile_size: Annotated[Optional[int], typer.Option(help="Tile (window) size in pixels; default from the model card.")] = None,
     overlap: Annotated[Optional[int], typer.Option(help="Minimum overlap between tiles; default from the model card.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, max=1024, help="Tiles per model call (one Dask task per batch); default: 16 when the cluster has GPU workers, else 4.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Tiles per model call (one Dask task per batch); default: 16 when segment tasks run on a GPU, else 4.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address, e.g. tcp://host:8786; default: a local cluster.")] = None,
     workers: Annotated[int, typer.Option(min=1, max=256, help="Worker processes of the local cluster.")] = 1,
     threads: Annotated[Optional[int], typer.Option(min=1, max=256, help="Threads per local worker; default: cores ÷ workers.")] = None,
