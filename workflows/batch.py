@@ -15,7 +15,7 @@ from models.registry import resolve_model_dir
 from pipeline.graph import Tiling
 from pipeline.writers import atomic_path
 from workflows.catalogue import build_catalogue
-from workflows.cluster import connect, has_gpu_workers, runs_on_gpu
+from workflows.cluster import connect, has_gpu_workers
 from workflows.ledger import Ledger, config_hash, fingerprint, model_hash, run_lock
 from workflows.report import write_report
 from workflows.run import RunEvents, RunReport, assign_output_dirs, existing_output_dirs, run_images
@@ -141,7 +141,7 @@ def run_workflow(workflow: Workflow, force: bool = False, show_progress: bool = 
             with connect(cluster.scheduler, cluster.workers, cluster.threads_per_worker, cluster.dashboard) as client:
                 log(f"dashboard: {client.dashboard_link}")
                 outcome.report = run_images(
-                    client, todo, model_dir, card, out, tiling.for_workers(runs_on_gpu(client)),
+                    client, todo, model_dir, card, out, tiling,
                     bands=tuple(workflow.read.bands) if workflow.read.bands else None,
                     value_range=workflow.read.value_range, gpu=has_gpu_workers(client), show_progress=show_progress,
                     mpp=workflow.read.mpp, output_dirs=output_dirs, resume=True, retries=cluster.retries, events=events,

@@ -539,7 +539,7 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
     """Run on a cluster, print counts per image and failures, and write ``OUT/run.json``."""
     from pipeline.sources import image_stem
     from pipeline.writers import atomic_path
-    from workflows.cluster import ClusterError, connect, has_gpu_workers, runs_on_gpu
+    from workflows.cluster import ClusterError, connect, has_gpu_workers
     from workflows.run import run_images
 
     try:
@@ -550,7 +550,7 @@ def _run_and_report(images, model_dir, card, out, tiling, scheduler, workers, th
                 _fail(str(err))
             console.print(f"dashboard: {client.dashboard_link}")
             report = run_images(
-                client, list(images), model_dir, card, out, tiling.for_workers(runs_on_gpu(client)),
+                client, list(images), model_dir, card, out, tiling,
                 bands=bands, value_range=value_range, gpu=has_gpu_workers(client), show_progress=progress, mpp=mpp,
                 labels=labels, density_cell=density_cell,
             )

@@ -21,6 +21,7 @@ from pipeline.inputs import open_for_model
 from pipeline.sources import SourceError, image_stem
 from pipeline.stages import load_model
 from pipeline.writers import remove, temporaries
+from workflows.cluster import runs_on_gpu
 from workflows.ledger import Fingerprint, fingerprint, model_hash
 
 
@@ -153,7 +154,7 @@ def run_images(
     given). ``output_dirs`` fixes where each image goes (default: where its outputs already are,
     else ``assign_output_dirs``)."""
     events = events or RunEvents()
-    tiling = tiling.for_workers(gpu)
+    tiling = tiling.for_workers(runs_on_gpu(client))  # a batch size not given: the workers' device's
     out_root = Path(out_root).absolute()  # summaries name their files by paths that hold from anywhere
     report = RunReport()
     graphs: dict[str, ImageGraph] = {}
